@@ -1,0 +1,1 @@
+"""Thin adapters from serving engines and libraries to `format` and `kernels.ops`."""

@@ -1,0 +1,123 @@
+"""What a packed tensor is: a validated, named scheme.
+
+Grammar of a scheme name (case-insensitive, surrounding spaces ignored):
+
+    float                      module kept in its stored float dtype
+    int8                       8-bit, one symmetric scale per output channel
+    int{2,3,4,8}g{32,64,128}   group-wise along the input dim, symmetric
+    int{2,3,4,8}g{32,64,128}-asym   the same with an integer zero point per group
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import NanoqError
+
+ALLOWED_BITS = (2, 3, 4, 8)
+ALLOWED_GROUP_SIZES = (128, 64, 32)  # largest first: the order of the group-size fallback
+SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128} or int{2,3,4,8}g{32,64,128}-asym"
+
+_GROUP_RE = re.compile(r"^int(\d+)g(\d+)(-asym|-sym)?$")
+
+
+class SchemeKind(str, Enum):
+    """The family of a scheme; its value is what `quantization_config` stores under `kind`."""
+
+    FLOAT = "float"
+    INT8_CHANNEL = "int8_channel"
+    INT_GROUP = "int_group"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One storage scheme. `bits` is 16 for float; `group_size` is set only for INT_GROUP."""
+
+    kind: SchemeKind
+    bits: int = 16
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind is SchemeKind.INT_GROUP:
+            if self.bits not in ALLOWED_BITS:
+                raise NanoqError(f"scheme bits {self.bits} is not supported (allowed: {ALLOWED_BITS})")
+            if self.group_size not in ALLOWED_GROUP_SIZES:
+                raise NanoqError(
+                    f"scheme group size {self.group_size} is not supported (allowed: {sorted(ALLOWED_GROUP_SIZES)})"
+                )
+        elif self.kind is SchemeKind.INT8_CHANNEL:
+            if self.bits != 8 or self.group_size is not None or not self.symmetric:
+                raise NanoqError("scheme int8 is per output channel, symmetric, 8 bits: no group size or zero point")
+        elif self.group_size is not None:
+            raise NanoqError("scheme float takes no group size")
+
+    @property
+    def name(self) -> str:
+        """The canonical name, e.g. `int4g128`, `int3g64-asym`, `int8`, `float`."""
+        if self.kind is SchemeKind.FLOAT:
+            return "float"
+        if self.kind is SchemeKind.INT8_CHANNEL:
+            return "int8"
+        return f"int{self.bits}g{self.group_size}" + ("" if self.symmetric else "-asym")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind is not SchemeKind.FLOAT
+
+    def with_group_size(self, group_size: int) -> "Scheme":
+        """The same scheme with another group size (INT_GROUP only)."""
+        return Scheme(self.kind, self.bits, group_size, self.symmetric)
+
+    def to_dict(self) -> dict:
+        """The JSON form stored in `quantization_config["schemes"]`; unset fields are left out."""
+        out: dict = {"kind": self.kind.value}
+        if self.kind is not SchemeKind.FLOAT:
+            out["bits"] = self.bits
+        if self.kind is SchemeKind.INT_GROUP:
+            out["group_size"] = self.group_size
+            out["symmetric"] = self.symmetric
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "scheme") -> "Scheme":
+        """Inverse of `to_dict`; `where` names the file/key in the error message."""
+        try:
+            kind = SchemeKind(data["kind"])
+        except (KeyError, ValueError, TypeError):
+            valid = ", ".join(k.value for k in SchemeKind)
+            raise NanoqError(f"{where}: unknown scheme kind {data.get('kind') if isinstance(data, dict) else data!r} "
+                             f"(valid: {valid})") from None
+        try:
+            if kind is SchemeKind.FLOAT:
+                return cls(kind)
+            if kind is SchemeKind.INT8_CHANNEL:
+                return cls(kind, bits=int(data.get("bits", 8)))
+            return cls(kind, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)))
+        except NanoqError as err:
+            raise NanoqError(f"{where}: {err}") from None
+        except (KeyError, ValueError, TypeError) as err:
+            raise NanoqError(f"{where}: malformed scheme {data!r} ({err})") from None
+
+
+FLOAT = Scheme(SchemeKind.FLOAT)
+INT8_CHANNEL = Scheme(SchemeKind.INT8_CHANNEL, bits=8)
+
+
+def parse_scheme(text: str) -> Scheme:
+    """Parse a scheme name (grammar in the module docstring); raises NanoqError listing the valid forms."""
+    name = str(text).strip().lower()
+    if name in ("float", "fp16", "bf16", "none"):
+        return FLOAT
+    if name in ("int8", "w8"):
+        return INT8_CHANNEL
+    match = _GROUP_RE.match(name)
+    if not match:
+        raise NanoqError(f"unknown scheme {text!r} (valid: {SCHEME_GRAMMAR})")
+    bits, group_size, suffix = int(match.group(1)), int(match.group(2)), match.group(3)
+    try:
+        return Scheme(SchemeKind.INT_GROUP, bits, group_size, symmetric=suffix != "-asym")
+    except NanoqError as err:
+        raise NanoqError(f"unknown scheme {text!r}: {err} (valid: {SCHEME_GRAMMAR})") from None

@@ -1,0 +1,1 @@
+"""Kernels behind one dispatch module (`ops`): torch custom ops with fake implementations."""

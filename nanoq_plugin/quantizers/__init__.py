@@ -1,0 +1,1 @@
+"""Recipes, plans, quantization algorithms and the layer-by-layer pipeline."""

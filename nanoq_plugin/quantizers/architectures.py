@@ -1,0 +1,55 @@
+"""Which decoder-only architectures nanoq knows: where their blocks are and which linears they hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import NanoqError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Tensor naming of a decoder-only model family."""
+
+    block_prefix: str
+    block_linears: tuple[str, ...]
+    fused_groups: tuple[tuple[str, ...], ...]
+
+    def block_of(self, tensor_name: str) -> int | None:
+        """Index of the decoder block that stores `tensor_name`, or None outside the blocks."""
+        prefix = self.block_prefix + "."
+        if not tensor_name.startswith(prefix):
+            return None
+        index = tensor_name[len(prefix):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+
+    def linears_of_block(self, index: int) -> list[str]:
+        """Module names of the linears of block `index`, e.g. `model.layers.3.mlp.down_proj`."""
+        return [f"{self.block_prefix}.{index}.{suffix}" for suffix in self.block_linears]
+
+
+_LLAMA_LIKE = Architecture(
+    block_prefix="model.layers",
+    block_linears=(
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    ),
+    fused_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+}
+
+
+def architecture_for(config: dict, where: str) -> Architecture:
+    """The architecture of a model config; NanoqError naming `where` for an unsupported model type."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise NanoqError(
+            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    return SUPPORTED_ARCHITECTURES[model_type]

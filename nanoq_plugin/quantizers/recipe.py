@@ -1,0 +1,191 @@
+"""Recipes (presets or YAML files) and their resolution to a plan: one scheme per quantizable module.
+
+YAML recipe file:
+
+    method: rtn                    # the algorithm (rtn in this release)
+    default: int4g128              # scheme of every block linear no rule matches
+    group_size_fallback: false     # true: a group size that does not divide K falls back to 64, then 32
+    rules:                         # first match wins; regexes are searched in the module name
+      - match: 'self_attn\\.(q|k|v)_proj$'
+        scheme: float              # kept in its stored dtype
+      - 'mlp\\.down_proj': int8    # short form: {regex: scheme}
+
+Presets group-size fall back; a file pins its group sizes unless it says `group_size_fallback: true`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import NanoqError
+from ..format.layout import check_shape_fits
+from ..format.schemes import ALLOWED_GROUP_SIZES, INT8_CHANNEL, Scheme, SchemeKind, parse_scheme
+from .architectures import Architecture
+
+METHODS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`pattern` is searched in a module name; on a match the module gets `scheme`."""
+
+    pattern: str
+    scheme: Scheme
+
+    def matches(self, module: str) -> bool:
+        return re.search(self.pattern, module) is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantization recipe."""
+
+    name: str
+    default: Scheme
+    rules: tuple[Rule, ...] = ()
+    group_size_fallback: bool = False
+    method: str = "rtn"
+
+    def requested_scheme(self, module: str) -> Scheme:
+        """The scheme the recipe asks for `module` (before any group-size fallback)."""
+        for rule in self.rules:
+            if rule.matches(module):
+                return rule.scheme
+        return self.default
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "default": self.default.name,
+            "group_size_fallback": self.group_size_fallback,
+            "rules": [{"match": r.pattern, "scheme": r.scheme.name} for r in self.rules],
+        }
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8": Recipe("w8", INT8_CHANNEL),
+    "w8g128": Recipe("w8g128", parse_scheme("int8g128"), group_size_fallback=True),
+    "w4g128": Recipe("w4g128", parse_scheme("int4g128"), group_size_fallback=True),
+    "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),
+    "w3g128": Recipe("w3g128", parse_scheme("int3g128"), group_size_fallback=True),
+    "w2g64": Recipe("w2g64", parse_scheme("int2g64"), group_size_fallback=True),
+}
+
+
+def _scheme_in(text, where: str) -> Scheme:
+    try:
+        return parse_scheme(text)
+    except NanoqError as err:
+        raise NanoqError(f"{where}: {err}") from None
+
+
+def _parse_rule(item, where: str) -> Rule:
+    if isinstance(item, dict) and set(item) == {"match", "scheme"}:
+        pattern, scheme_text = item["match"], item["scheme"]
+    elif isinstance(item, dict) and len(item) == 1:
+        (pattern, scheme_text), = item.items()
+    else:
+        raise NanoqError(f"{where}: a rule is {{match: REGEX, scheme: SCHEME}} or {{REGEX: SCHEME}}, got {item!r}")
+    try:
+        re.compile(str(pattern))
+    except re.error as err:
+        raise NanoqError(f"{where}: invalid regex {pattern!r} ({err})") from None
+    return Rule(str(pattern), _scheme_in(scheme_text, f"{where} ({pattern!r})"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A preset by name, or a YAML recipe file; NanoqError naming the file and rule on any problem."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise NanoqError(
+            f"recipe {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise NanoqError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise NanoqError(f"{path}: a recipe is a YAML mapping with 'default' and optional 'rules'")
+    unknown = set(data) - {"method", "default", "group_size_fallback", "rules", "name"}
+    if unknown:
+        raise NanoqError(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: method, default, group_size_fallback, rules, name)")
+    method = str(data.get("method", "rtn")).lower()
+    if method not in METHODS:
+        raise NanoqError(f"{path}: method {method!r} is not available (available: {', '.join(METHODS)})")
+    if "default" not in data:
+        raise NanoqError(f"{path}: missing 'default' scheme")
+    rules_data = data.get("rules") or []
+    if not isinstance(rules_data, list):
+        raise NanoqError(f"{path}: 'rules' must be a list")
+    rules = tuple(_parse_rule(item, f"{path}: rule {i + 1}") for i, item in enumerate(rules_data))
+    return Recipe(
+        name=str(data.get("name", path.stem)),
+        default=_scheme_in(data["default"], f"{path}: default"),
+        rules=rules,
+        group_size_fallback=bool(data.get("group_size_fallback", False)),
+        method=method,
+    )
+
+
+@dataclass
+class PlannedModule:
+    """The scheme a module gets, and the one the recipe asked for (they differ after a fallback)."""
+
+    scheme: Scheme
+    requested: Scheme
+
+
+@dataclass
+class Plan:
+    """Resolved plan: every block linear with its scheme (float ones included)."""
+
+    modules: dict[str, PlannedModule] = field(default_factory=dict)
+
+    def quantized(self) -> dict[str, Scheme]:
+        """Module -> scheme for the modules that are stored quantized."""
+        return {m: p.scheme for m, p in self.modules.items() if p.scheme.is_quantized}
+
+
+def _fit_group_size(requested: Scheme, recipe: Recipe, module: str, out_features: int, in_features: int) -> Scheme:
+    if requested.kind is not SchemeKind.INT_GROUP or in_features % requested.group_size == 0:
+        check_shape_fits(requested, out_features, in_features, f"recipe {recipe.name}: {module}.weight")
+        return requested
+    if recipe.group_size_fallback:
+        for size in ALLOWED_GROUP_SIZES:
+            if size < requested.group_size and in_features % size == 0:
+                return requested.with_group_size(size)
+    check_shape_fits(requested, out_features, in_features, f"recipe {recipe.name}: {module}.weight")
+    return requested
+
+
+def resolve_plan(recipe: Recipe, arch: Architecture, shapes: dict[str, tuple[int, int]]) -> Plan:
+    """Resolve `recipe` on the block linears `shapes` (module -> [out, in]) into a Plan.
+
+    Enforces that modules an engine fuses (q/k/v, gate/up) share one scheme.
+    """
+    plan = Plan()
+    for module, (out_features, in_features) in shapes.items():
+        requested = recipe.requested_scheme(module)
+        plan.modules[module] = PlannedModule(
+            _fit_group_size(requested, recipe, module, out_features, in_features), requested
+        )
+    for module in plan.modules:
+        for group in arch.fused_groups:
+            if not module.endswith("." + group[0]):
+                continue
+            stem = module[: -len(group[0])]
+            schemes = {plan.modules[stem + part].scheme.name for part in group if stem + part in plan.modules}
+            if len(schemes) > 1:
+                names = ", ".join(stem + part for part in group)
+                raise NanoqError(
+                    f"recipe {recipe.name}: {names} are fused by serving engines and must share one scheme "
+                    f"(got {', '.join(sorted(schemes))})"
+                )
+    return plan
