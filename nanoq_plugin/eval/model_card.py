@@ -1,0 +1,81 @@
+"""The generated model card (`README.md`) of a nano checkpoint, from its manifest and eval summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def render_model_card(manifest: dict, summary: dict) -> str:
+    """Markdown text of the model card."""
+    totals = manifest["totals"]
+    provenance = manifest.get("provenance", {})
+    recipe = provenance.get("recipe", {})
+    lines = [
+        f"# {provenance.get('source_model', 'model')} — nano {recipe.get('name', '')}".rstrip(),
+        "",
+        "Quantized with [nanoq](https://pypi.org/project/nanoq/) (format `nano` v1). Load it with "
+        "`import nanoq_plugin` then `AutoModelForCausalLM.from_pretrained(DIR)`.",
+        "",
+        "## What is stored, and how",
+        "",
+        f"- Recipe: `{recipe.get('name')}` (method `{recipe.get('method')}`, default `{recipe.get('default')}`, "
+        f"group-size fallback {'on' if recipe.get('group_size_fallback') else 'off'})",
+        f"- Source: `{provenance.get('source')}`",
+        "",
+        "| scheme | modules | params |",
+        "|---|---:|---:|",
+    ]
+    counts, params = Counter(), Counter()
+    for record in manifest["modules"].values():
+        counts[record["scheme"]] += 1
+        params[record["scheme"]] += record["shape"][0] * record["shape"][1]
+    for scheme in sorted(counts):
+        lines.append(f"| {scheme} | {counts[scheme]} | {params[scheme]:,} |")
+    float_params = sum(1 for _ in manifest.get("float_tensors", {}))
+    lines.append(f"| float (kept) | {float_params} tensors | {totals['params'] - totals['quantized_params']:,} |")
+    lines += [
+        "",
+        "## Storage",
+        "",
+        f"- Original: {_gib(totals['original_bytes'])}; stored: {_gib(totals['stored_bytes'])} "
+        f"(ratio {totals['ratio']}×)",
+        f"- Bits per weight: {totals['bits_per_weight']} over all tensors, "
+        f"{totals['quantized_bits_per_weight']} over the quantized modules",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    ppl = summary.get("perplexity")
+    if ppl:
+        protocol = summary["protocol"]
+        lines.append(
+            f"Perplexity on `{summary.get('text')}` (context {protocol['ctx']}, stride {protocol['stride']}, "
+            f"{protocol['windows']} windows, {protocol['scored_tokens']} tokens):"
+        )
+        lines += ["", "| model | perplexity |", "|---|---:|"]
+        if summary.get("base_perplexity") is not None:
+            lines.append(f"| base | {summary['base_perplexity']:.3f} |")
+        lines.append(f"| this checkpoint | {ppl:.3f} |")
+        if summary.get("ppl_ratio") is not None:
+            lines += ["", f"Perplexity ratio to base: **{summary['ppl_ratio']:.4f}**; mean last-token logit cosine "
+                          f"to base: {summary['logit_cosine']:.5f}."]
+    else:
+        lines.append("No perplexity text was given.")
+    if provenance.get("example_model_note"):
+        lines += ["", f"> Note: {provenance['example_model_note']}."]
+    samples = summary.get("samples", [])
+    if samples:
+        lines += ["", "## Greedy samples (32 tokens)", ""]
+        for sample in samples:
+            lines.append(f"- **{sample['prompt']}**")
+            if "base" in sample:
+                lines.append(f"  - base: {sample['base']!r}")
+            lines.append(f"  - this checkpoint: {sample['quantized']!r}")
+    versions = provenance.get("versions", {})
+    lines += ["", "## Provenance", "", f"Created {provenance.get('created')} with "
+              + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return "\n".join(lines) + "\n"

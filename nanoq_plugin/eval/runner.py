@@ -1,0 +1,89 @@
+"""`nanoq eval`: perplexity (and ratio to a base), logit cosine, greedy samples; writes the summary and card."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import NanoqError
+from ..format.checkpoint import write_json
+from ..format.validate import load_nano_checkpoint
+from .model_card import render_model_card
+from .perplexity import evaluate_perplexity
+from .samples import greedy_samples
+
+SUMMARY_NAME = "eval_summary.json"
+
+
+def _load_model(directory: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.eval()
+
+
+def run_eval(
+    checkpoint_dir: str,
+    base_dir: str | None = None,
+    text_file: str | None = None,
+    ctx: int = 512,
+    stride: int = 256,
+    max_windows: int | None = None,
+    json_out: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the nano checkpoint in `checkpoint_dir`; returns the summary also written to `eval_summary.json`."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    checkpoint = load_nano_checkpoint(checkpoint_dir)
+    if text_file is not None and not Path(text_file).is_file():
+        raise NanoqError(f"--text {text_file}: file not found")
+    if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
+        raise NanoqError(f"--base {base_dir}: no config.json (not a Hugging Face model folder)")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
+    models = {"quantized": _load_model(checkpoint.directory, dtype)}
+    if base_dir is not None:
+        models["base"] = _load_model(Path(base_dir), dtype)
+
+    summary: dict = {
+        "checkpoint": str(checkpoint.directory.resolve()),
+        "base": str(Path(base_dir).resolve()) if base_dir else None,
+        "text": str(text_file) if text_file else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "storage": checkpoint.manifest["totals"],
+    }
+    if text_file is not None:
+        token_ids = tokenizer(Path(text_file).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+        result = evaluate_perplexity(
+            models, token_ids, ctx, stride, max_windows, reference="base" if base_dir else None, progress=progress
+        )
+        summary["protocol"] = {"ctx": ctx, "stride": stride, "windows": result.windows,
+                               "scored_tokens": result.scored_tokens, "max_windows": max_windows}
+        summary["perplexity"] = result.perplexity["quantized"]
+        summary["base_perplexity"] = result.perplexity.get("base")
+        summary["ppl_ratio"] = summary["perplexity"] / summary["base_perplexity"] if base_dir else None
+        summary["logit_cosine"] = result.last_logit_cosine.get("quantized")
+    quantized_samples = greedy_samples(models["quantized"], tokenizer)
+    base_samples = greedy_samples(models["base"], tokenizer) if base_dir else None
+    summary["samples"] = []
+    for i, sample in enumerate(quantized_samples):
+        entry = {"prompt": sample["prompt"], "quantized": sample["text"]}
+        if base_samples:
+            entry["base"] = base_samples[i]["text"]
+            entry["same_tokens"] = base_samples[i]["token_ids"] == sample["token_ids"]
+        summary["samples"].append(entry)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+
+    write_json(checkpoint.directory / SUMMARY_NAME, summary)
+    card = render_model_card(checkpoint.manifest, summary)
+    card_tmp = checkpoint.directory / ".README.md.tmp"
+    card_tmp.write_text(card, encoding="utf-8")
+    card_tmp.replace(checkpoint.directory / "README.md")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(json_out), summary)
+    return summary

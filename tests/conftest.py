@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-weight models of real architectures, the SmolLM2 example model, WikiText."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CACHE = Path(os.environ.get("NANOQ_TEST_CACHE", REPO / ".cache"))
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """Save a tiny random-weight model of `arch` (hidden 96 so that group size 128 must fall back to 32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(
+        hidden_size=96, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
+    extra = {"head_dim": 32} if arch == "qwen3" else {}
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common, **extra)).to(dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def tiny_model(request, tmp_path) -> Path:
+    """A tiny Llama / Qwen2 / Qwen3 checkpoint folder (bfloat16, random weights)."""
+    return build_tiny_model(request.param, tmp_path / f"tiny-{request.param}")
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return build_tiny_model("llama", tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct written by `nanoq example-model` (built once, cached under .cache/)."""
+    from nanoq_plugin.example_model import write_example_model
+
+    target = CACHE / "smollm2"
+    if not (target / "model.safetensors").is_file():
+        write_example_model(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
+    return WIKITEXT
