@@ -3,6 +3,7 @@ stream the packed tensors to a temp dir, and rename the finished checkpoint into
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import resource
@@ -39,6 +40,14 @@ class QuantizeResult:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up per block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -147,6 +156,7 @@ def quantize_checkpoint(
                 for part, value in tensors.items():
                     writer.add(f"{module}.{part}", value)
                 records[module] = record
+            release_freed_memory()
             bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
 
         quant_config = NanoQuantConfig(modules=plan.quantized())

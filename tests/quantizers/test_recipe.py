@@ -1,0 +1,106 @@
+import re
+
+import pytest
+
+from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.architectures import SUPPORTED_ARCHITECTURES, architecture_for
+from nanoq_plugin.quantizers.recipe import PRESETS, load_recipe, resolve_plan
+
+ARCH = SUPPORTED_ARCHITECTURES["llama"]
+# SmolLM2-135M block shapes: hidden 576, intermediate 1536
+SHAPES = {
+    "model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.self_attn.k_proj": (192, 576),
+    "model.layers.0.self_attn.v_proj": (192, 576), "model.layers.0.self_attn.o_proj": (576, 576),
+    "model.layers.0.mlp.gate_proj": (1536, 576), "model.layers.0.mlp.up_proj": (1536, 576),
+    "model.layers.0.mlp.down_proj": (576, 1536),
+}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["w8", "w4g128", "w3g128", "w2g64"])
+def test_required_presets_exist(name):
+    assert name in PRESETS and load_recipe(name) is PRESETS[name]
+
+
+def test_preset_falls_back_to_largest_dividing_group_size():
+    plan = resolve_plan(load_recipe("w4g128"), ARCH, SHAPES)
+    assert plan.modules["model.layers.0.self_attn.q_proj"].scheme.name == "int4g64"
+    assert plan.modules["model.layers.0.self_attn.q_proj"].requested.name == "int4g128"
+    assert plan.modules["model.layers.0.mlp.down_proj"].scheme.name == "int4g128"
+    odd = resolve_plan(load_recipe("w4g128"), ARCH, {"model.layers.0.mlp.down_proj": (96, 96)})
+    assert odd.modules["model.layers.0.mlp.down_proj"].scheme.name == "int4g32"
+
+
+def test_yaml_rules_first_match_wins_and_float_keeps(tmp_path):
+    recipe = load_recipe(write(tmp_path, """
+default: int4g64-asym
+rules:
+  - match: 'self_attn\\.(q|k|v)_proj$'
+    scheme: float
+  - 'mlp\\.down_proj': int8
+  - 'mlp': int2g32
+"""))
+    plan = resolve_plan(recipe, ARCH, SHAPES)
+    schemes = {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1]: p.scheme.name for m, p in plan.modules.items()}
+    assert schemes == {
+        "self_attn.q_proj": "float", "self_attn.k_proj": "float", "self_attn.v_proj": "float",
+        "self_attn.o_proj": "int4g64-asym", "mlp.gate_proj": "int2g32", "mlp.up_proj": "int2g32",
+        "mlp.down_proj": "int8",
+    }
+    assert set(plan.quantized()) == set(SHAPES) - {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+
+
+def test_pinned_group_size_that_does_not_divide_is_an_error(tmp_path):
+    recipe = load_recipe(write(tmp_path, "default: int4g128\n"))
+    with pytest.raises(NanoqError, match=r"recipe recipe: model\.layers\.0\.self_attn\.q_proj\.weight: group size 128 "
+                                         r"does not divide input dim 576 \(choose group size 64 or 32\)"):
+        resolve_plan(recipe, ARCH, SHAPES)
+    fallback = load_recipe(write(tmp_path, "default: int4g128\ngroup_size_fallback: true\n"))
+    assert resolve_plan(fallback, ARCH, SHAPES).modules["model.layers.0.self_attn.q_proj"].scheme.group_size == 64
+
+
+def test_unknown_scheme_names_file_and_rule(tmp_path):
+    path = write(tmp_path, "default: int4g128\nrules:\n  - 'mlp': int5g128\n")
+    with pytest.raises(NanoqError, match=re.escape(f"{path}: rule 1 ('mlp'): unknown scheme 'int5g128'") + ".*valid: float"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("default: int4g128\nbogus: 1\n", r"unknown recipe keys \['bogus'\]"),
+    ("rules: []\n", "missing 'default' scheme"),
+    ("default: int4g128\nmethod: gptq\n", "method 'gptq' is not available"),
+    ("default: int4g128\nrules:\n  - '(': int8\n", r"invalid regex '\('"),
+    ("- a\n- b\n", "a recipe is a YAML mapping"),
+    ("default: [\n", "not valid YAML"),
+])
+def test_bad_recipe_files(tmp_path, text, message):
+    with pytest.raises(NanoqError, match=message):
+        load_recipe(str(write(tmp_path, text)))
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(NanoqError, match=r"recipe 'w5' is neither a preset \(w8, .*\) nor a file"):
+        load_recipe("w5")
+
+
+def test_fused_modules_must_share_a_scheme(tmp_path):
+    recipe = load_recipe(write(tmp_path, "default: int4g64\nrules:\n  - 'k_proj': int8\n"))
+    with pytest.raises(NanoqError, match=r"q_proj, .*k_proj, .*v_proj are fused .* must share one scheme"):
+        resolve_plan(recipe, ARCH, SHAPES)
+
+
+def test_unsupported_model_type():
+    with pytest.raises(NanoqError, match=r"cfg.json: model_type 'gpt2' is not supported \(supported: llama, "):
+        architecture_for({"model_type": "gpt2"}, "cfg.json")
+
+
+def test_recipe_round_trips_to_provenance_dict():
+    assert load_recipe("w4g128").to_dict() == {
+        "name": "w4g128", "method": "rtn", "default": "int4g128", "group_size_fallback": True, "rules": []}
+    assert parse_scheme(load_recipe("w8").default.name).name == "int8"
