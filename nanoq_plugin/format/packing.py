@@ -43,11 +43,11 @@ def _pack_uniform(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_uniform(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    # int32 arithmetic: a right shift of a negative word fills with sign bits, which the mask drops.
     per_word = 32 // bits
     rows, n = packed.shape
-    shifts = (torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits).view(1, per_word, 1)
-    words = packed.to(torch.int64).view(rows, 1, n) & 0xFFFFFFFF
-    return ((words >> shifts) & ((1 << bits) - 1)).view(rows * per_word, n).to(torch.uint8)
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32).view(1, per_word, 1)
+    return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).view(rows * per_word, n).to(torch.uint8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -96,11 +96,11 @@ def dequantize(
     if scheme.kind is SchemeKind.INT8_CHANNEL:
         weight_t = tensors["qweight"].to(torch.float32) * scales.view(1, -1)
         return weight_t.t().to(dtype)
-    codes = unpack_codes(tensors["qweight"], scheme.bits).to(torch.float32)
+    groups, g = in_features // scheme.group_size, scheme.group_size
+    codes = unpack_codes(tensors["qweight"], scheme.bits).view(groups, g, out_features).to(torch.float32)
     if scheme.symmetric:
-        zeros = torch.full_like(scales, float(symmetric_zero(scheme.bits)))
+        centered = codes - float(symmetric_zero(scheme.bits))
     else:
-        zeros = tensors["zeros"].to(torch.float32)
-    g = scheme.group_size
-    weight_t = (codes - _expand_groups(zeros, g)) * _expand_groups(scales, g)
+        centered = codes - tensors["zeros"].to(torch.float32).view(groups, 1, out_features)
+    weight_t = (centered * scales.view(groups, 1, out_features)).view(in_features, out_features)
     return weight_t.t().to(dtype)

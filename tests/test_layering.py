@@ -1,0 +1,49 @@
+"""Imports point one way: format <- kernels <- quantizers / engines <- eval / cli (docs: DESIGN layers)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nanoq_plugin"
+FORBIDDEN = {
+    "format": {"kernels", "quantizers", "engines", "eval", "cli", "example_model"},
+    "kernels": {"quantizers", "engines", "eval", "cli", "example_model"},
+    "quantizers": {"engines", "eval", "cli"},
+    "engines": {"quantizers", "eval", "cli"},
+}
+
+
+def imported_subpackages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level >= 2 and node.module:  # from ..pkg import x
+                found.add(node.module.split(".")[0])
+            elif node.level == 0 and node.module and node.module.startswith("nanoq_plugin."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("nanoq_plugin."))
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_point_down(layer):
+    files = sorted((PACKAGE / layer).glob("*.py"))
+    assert files
+    for path in files:
+        bad = imported_subpackages(path) & FORBIDDEN[layer]
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def test_format_layer_has_no_nn_modules():
+    for path in (PACKAGE / "format").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "torch" or all(a.name != "nn" for a in node.names), path
+                assert not (node.module or "").startswith("torch.nn"), path
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("torch.nn") for a in node.names), path
+            if isinstance(node, ast.Attribute):
+                assert not (node.attr == "nn" and getattr(node.value, "id", None) == "torch"), path
