@@ -155,3 +155,26 @@ def test_console_script_exit_status_and_no_traceback(source, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"nanoq: error: {source / 'model.safetensors'}: truncated safetensors file (2 bytes)"]
     assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_transformers_refuses_a_checkpoint_with_a_missing_tensor(nano):
+    from transformers import AutoModelForCausalLM
+
+    from nanoq_plugin.errors import NanoqError
+
+    tensors = load_file(str(nano / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.scales"]
+    save_file(tensors, str(nano / "model.safetensors"))
+    with pytest.raises(NanoqError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.scales' is missing"):
+        AutoModelForCausalLM.from_pretrained(nano)
+
+
+def test_eval_without_tokenizer_says_so(nano, capsys):
+    status, err = run_cli(["eval", nano], capsys)
+    assert_one_line_error(status, err, nano, "no tokenizer files")
+
+
+def test_already_quantized_source(nano, tmp_path, capsys):
+    status, err = run_cli(["quantize", nano, tmp_path / "again", "--recipe", "w8"], capsys)
+    assert_one_line_error(status, err, nano / "config.json", "already quantized (quant_method 'nano')")
+    assert_nothing_left(tmp_path, tmp_path / "again")

@@ -7,6 +7,8 @@ ordinary weight loader fills them; the forward pass calls `kernels.ops`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -16,6 +18,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..format.layout import param_specs
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
+from ..format.validate import load_nano_checkpoint
 from ..kernels.ops import quantized_linear
 
 
@@ -80,7 +83,10 @@ class NanoHfQuantizer(HfQuantizer):
 
     requires_calibration = True
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        """Validate the checkpoint folder (tensors vs manifest vs config), then swap in `NanoLinear`s."""
+        if checkpoint_files:
+            load_nano_checkpoint(Path(checkpoint_files[0]).parent)
         replace_linears(model, self.quantization_config.parsed().modules)
         return model
 

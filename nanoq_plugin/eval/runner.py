@@ -15,6 +15,7 @@ from .perplexity import evaluate_perplexity
 from .samples import greedy_samples
 
 SUMMARY_NAME = "eval_summary.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _load_model(directory: Path, dtype: torch.dtype):
@@ -44,6 +45,9 @@ def run_eval(
         raise NanoqError(f"--text {text_file}: file not found")
     if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
         raise NanoqError(f"--base {base_dir}: no config.json (not a Hugging Face model folder)")
+    if not any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES):
+        raise NanoqError(f"{checkpoint.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                         "quantize from a folder that has its tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
     models = {"quantized": _load_model(checkpoint.directory, dtype)}
     if base_dir is not None:

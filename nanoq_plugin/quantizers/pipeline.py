@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import NanoqError
+from ..example_model import MARKER_NAME as EXAMPLE_MARKER_NAME
 from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint
 from ..format.layout import TensorSpec, param_specs, stored_bytes
 from ..format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
@@ -102,6 +103,25 @@ def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, de
     return tensors, record
 
 
+def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None) -> dict:
+    provenance = {
+        "source": str(source.directory.resolve()),
+        "source_model": source.config.get("_name_or_path") or source.directory.name,
+        "recipe": recipe.to_dict(),
+        "calibration": {"file": str(Path(calibration).resolve()), "used": False,
+                        "note": f"{recipe.method} uses no calibration data"} if calibration else None,
+        "seed": 0,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    if (source.directory / EXAMPLE_MARKER_NAME).exists():
+        provenance["example_model_note"] = (
+            "SmolLM2-135M-Instruct from a Q4_1 GGUF: a 4-bit group-32 asymmetric result on it is "
+            "trivially lossless and is not evidence of quality"
+        )
+    return provenance
+
+
 def quantize_checkpoint(
     source_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -120,6 +140,10 @@ def quantize_checkpoint(
     torch_device = _resolve_device(device)
     source = SourceCheckpoint(source_dir)
     arch = architecture_for(source.config, str(source.directory / "config.json"))
+    if "quantization_config" in source.config:
+        method = source.config["quantization_config"].get("quant_method")
+        raise NanoqError(f"{source.directory / 'config.json'}: already quantized (quant_method {method!r}); "
+                         "quantize from a float checkpoint")
     num_layers = source.config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
@@ -162,21 +186,7 @@ def quantize_checkpoint(
         quant_config = NanoQuantConfig(modules=plan.quantized())
         config = dict(source.config)
         config["quantization_config"] = quant_config.to_dict()
-        provenance = {
-            "source": str(source.directory.resolve()),
-            "source_model": source.config.get("_name_or_path") or source.directory.name,
-            "recipe": recipe.to_dict(),
-            "calibration": {"file": str(Path(calibration).resolve()), "used": False,
-                            "note": f"{recipe.method} uses no calibration data"} if calibration else None,
-            "seed": 0,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-        }
-        if (source.directory / "nanoq_example_model.json").exists():
-            provenance["example_model_note"] = (
-                "SmolLM2-135M-Instruct from a Q4_1 GGUF: a 4-bit group-32 asymmetric result on it is "
-                "trivially lossless and is not evidence of quality"
-            )
+        provenance = _provenance(source, recipe, calibration)
         manifest = build_manifest(records, float_specs, provenance)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
