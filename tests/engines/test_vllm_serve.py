@@ -169,23 +169,26 @@ def test_float_checkpoint_with_quantization_nano_fails_at_start(smollm2_dir, sta
     assert "has no nano quantization_config" in output
 
 
-def test_missing_tensor_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
+def start_with_edited_tensors(checkpoint: Path, tmp_path: Path, state_dir: Path, edit) -> str:
+    """Copy `checkpoint`, apply `edit` to its tensor dict, start vLLM on it; return the output of the failed start."""
     broken = tmp_path / "broken"
-    shutil.copytree(smollm2_w8, broken)
+    shutil.copytree(checkpoint, broken)
     tensors = load_file(str(broken / "model.safetensors"))
-    del tensors["model.layers.3.mlp.up_proj.scales"]
+    edit(tensors)
     save_file(tensors, str(broken / "model.safetensors"))
     status, output = run_to_exit(broken, state_dir, "--quantization", "nano")
     assert status != 0
+    return output
+
+
+def test_missing_tensor_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
+    output = start_with_edited_tensors(
+        smollm2_w8, tmp_path, state_dir, lambda tensors: tensors.pop("model.layers.3.mlp.up_proj.scales"))
     assert "tensor 'model.layers.3.mlp.up_proj.scales' is missing" in output
 
 
 def test_wrong_shape_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
-    broken = tmp_path / "broken"
-    shutil.copytree(smollm2_w8, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    tensors["model.layers.5.self_attn.o_proj.qweight"] = tensors["model.layers.5.self_attn.o_proj.qweight"][:-32]
-    save_file(tensors, str(broken / "model.safetensors"))
-    status, output = run_to_exit(broken, state_dir, "--quantization", "nano")
-    assert status != 0
-    assert "tensor 'model.layers.5.self_attn.o_proj.qweight' is int8 [544, 576]" in output
+    name = "model.layers.5.self_attn.o_proj.qweight"
+    output = start_with_edited_tensors(
+        smollm2_w8, tmp_path, state_dir, lambda tensors: tensors.update({name: tensors[name][:-32]}))
+    assert f"tensor '{name}' is int8 [544, 576]" in output
