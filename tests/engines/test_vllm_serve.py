@@ -97,12 +97,18 @@ def complete_ids(url: str, model: Path, prompt: str) -> tuple[list[int], list[in
     return list(response.choices[0].prompt_token_ids), list(choice.token_ids)
 
 
-@pytest.mark.parametrize("checkpoint", ["smollm2_w4", "smollm2_w8"])
-def test_serves_completions_and_chat_matching_transformers(checkpoint, request, state_dir):
+SERVING_CONFIG = Path(__file__).resolve().parents[2] / "serving_configs" / "vllm-cpu.yaml"
+
+
+@pytest.mark.parametrize("checkpoint, launch", [
+    ("smollm2_w4", {"args": ("--quantization", "nano")}),
+    ("smollm2_w8", {"config": SERVING_CONFIG}),  # `vllm serve DIR --config serving_configs/vllm-cpu.yaml`
+])
+def test_serves_completions_and_chat_matching_transformers(checkpoint, launch, request, state_dir):
     from openai import OpenAI
 
     model = request.getfixturevalue(checkpoint)
-    with vllm_server(model, state_dir, "--quantization", "nano") as url:
+    with vllm_server(model, state_dir, *launch.get("args", ()), config=launch.get("config")) as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         chat = client.chat.completions.create(
             model=str(model), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0)

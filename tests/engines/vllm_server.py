@@ -48,7 +48,13 @@ def server_env(state_dir: Path) -> dict:
     return env
 
 
-def launch_command(python: str, model: Path, port: int, *extra: str) -> list[str]:
+def launch_command(python: str, model: Path, port: int, *extra: str, config: Path | None = None) -> list[str]:
+    """`python -m vllm.entrypoints.openai.api_server ...`, or with `config` the `vllm serve DIR --config FILE`
+    command as a user types it (the venv's `vllm` shim, else the same module run with -m)."""
+    if config is not None:
+        shim = Path(python).parent / "vllm"
+        command = [str(shim)] if shim.is_file() else [python, "-m", "nanoq_plugin.engines.vllm_cpu_cli"]
+        return [*command, "serve", str(model), "--config", str(config), "--port", str(port), "--seed", "0", *extra]
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
             "--port", str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024",
             "--max-num-seqs", "8", "--seed", "0", *extra]
@@ -69,14 +75,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def vllm_server(model: Path, state_dir: Path, *extra: str, startup_timeout: float = 420):
+def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None = None, startup_timeout: float = 420):
     """Yield the base URL of a healthy server; raises RuntimeError with the log tail if it fails to start."""
     python = vllm_python()
     port = free_port()
     log_path = state_dir / f"server-{port}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        process = subprocess.Popen(launch_command(python, model, port, *extra), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(launch_command(python, model, port, *extra, config=config), stdout=log, stderr=subprocess.STDOUT,
                                    env=server_env(state_dir), cwd=state_dir, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
