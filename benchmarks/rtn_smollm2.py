@@ -22,10 +22,13 @@ import nanoq_plugin
 from nanoq_plugin.eval.perplexity import evaluate_perplexity
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
-from nanoq_plugin.quantizers.recipe import load_recipe
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
+# like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
+PINNED = {"int4g64": Recipe("int4g64", parse_scheme("int4g64"))}
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
 
@@ -42,10 +45,11 @@ def main() -> None:
     if not (base_dir / "model.safetensors").is_file():
         write_example_model(base_dir)
     quantize_seconds, checkpoints = {}, {}
-    for preset in PRESETS:
+    recipes = {**{preset: load_recipe(preset) for preset in PRESETS}, **PINNED}
+    for preset, recipe in recipes.items():
         target = work / f"smollm2-{preset}"
         if not (target / "nano_manifest.json").is_file():
-            result = quantize_checkpoint(base_dir, target, load_recipe(preset), progress=False)
+            result = quantize_checkpoint(base_dir, target, recipe, progress=False)
             quantize_seconds[preset] = round(result.seconds, 2)
         checkpoints[preset] = target
 
