@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 
-def _gib(num_bytes: int) -> str:
+def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MiB"
 
 
@@ -17,7 +17,7 @@ def render_model_card(manifest: dict, summary: dict) -> str:
     lines = [
         f"# {provenance.get('source_model', 'model')} — nano {recipe.get('name', '')}".rstrip(),
         "",
-        "Quantized with [nanoq](https://pypi.org/project/nanoq/) (format `nano` v1). Load it with "
+        "Quantized with nanoq (format `nano` v1, see docs/FORMAT.md in the nanoq repository). Load it with "
         "`import nanoq_plugin` then `AutoModelForCausalLM.from_pretrained(DIR)`.",
         "",
         "## What is stored, and how",
@@ -41,7 +41,7 @@ def render_model_card(manifest: dict, summary: dict) -> str:
         "",
         "## Storage",
         "",
-        f"- Original: {_gib(totals['original_bytes'])}; stored: {_gib(totals['stored_bytes'])} "
+        f"- Original: {_mib(totals['original_bytes'])}; stored: {_mib(totals['stored_bytes'])} "
         f"(ratio {totals['ratio']}×)",
         f"- Bits per weight: {totals['bits_per_weight']} over all tensors, "
         f"{totals['quantized_bits_per_weight']} over the quantized modules",
