@@ -48,9 +48,6 @@ def write_example_model(output_dir: str | os.PathLike) -> Path:
 
     gguf = find_example_gguf()
     output = Path(output_dir).resolve()
-    if output.exists() and any(output.iterdir()):
-        raise NanoqError(f"{output}: already exists and is not empty")
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(output)
     try:
         folder, name = str(gguf.parent), gguf.name

@@ -58,7 +58,13 @@ def read_json(path: Path) -> dict:
 
 
 def make_staging_dir(destination: Path) -> Path:
-    """A fresh temp dir beside `destination` (same filesystem, so the final rename is atomic)."""
+    """A fresh temp dir beside `destination` (same filesystem, so the final rename is atomic).
+
+    Refuses a `destination` that exists and is not an empty folder, so no user data is ever replaced.
+    """
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise NanoqError(f"{destination}: already exists and is not empty (remove it or choose another OUT)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{destination.name}.nanoq-tmp-", dir=destination.parent))
 
 
@@ -188,9 +194,6 @@ class CheckpointWriter:
 
     def __init__(self, destination: str | os.PathLike, max_shard_bytes: int = 512 * 2**20) -> None:
         self.destination = Path(destination).resolve()
-        if self.destination.exists() and (not self.destination.is_dir() or any(self.destination.iterdir())):
-            raise NanoqError(f"{self.destination}: already exists and is not empty (remove it or choose another OUT)")
-        self.destination.parent.mkdir(parents=True, exist_ok=True)
         self.staging = make_staging_dir(self.destination)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
