@@ -5,7 +5,9 @@
      "modules": {"model.layers.0.self_attn.q_proj": "int4g128", ...}}
 
 `modules` names every quantized module explicitly (no patterns): engines never guess. A module that is
-absent is stored in float under its usual `weight` name.
+absent is stored in float under its usual `weight` name. A quantized embedding table `[V, H]` is stored
+like a linear with V outputs and H inputs. `"tied_lm_head": "model.embed_tokens"` (optional) says the LM
+head computes its logits with that quantized table: the checkpoint stores no `lm_head` tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class NanoQuantConfig:
 
     modules: dict[str, Scheme] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    tied_lm_head: str | None = None
 
     def scheme_of(self, module: str) -> Scheme | None:
         """The scheme of `module`, or None where it is stored in float."""
@@ -33,12 +36,15 @@ class NanoQuantConfig:
     def to_dict(self) -> dict:
         """JSON form; modules sorted by name so the file is stable."""
         schemes = {s.name: s.to_dict() for s in sorted(set(self.modules.values()), key=lambda s: s.name)}
-        return {
+        out = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "schemes": schemes,
             "modules": {name: self.modules[name].name for name in sorted(self.modules)},
         }
+        if self.tied_lm_head is not None:
+            out["tied_lm_head"] = self.tied_lm_head
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "quantization_config") -> "NanoQuantConfig":
@@ -60,4 +66,7 @@ class NanoQuantConfig:
                     f"{where}: module '{module}' uses unknown scheme '{name}' (defined: {', '.join(sorted(schemes))})"
                 )
             modules[module] = schemes[name]
-        return cls(modules=modules, format_version=version)
+        tied = data.get("tied_lm_head")
+        if tied is not None and tied not in modules:
+            raise NanoqError(f"{where}: tied_lm_head names '{tied}', which is not a quantized module")
+        return cls(modules=modules, format_version=version, tied_lm_head=tied)

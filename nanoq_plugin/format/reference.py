@@ -104,3 +104,20 @@ def dequantize(
         centered = codes - tensors["zeros"].to(torch.float32).view(groups, 1, out_features)
     weight_t = (centered * scales.view(groups, 1, out_features)).view(in_features, out_features)
     return weight_t.t().to(dtype)
+
+
+def gather_rows(
+    tensors: Mapping[str, torch.Tensor],
+    scheme: Scheme,
+    ids: torch.Tensor,
+    embedding_dim: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rows `ids [T]` of a quantized embedding table `[V, H]` -> `[T, H]` in `dtype`.
+
+    A table is stored as the weight of a linear with N = V outputs and K = H = `embedding_dim` inputs
+    (the layout of a tied LM head), so row `v` is column `v` of every stored tensor.
+    """
+    flat = ids.reshape(-1).long()
+    columns = {name: tensor[..., flat] for name, tensor in tensors.items()}
+    return dequantize(columns, scheme, flat.numel(), embedding_dim, dtype)

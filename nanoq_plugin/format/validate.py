@@ -76,6 +76,9 @@ def load_nano_checkpoint(directory: str | os.PathLike) -> NanoCheckpoint:
             raise NanoqError(f"{tensors.file_of(module + '.weight')}: '{module}.weight' is stored beside the "
                              f"quantized tensors of a {scheme.name} module")
 
+    if quant_config.tied_lm_head is not None and "lm_head.weight" in tensors:
+        raise NanoqError(f"{tensors.file_of('lm_head.weight')}: 'lm_head.weight' is stored although config.json "
+                         f"ties the LM head to the quantized '{quant_config.tied_lm_head}'")
     for module in records:
         if module not in quant_config.modules:
             raise NanoqError(f"{manifest_path}: module '{module}' is listed as quantized but config.json keeps it in float")

@@ -1,71 +1,86 @@
-"""Quantized linear as torch custom ops (`nano::*`), so torch.compile and CUDA graphs see one opaque op.
+"""The kernels' public API: prepare a quantized linear once after loading, then apply it per call.
 
-On every device this release runs the reference path (dequantize with `format.reference`, then matmul).
-Fused Triton kernels and PyTorch's CPU weight-only kernels plug in behind the same ops.
+    prepared = prepare_linear(stored_tensors, scheme, out_features, in_features, act_dtype, device_type)
+    y = apply_linear(x, prepared, bias)            # x [..., K] -> y [..., N]
+    rows = gather_embedding(ids, prepared, dtype)  # quantized embedding table: ids [...] -> [..., K]
+
+`prepare_linear` picks the kernel (`dispatch`): Triton on CUDA; on the CPU PyTorch's weight-only int8 /
+int4 kernels where the scheme fits, the reference (dequantize, then matmul) otherwise. Engines keep
+`prepared.tensors` as the layer's parameters (the stored tensors they replace can be freed).
+`quantized_linear` runs directly on stored tensors (no repack): Triton on CUDA, the reference elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..format.reference import dequantize
-from ..format.schemes import INT8_CHANNEL, Scheme, SchemeKind
-
-
-@torch.library.custom_op("nano::int_group_linear", mutates_args=())
-def int_group_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """`x [..., K]` (fp32/fp16/bf16) @ dequantized int_group weight -> `[..., N]` in x.dtype.
-
-    qweight int32 `[K*bits/32, N]`, scales float16 `[K/G, N]`, zeros uint8 `[K/G, N]` or None (symmetric).
-    """
-    out_features = qweight.shape[1]
-    in_features = qweight.shape[0] * 32 // bits
-    scheme = Scheme(SchemeKind.INT_GROUP, bits, group_size, symmetric=zeros is None)
-    tensors = {"qweight": qweight, "scales": scales}
-    if zeros is not None:
-        tensors["zeros"] = zeros
-    weight = dequantize(tensors, scheme, out_features, in_features, dtype=x.dtype)
-    return F.linear(x, weight)
+from ..format.schemes import Scheme
+from .base import LinearConfig
+from .dispatch import KERNELS, select_kernel
+from .reference_linear import ReferenceKernel
+from .triton_linear import TritonKernel
 
 
-@int_group_linear.register_fake
-def _(x, qweight, scales, zeros, bits, group_size):
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+@dataclass
+class PreparedLinear:
+    """A quantized weight repacked for one kernel (`kernel` names it in `dispatch.KERNELS`)."""
+
+    kernel: str
+    config: LinearConfig
+    tensors: dict[str, torch.Tensor]
 
 
-@torch.library.custom_op("nano::int8_channel_linear", mutates_args=())
-def int8_channel_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`x [..., K]` @ dequantized per-channel int8 weight -> `[..., N]`; qweight int8 `[K, N]`, scales fp16 `[N]`."""
-    in_features, out_features = qweight.shape
-    weight = dequantize({"qweight": qweight, "scales": scales}, INT8_CHANNEL, out_features, in_features, dtype=x.dtype)
-    return F.linear(x, weight)
+def prepare_linear(
+    tensors: Mapping[str, torch.Tensor],
+    scheme: Scheme,
+    out_features: int,
+    in_features: int,
+    act_dtype: torch.dtype,
+    device_type: str | None = None,
+    is_embedding: bool = False,
+    where: str = "layer",
+) -> PreparedLinear:
+    """Choose the kernel for stored `tensors` (format.layout names) and repack them once for it."""
+    device_type = device_type or tensors["qweight"].device.type
+    config = LinearConfig(scheme, out_features, in_features, act_dtype, device_type)
+    kernel = select_kernel(config, needs_gather=is_embedding, where=where)
+    return PreparedLinear(kernel.name, config, kernel.prepare(dict(tensors), config))
 
 
-@int8_channel_linear.register_fake
-def _(x, qweight, scales):
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+def apply_linear(x: torch.Tensor, prepared: PreparedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [..., K]` -> `[..., N]` in x.dtype (+ bias)."""
+    out = KERNELS[prepared.kernel].apply(x, prepared.tensors, prepared.config)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def gather_embedding(ids: torch.Tensor, prepared: PreparedLinear, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids [...]` of a quantized table prepared with `is_embedding=True` -> `[..., K]` in `dtype`."""
+    return KERNELS[prepared.kernel].gather_rows(ids, prepared.tensors, prepared.config, dtype)
+
+
+def _direct_kernel(device_type: str, config: LinearConfig):
+    triton = TritonKernel()
+    return triton if device_type == "cuda" and triton.can_implement(config)[0] else ReferenceKernel()
 
 
 def quantized_linear(
     x: torch.Tensor, tensors: Mapping[str, torch.Tensor], scheme: Scheme, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Apply one quantized linear: `x [..., K]` -> `[..., N]` (+ bias), `tensors` as in `format.layout`."""
-    if scheme.kind is SchemeKind.INT_GROUP:
-        out = int_group_linear(
-            x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), scheme.bits, scheme.group_size
-        )
-    elif scheme.kind is SchemeKind.INT8_CHANNEL:
-        out = int8_channel_linear(x, tensors["qweight"], tensors["scales"])
-    else:
-        raise ValueError(f"scheme {scheme.name} is not a quantized scheme")
+    """One quantized linear on stored tensors (no repack): `x [..., K]` -> `[..., N]` (+ bias)."""
+    qweight = tensors["qweight"]
+    out_features = qweight.shape[1]
+    config = LinearConfig(scheme, out_features, x.shape[-1], x.dtype, x.device.type)
+    out = _direct_kernel(x.device.type, config).apply(x, dict(tensors), config)
     return out if bias is None else out + bias.to(out.dtype)
+
+
+def quantized_embedding(
+    ids: torch.Tensor, tensors: Mapping[str, torch.Tensor], scheme: Scheme, embedding_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows `ids [...]` of a stored quantized table (N = vocab, K = embedding_dim) -> `[..., K]` in `dtype`."""
+    qweight = tensors["qweight"]
+    config = LinearConfig(scheme, qweight.shape[1], embedding_dim, dtype, qweight.device.type)
+    return _direct_kernel(qweight.device.type, config).gather_rows(ids, dict(tensors), config, dtype)

@@ -14,6 +14,8 @@ class Architecture:
     block_prefix: str
     block_linears: tuple[str, ...]
     fused_groups: tuple[tuple[str, ...], ...]
+    embedding: str = "model.embed_tokens"
+    lm_head: str = "lm_head"
 
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block that stores `tensor_name`, or None outside the blocks."""

@@ -149,7 +149,9 @@ def quantize_checkpoint(
         raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
     if calibration is not None and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
-    plan: Plan = resolve_plan(recipe, arch, _block_linear_shapes(source, arch, num_layers))
+    tables = {m: tuple(source.shape(f"{m}.weight")) for m in (arch.embedding, arch.lm_head) if f"{m}.weight" in source}
+    tied = bool(source.config.get("tie_word_embeddings", False))
+    plan: Plan = resolve_plan(recipe, arch, _block_linear_shapes(source, arch, num_layers), tables, tied)
 
     by_block: dict[int | None, list[str]] = {}
     for name in source.keys():
@@ -162,28 +164,30 @@ def quantize_checkpoint(
     float_specs: dict[str, TensorSpec] = {}
     with CheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes) as writer:
 
-        def write_float(name: str, tensor: torch.Tensor) -> None:
-            writer.add(name, tensor)
-            float_specs[name] = TensorSpec(tuple(tensor.shape), tensor.dtype)
-
-        for name, tensor in source.items(by_block.get(None, [])):
-            write_float(name, tensor)
-        bar = tqdm(range(num_layers), desc="quantize", unit="block", disable=not progress)
-        for index in bar:
-            for name, tensor in source.items(by_block.get(index, [])):
+        def write(names: list[str]) -> None:
+            """Quantize the planned modules among `names`, copy the rest in their stored dtype."""
+            for name, tensor in source.items(names):
+                if plan.tied_lm_head is not None and name == f"{arch.lm_head}.weight":
+                    continue  # the head is the quantized embedding table
                 module = name.removesuffix(".weight")
                 planned = plan.modules.get(module) if name.endswith(".weight") else None
                 if planned is None or not planned.scheme.is_quantized:
-                    write_float(name, tensor)
+                    writer.add(name, tensor)
+                    float_specs[name] = TensorSpec(tuple(tensor.shape), tensor.dtype)
                     continue
                 tensors, record = _quantize_module(tensor, planned.scheme, planned.requested, torch_device)
                 for part, value in tensors.items():
                     writer.add(f"{module}.{part}", value)
                 records[module] = record
+
+        write(by_block.get(None, []))
+        bar = tqdm(range(num_layers), desc="quantize", unit="block", disable=not progress)
+        for index in bar:
+            write(by_block.get(index, []))
             release_freed_memory()
             bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
 
-        quant_config = NanoQuantConfig(modules=plan.quantized())
+        quant_config = NanoQuantConfig(modules=plan.quantized(), tied_lm_head=plan.tied_lm_head)
         config = dict(source.config)
         config["quantization_config"] = quant_config.to_dict()
         provenance = _provenance(source, recipe, calibration)

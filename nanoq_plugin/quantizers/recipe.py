@@ -9,6 +9,11 @@ YAML recipe file:
       - match: 'self_attn\\.(q|k|v)_proj$'
         scheme: float              # kept in its stored dtype
       - 'mlp\\.down_proj': int8    # short form: {regex: scheme}
+    embeddings: int8               # the token embedding table (default float); rules do not apply to it
+    lm_head: int8                  # an untied LM head (default float); a tied head shares the embedding's
+
+Rules and `default` apply to the decoder blocks' linears. When the model ties its LM head to the embedding
+and the embedding is quantized, the head computes its logits with the quantized table (one copy).
 
 Presets group-size fall back; a file pins its group sizes unless it says `group_size_fallback: true`.
 """
@@ -23,7 +28,7 @@ import yaml
 
 from ..errors import NanoqError
 from ..format.layout import check_shape_fits
-from ..format.schemes import ALLOWED_GROUP_SIZES, INT8_CHANNEL, Scheme, SchemeKind, parse_scheme
+from ..format.schemes import ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 
 METHODS = ("rtn",)
@@ -49,6 +54,8 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     group_size_fallback: bool = False
     method: str = "rtn"
+    embeddings: Scheme = FLOAT
+    lm_head: Scheme = FLOAT
 
     def requested_scheme(self, module: str) -> Scheme:
         """The scheme the recipe asks for `module` (before any group-size fallback)."""
@@ -64,6 +71,8 @@ class Recipe:
             "default": self.default.name,
             "group_size_fallback": self.group_size_fallback,
             "rules": [{"match": r.pattern, "scheme": r.scheme.name} for r in self.rules],
+            "embeddings": self.embeddings.name,
+            "lm_head": self.lm_head.name,
         }
 
 
@@ -74,6 +83,10 @@ PRESETS: dict[str, Recipe] = {
     "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),
     "w3g128": Recipe("w3g128", parse_scheme("int3g128"), group_size_fallback=True),
     "w2g64": Recipe("w2g64", parse_scheme("int2g64"), group_size_fallback=True),
+    "qkv-fp16": Recipe(
+        "qkv-fp16", parse_scheme("int4g128"), rules=(Rule(r"self_attn\.(q|k|v)_proj$", FLOAT),),
+        group_size_fallback=True, embeddings=INT8_CHANNEL, lm_head=INT8_CHANNEL,
+    ),
 }
 
 
@@ -113,9 +126,10 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise NanoqError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise NanoqError(f"{path}: a recipe is a YAML mapping with 'default' and optional 'rules'")
-    unknown = set(data) - {"method", "default", "group_size_fallback", "rules", "name"}
+    allowed = ("method", "default", "group_size_fallback", "rules", "name", "embeddings", "lm_head")
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise NanoqError(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: method, default, group_size_fallback, rules, name)")
+        raise NanoqError(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {', '.join(allowed)})")
     method = str(data.get("method", "rtn")).lower()
     if method not in METHODS:
         raise NanoqError(f"{path}: method {method!r} is not available (available: {', '.join(METHODS)})")
@@ -131,6 +145,8 @@ def load_recipe(name_or_path: str) -> Recipe:
         rules=rules,
         group_size_fallback=bool(data.get("group_size_fallback", False)),
         method=method,
+        embeddings=_scheme_in(data.get("embeddings", "float"), f"{path}: embeddings"),
+        lm_head=_scheme_in(data.get("lm_head", "float"), f"{path}: lm_head"),
     )
 
 
@@ -144,9 +160,13 @@ class PlannedModule:
 
 @dataclass
 class Plan:
-    """Resolved plan: every block linear with its scheme (float ones included)."""
+    """Resolved plan: every block linear, the embedding and the LM head with its scheme (float ones included).
+
+    `tied_lm_head` names the quantized embedding the LM head shares (then the head has no entry).
+    """
 
     modules: dict[str, PlannedModule] = field(default_factory=dict)
+    tied_lm_head: str | None = None
 
     def quantized(self) -> dict[str, Scheme]:
         """Module -> scheme for the modules that are stored quantized."""
@@ -165,8 +185,15 @@ def _fit_group_size(requested: Scheme, recipe: Recipe, module: str, out_features
     return requested
 
 
-def resolve_plan(recipe: Recipe, arch: Architecture, shapes: dict[str, tuple[int, int]]) -> Plan:
-    """Resolve `recipe` on the block linears `shapes` (module -> [out, in]) into a Plan.
+def resolve_plan(
+    recipe: Recipe,
+    arch: Architecture,
+    shapes: dict[str, tuple[int, int]],
+    table_shapes: dict[str, tuple[int, int]] | None = None,
+    tie_word_embeddings: bool = False,
+) -> Plan:
+    """Resolve `recipe` into a Plan: block linears `shapes` (module -> [out, in]) by rules and default; the
+    embedding / LM head in `table_shapes` (module -> [vocab, hidden]) by the recipe's `embeddings` / `lm_head`.
 
     Enforces that modules an engine fuses (q/k/v, gate/up) share one scheme.
     """
@@ -175,6 +202,17 @@ def resolve_plan(recipe: Recipe, arch: Architecture, shapes: dict[str, tuple[int
         requested = recipe.requested_scheme(module)
         plan.modules[module] = PlannedModule(
             _fit_group_size(requested, recipe, module, out_features, in_features), requested
+        )
+    tables = table_shapes or {}
+    if arch.embedding in tables:
+        plan.modules[arch.embedding] = PlannedModule(
+            _fit_group_size(recipe.embeddings, recipe, arch.embedding, *tables[arch.embedding]), recipe.embeddings
+        )
+        if tie_word_embeddings and recipe.embeddings.is_quantized:
+            plan.tied_lm_head = arch.embedding
+    if arch.lm_head in tables and not tie_word_embeddings:
+        plan.modules[arch.lm_head] = PlannedModule(
+            _fit_group_size(recipe.lm_head, recipe, arch.lm_head, *tables[arch.lm_head]), recipe.lm_head
         )
     for module in plan.modules:
         for group in arch.fused_groups:

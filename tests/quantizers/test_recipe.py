@@ -102,5 +102,32 @@ def test_unsupported_model_type():
 
 def test_recipe_round_trips_to_provenance_dict():
     assert load_recipe("w4g128").to_dict() == {
-        "name": "w4g128", "method": "rtn", "default": "int4g128", "group_size_fallback": True, "rules": []}
+        "name": "w4g128", "method": "rtn", "default": "int4g128", "group_size_fallback": True, "rules": [],
+        "embeddings": "float", "lm_head": "float"}
     assert parse_scheme(load_recipe("w8").default.name).name == "int8"
+
+
+def test_embedding_and_head_schemes_and_tied_head(tmp_path):
+    recipe = load_recipe(write(tmp_path, "default: int4g64\nembeddings: int8\nlm_head: int4g128\n"))
+    tables = {"model.embed_tokens": (1000, 256), "lm_head": (1000, 256)}
+    untied = resolve_plan(recipe, ARCH, SHAPES, tables, tie_word_embeddings=False)
+    assert untied.quantized()["model.embed_tokens"].name == "int8"
+    assert untied.quantized()["lm_head"].name == "int4g128" and untied.tied_lm_head is None
+    tied = resolve_plan(recipe, ARCH, SHAPES, tables, tie_word_embeddings=True)
+    assert "lm_head" not in tied.modules and tied.tied_lm_head == "model.embed_tokens"
+    float_tables = resolve_plan(load_recipe("w4g128"), ARCH, SHAPES, tables, tie_word_embeddings=True)
+    assert float_tables.tied_lm_head is None and "model.embed_tokens" not in float_tables.quantized()
+
+
+def test_qkv_fp16_preset_keeps_attention_inputs_float_and_tables_int8():
+    plan = resolve_plan(load_recipe("qkv-fp16"), ARCH, SHAPES, {"model.embed_tokens": (1000, 256)}, True)
+    quantized = plan.quantized()
+    assert not any(m.endswith(("q_proj", "k_proj", "v_proj")) for m in quantized)
+    assert quantized["model.layers.0.mlp.down_proj"].name.startswith("int4g")
+    assert quantized["model.embed_tokens"].name == "int8" and plan.tied_lm_head == "model.embed_tokens"
+
+
+def test_embedding_scheme_must_fit_the_hidden_size(tmp_path):
+    recipe = load_recipe(write(tmp_path, "default: int4g64\nembeddings: int4g128\n"))
+    with pytest.raises(NanoqError, match=r"model.embed_tokens.weight: group size 128 does not divide input dim 96"):
+        resolve_plan(recipe, ARCH, SHAPES, {"model.embed_tokens": (1000, 96)})

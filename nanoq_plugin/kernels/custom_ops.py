@@ -1,0 +1,88 @@
+"""The `nano::` torch custom ops (with fake implementations), so torch.compile and CUDA graphs see each
+quantized GEMM or lookup as one opaque op. Triton is imported only when a CUDA op runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..format.reference import dequantize, gather_rows
+from ..format.schemes import INT8_CHANNEL, Scheme, SchemeKind
+
+
+def _scheme(bits: int, group_size: int, has_zeros: bool) -> Scheme:
+    """group_size 0 means int8 per channel."""
+    if group_size == 0:
+        return INT8_CHANNEL
+    return Scheme(SchemeKind.INT_GROUP, bits, group_size, symmetric=not has_zeros)
+
+
+def _stored(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    tensors = {"qweight": qweight, "scales": scales}
+    if zeros is not None:
+        tensors["zeros"] = zeros
+    return tensors
+
+
+def triton_weight_format(bits: int, group_size: int, has_zeros: bool):
+    """The constexpr weight description of `triton_gemm` (imports Triton)."""
+    from .triton_dequant import FMT_INT8_CHANNEL, FMT_INT_GROUP
+    from .triton_gemm import WeightFormat
+
+    if group_size == 0:
+        return WeightFormat(FMT_INT8_CHANNEL, 8, 0, False)
+    return WeightFormat(FMT_INT_GROUP, bits, group_size, has_zeros)
+
+
+@torch.library.custom_op("nano::reference_linear", mutates_args=())
+def reference_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bits: int, group_size: int, out_features: int,
+) -> torch.Tensor:
+    """`x [..., K]` @ dequantized stored weight (format.reference) -> `[..., N]` in x.dtype; group_size 0 = int8."""
+    scheme = _scheme(bits, group_size, zeros is not None)
+    in_features = x.shape[-1]
+    weight = dequantize(_stored(qweight, scales, zeros), scheme, out_features, in_features, dtype=x.dtype)
+    return F.linear(x, weight)
+
+
+@reference_linear.register_fake
+def _(x, qweight, scales, zeros, bits, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("nano::triton_linear", mutates_args=())
+def triton_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bits: int, group_size: int, out_features: int,
+) -> torch.Tensor:
+    """Fused Triton dequantize-GEMM on the stored tensors; same contract as `reference_linear`."""
+    from .triton_gemm import dequant_gemm
+
+    return dequant_gemm(x, qweight, scales, zeros, triton_weight_format(bits, group_size, zeros is not None), out_features)
+
+
+@triton_linear.register_fake
+def _(x, qweight, scales, zeros, bits, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("nano::embedding", mutates_args=())
+def embedding(
+    ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bits: int, group_size: int, embedding_dim: int, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows `ids [...]` of a quantized table stored as a linear (N = vocab, K = embedding_dim) -> `[..., K]`."""
+    if qweight.is_cuda:
+        from .triton_embedding import embedding_gather
+
+        return embedding_gather(ids, qweight, scales, zeros, triton_weight_format(bits, group_size, zeros is not None),
+                                embedding_dim, dtype)
+    scheme = _scheme(bits, group_size, zeros is not None)
+    rows = gather_rows(_stored(qweight, scales, zeros), scheme, ids, embedding_dim, dtype)
+    return rows.reshape(*ids.shape, embedding_dim).contiguous()
+
+
+@embedding.register_fake
+def _(ids, qweight, scales, zeros, bits, group_size, embedding_dim, dtype):
+    return ids.new_empty((*ids.shape, embedding_dim), dtype=dtype)

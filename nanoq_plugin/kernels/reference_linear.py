@@ -1,0 +1,41 @@
+"""The reference kernel: dequantize the stored weight (format.reference), then matmul. Runs everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+from ..format.schemes import SchemeKind
+from .base import LinearConfig
+from .custom_ops import embedding, reference_linear
+
+
+def op_args(config: LinearConfig) -> tuple[int, int]:
+    """(bits, group_size) as the custom ops take them; group_size 0 means int8 per channel."""
+    scheme = config.scheme
+    return scheme.bits, scheme.group_size if scheme.kind is SchemeKind.INT_GROUP else 0
+
+
+class ReferenceKernel:
+    """Dequantize per call; the fallback when no faster kernel fits."""
+
+    name = "reference"
+    supports_gather = True
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        if not config.scheme.is_quantized:
+            return False, "float modules use the engine's own linear"
+        return True, ""
+
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        return dict(tensors)
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        bits, group_size = op_args(config)
+        return reference_linear(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                                bits, group_size, config.out_features)
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        bits, group_size = op_args(config)
+        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                         bits, group_size, config.in_features, dtype)

@@ -1,0 +1,251 @@
+"""Fused dequantize-GEMM in Triton: `out [M, N] = x [M, K] @ W [N, K].T`, W read in its stored format.
+
+One kernel, two families of launch configurations:
+- decode (M <= 64): BLOCK_M 16 and split-K, so that a GEMV still spreads the weight stream over every SM;
+  each K slice writes float32 partial sums `[SPLIT_K, M, N]` that are added afterwards (no atomics, so
+  every output element is written exactly once and results are deterministic);
+- prefill (M > 64): tiled BLOCK_M x BLOCK_N, SPLIT_K 1, tensor cores through `tl.dot`.
+
+Weights are dequantized tile by tile by `triton_dequant.load_weight_tile` (layout table there).
+Activations float16 / bfloat16 go to `tl.dot` in their own dtype with float32 accumulation; float32
+activations use IEEE float32 dots (no TF32). Under `TRITON_INTERPRET=1` (CPU tests) 16-bit dots are
+computed in float32, because the interpreter's 16-bit `tl.dot` is wrong; that is the only difference.
+
+Autotuning: configurations live below, M is bucketed to a power of two (<= 64) or to "prefill", and
+`warm_up` runs every bucket once after loading, so that tuning never happens inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_dequant import FMT_INT8_CHANNEL, load_weight_tile
+
+DECODE_MAX_M = 64
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_in_float32(act_dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether 16-bit activation tiles are widened to float32 before `tl.dot` (only in the interpreter)."""
+    return interpret and act_dtype in (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of `dequant_gemm_kernel`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DECODE_CONFIGS = tuple(
+    TileConfig(16, bn, bk, sk, num_warps=4)
+    for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
+)
+PREFILL_CONFIGS = (
+    TileConfig(64, 64, 64, 1), TileConfig(64, 128, 64, 1), TileConfig(128, 128, 64, 1, num_warps=8),
+    TileConfig(128, 64, 64, 1), TileConfig(128, 256, 64, 1, num_warps=8), TileConfig(64, 128, 128, 1),
+)
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for M: the next power of two up to `DECODE_MAX_M`, then one prefill bucket."""
+    return min(triton.next_power_of_2(max(m, 1)), 2 * DECODE_MAX_M)
+
+
+@triton.jit
+def dequant_gemm_kernel(
+    x_ptr,  # [M, K] float16 / bfloat16 / float32, row stride stride_xm, unit column stride
+    qweight_ptr,  # stored codes (triton_dequant layout table)
+    scales_ptr,  # float16 [K/G, N] (int_group) or [N] (int8 per channel)
+    zeros_ptr,  # uint8 [K/G, N] or a dummy
+    out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else float32 [SPLIT_K, M, N]
+    M, N, K,
+    stride_xm, stride_om, stride_osplit, stride_q, stride_s,
+    k_per_split,  # multiple of BLOCK_K
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k_offset in range(0, k_per_split, BLOCK_K):
+        offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n,
+                             mask_k[:, None] & mask_n[None, :], stride_q, stride_s,
+                             FMT, BITS, GROUP, HAS_ZEROS)
+        if IEEE_DOT:
+            acc += tl.dot(x, w, input_precision="ieee")
+        elif DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), w)
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    if FMT == FMT_INT8_CHANNEL:
+        acc *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_k * stride_osplit + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Constexpr description of a stored weight for the kernel (see `triton_dequant`)."""
+
+    fmt: int
+    bits: int
+    group_size: int
+    has_zeros: bool
+
+
+def split_k_of(m: int, k: int, config: TileConfig) -> tuple[int, int]:
+    """(number of K slices, K elements per slice) that `launch` uses for `x [m, k]` with `config`."""
+    split_k = config.split_k if m <= DECODE_MAX_M else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    weight: WeightFormat,
+    out_features: int,
+    config: TileConfig,
+    out: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the kernel once with `config`: `x [M, K]` (unit column stride) -> `[M, out_features]` in x.dtype.
+
+    `out` ([M, N], x.dtype) and `partials` (float32 [split_k, M, N]) may be given, e.g. poisoned by tests.
+    """
+    m, k = x.shape
+    n = out_features
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    split_k, k_per_split = split_k_of(m, k, config)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if split_k == 1:
+        target = out
+    else:
+        target = partials if partials is not None else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        if tuple(target.shape) != (split_k, m, n):
+            raise ValueError(f"partials must be float32 [{split_k}, {m}, {n}], got {list(target.shape)}")
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
+    interpret = interpreting()
+    dequant_gemm_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, target,
+        m, n, k,
+        x.stride(0), n, m * n, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
+        k_per_split,
+        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
+        DOT_FP32=dot_in_float32(x.dtype, interpret), IEEE_DOT=x.dtype == torch.float32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_k > 1:
+        out.copy_(target.sum(dim=0))
+    return out
+
+
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def _time_ms(fn, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
+    """Configurations worth trying for this problem: tiles clamped to it, duplicates dropped."""
+    family = DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS
+    out = []
+    for c in family:
+        block_n = min(c.block_n, max(16, triton.next_power_of_2(n)))
+        block_k = min(c.block_k, max(32, triton.next_power_of_2(k)))
+        split_k = max(1, min(c.split_k, k // block_k))
+        clamped = TileConfig(c.block_m if m > DECODE_MAX_M else 16, block_n, block_k, split_k, c.num_warps, c.num_stages)
+        if clamped not in out:
+            out.append(clamped)
+    return out
+
+
+def choose_config(x: torch.Tensor, qweight, scales, zeros, weight: WeightFormat, out_features: int) -> TileConfig:
+    """The tuned configuration for this (M bucket, N, K, format); tunes on first use unless interpreting."""
+    m, k = x.shape
+    key = (m_bucket(m), out_features, k, weight, x.dtype)
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    candidates = candidate_configs(m, out_features, k)
+    if interpreting() or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        config = candidates[0]
+    else:
+        probe = torch.randn((m_bucket(m), k), dtype=x.dtype, device=x.device) if m_bucket(m) != m else x
+        timings = [(_time_ms(lambda c=c: launch(probe, qweight, scales, zeros, weight, out_features, c)), c)
+                   for c in candidates]
+        config = min(timings, key=lambda t: t[0])[1]
+    _TUNED[key] = config
+    return config
+
+
+def dequant_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    weight: WeightFormat,
+    out_features: int,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """`x [..., K]` -> `[..., out_features]` in x.dtype; `config` None picks the tuned one."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, out_features))
+    chosen = config or choose_config(x2, qweight, scales, zeros, weight, out_features)
+    return launch(x2, qweight, scales, zeros, weight, out_features, chosen).view(*lead, out_features)
+
+
+def warm_up(qweight, scales, zeros, weight: WeightFormat, out_features: int, in_features: int,
+            dtype: torch.dtype, max_m: int = 512) -> None:
+    """Tune every M bucket of one layer shape now (call after loading, before CUDA-graph capture)."""
+    m = 1
+    while m <= max_m:
+        x = torch.zeros((m, in_features), dtype=dtype, device=qweight.device)
+        dequant_gemm(x, qweight, scales, zeros, weight, out_features)
+        m *= 2

@@ -1,0 +1,54 @@
+"""The fused Triton dequantize-GEMM (triton_gemm) as a kernel: reads the stored tensors as they are."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..format.schemes import SchemeKind
+from .base import LinearConfig
+from .custom_ops import embedding, triton_linear, triton_weight_format
+from .reference_linear import op_args
+
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class TritonKernel:
+    """Split-K (decode) and tiled (prefill) dequantize-GEMM on CUDA; no repack."""
+
+    name = "triton"
+    supports_gather = True
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        if config.device_type != "cuda":
+            return False, f"runs on CUDA only (device {config.device_type})"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        if config.scheme.kind not in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL):
+            return False, f"no Triton dequantizer for scheme {config.scheme.name}"
+        if config.act_dtype not in ACT_DTYPES:
+            return False, f"activation dtype {config.act_dtype} is not one of {ACT_DTYPES}"
+        return True, ""
+
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        """Stored tensors, contiguous; tunes every M bucket of this shape now (never during graph capture)."""
+        from .triton_gemm import warm_up
+
+        prepared = {name: t.contiguous() for name, t in tensors.items()}
+        bits, group_size = op_args(config)
+        warm_up(prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                triton_weight_format(bits, group_size, "zeros" in prepared), config.out_features,
+                config.in_features, config.act_dtype)
+        return prepared
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        bits, group_size = op_args(config)
+        return triton_linear(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                             bits, group_size, config.out_features)
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        bits, group_size = op_args(config)
+        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                         bits, group_size, config.in_features, dtype)

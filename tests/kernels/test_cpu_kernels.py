@@ -1,0 +1,77 @@
+"""CPU kernels (PyTorch's weight-only int8 / int4 kernels after a repack) against the reference, and dispatch."""
+
+import pytest
+import torch
+
+from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.kernels import ops
+from nanoq_plugin.kernels.base import LinearConfig
+from nanoq_plugin.kernels.dispatch import select_kernel
+
+from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
+
+EXPECTED_CPU_KERNEL = {
+    "int8": "cpu_int8pack",
+    "int8g128": "reference", "int8g32-asym": "reference",
+}
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_prepared_cpu_kernel_matches_reference(name, dtype):
+    n, k = 208, 384 if "g128" in name else 192
+    scheme, tensors, weight = stored_and_reference(name, n, k, 3)
+    prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
+    assert prepared.kernel == EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack")
+    x = torch.randn(3, 5, k).to(dtype)
+    bias = torch.randn(n)
+    out = ops.apply_linear(x, prepared, bias)
+    assert out.shape == (3, 5, n) and out.dtype == dtype
+    assert rel_error(out, x.float() @ weight.t() + bias) <= TOLERANCE[dtype]
+    direct = ops.quantized_linear(x, tensors, scheme, bias)
+    assert rel_error(direct, x.float() @ weight.t() + bias) <= TOLERANCE[dtype]
+
+
+def test_int4_kernel_needs_n_multiple_of_16_and_falls_back():
+    scheme, tensors, weight = stored_and_reference("int4g128", 200, 256, 5)
+    prepared = ops.prepare_linear(tensors, scheme, 200, 256, torch.float32, "cpu")
+    assert prepared.kernel == "reference"
+    x = torch.randn(4, 256)
+    assert rel_error(ops.apply_linear(x, prepared), x @ weight.t()) <= 1e-5
+
+
+def test_int8_table_rows_from_the_prepared_kernel():
+    scheme, tensors, weight = stored_and_reference("int8", 160, 64, 9)
+    prepared = ops.prepare_linear(tensors, scheme, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
+    assert prepared.kernel == "cpu_int8pack" and set(prepared.tensors) == {"weight_nk", "scales"}
+    ids = torch.tensor([[3, 159], [0, 3]])
+    rows = ops.gather_embedding(ids, prepared, torch.float32)
+    torch.testing.assert_close(rows, weight[ids], rtol=1e-2, atol=1e-3)
+
+
+def test_int4_tables_use_a_kernel_that_can_gather():
+    scheme, tensors, weight = stored_and_reference("int4g64", 160, 128, 9)
+    prepared = ops.prepare_linear(tensors, scheme, 160, 128, torch.float32, "cpu", is_embedding=True)
+    assert prepared.kernel == "reference"
+    ids = torch.tensor([7, 0, 159])
+    torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=0, atol=0)
+    torch.testing.assert_close(ops.quantized_embedding(ids, tensors, scheme, 128, torch.float32), weight[ids])
+
+
+def test_no_kernel_for_float_lists_every_reason():
+    config = LinearConfig(parse_scheme("float"), 16, 32, torch.float32, "cpu")
+    with pytest.raises(NanoqError, match=r"model.x: no kernel runs scheme float on cpu \(cpu_int8pack: .*reference: "):
+        select_kernel(config, where="model.x")
+
+
+def test_reference_ops_pass_opcheck():
+    from nanoq_plugin.kernels.custom_ops import embedding, reference_linear
+
+    scheme, tensors, _ = stored_and_reference("int3g64-asym", 48, 128, 1)
+    x = torch.randn(2, 128)
+    torch.library.opcheck(reference_linear, (x, tensors["qweight"], tensors["scales"], tensors["zeros"], 3, 64, 48),
+                          test_utils=("test_schema", "test_faketensor"))
+    ids = torch.tensor([[1, 2, 47]])
+    torch.library.opcheck(embedding, (ids, tensors["qweight"], tensors["scales"], tensors["zeros"], 3, 64, 128,
+                                      torch.bfloat16), test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,80 @@
+"""The fused Triton dequantize-GEMM against the reference, in the interpreter (TRITON_INTERPRET=1)."""
+
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nanoq_plugin.kernels import triton_gemm  # noqa: E402
+from nanoq_plugin.kernels.custom_ops import triton_linear, triton_weight_format  # noqa: E402
+from nanoq_plugin.kernels.reference_linear import op_args  # noqa: E402
+from nanoq_plugin.kernels.base import LinearConfig  # noqa: E402
+
+from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference  # noqa: E402
+
+# (M, N, K): M and N straddle the 16/64-wide tiles; K = 96 and 160 are not multiples of 64 or 128
+SHAPES = [(1, 200, 384), (5, 48, 96), (33, 72, 160)]
+CONFIGS = [
+    triton_gemm.TileConfig(16, 64, 64, 1),  # decode, one K slice
+    triton_gemm.TileConfig(16, 32, 128, 3),  # decode, split-K with a ragged last slice
+    triton_gemm.TileConfig(32, 64, 32, 1),  # prefill-style tile
+]
+
+
+def _fmt(scheme, n, k):
+    bits, group_size = op_args(LinearConfig(scheme, n, k, torch.float32, "cpu"))
+    return triton_weight_format(bits, group_size, not scheme.symmetric)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_matches_reference_and_writes_every_element(name, dtype):
+    for shape_index, (m, n, k) in enumerate(SHAPES):
+        if k % 32 or (name.split("g")[-1].split("-")[0].isdigit() and k % int(name.split("g")[-1].split("-")[0])):
+            continue
+        seed = zlib.crc32(f"{name}-{m}-{n}-{k}".encode())
+        scheme, tensors, weight = stored_and_reference(name, n, k, seed)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        ref = x.float() @ weight.t()
+        fmt = _fmt(scheme, n, k)
+        for config in CONFIGS:
+            split_k, _ = triton_gemm.split_k_of(m, k, config)
+            out = torch.full((m, n), float("nan"), dtype=dtype)
+            partials = torch.full((split_k, m, n), float("nan"))
+            triton_gemm.launch(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, n, config,
+                               out=out, partials=partials)
+            assert not out.isnan().any(), f"{name} {config}: output elements left unwritten"
+            err = rel_error(out, ref)
+            assert err <= TOLERANCE[dtype], f"{name} M={m} N={n} K={k} {config}: rel error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["int4g128", "int3g64-asym", "int8"])
+def test_custom_op_on_3d_input_and_fake_impl(name):
+    n, k = 80, 256
+    scheme, tensors, weight = stored_and_reference(name, n, k, 7)
+    x = torch.randn(2, 3, k, dtype=torch.bfloat16)
+    bits, group_size = op_args(LinearConfig(scheme, n, k, x.dtype, "cpu"))
+    args = (x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), bits, group_size, n)
+    out = triton_linear(*args)
+    assert out.shape == (2, 3, n) and out.dtype == torch.bfloat16
+    assert rel_error(out, x.float() @ weight.t()) <= 1e-2
+    torch.library.opcheck(triton_linear, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_only_the_interpreter_widens_16bit_dots():
+    """On a GPU the kernel feeds bf16/fp16 tiles to tl.dot; only the interpreter widens them to float32."""
+    for dtype in (torch.bfloat16, torch.float16):
+        assert triton_gemm.dot_in_float32(dtype, interpret=False) is False
+        assert triton_gemm.dot_in_float32(dtype, interpret=True) is True
+    assert triton_gemm.dot_in_float32(torch.float32, interpret=True) is False
+    assert triton_gemm.interpreting()
+
+
+def test_candidate_configs_are_clamped_and_bucketed():
+    assert [triton_gemm.m_bucket(m) for m in (1, 3, 16, 64, 65, 4096)] == [1, 4, 16, 64, 128, 128]
+    small = triton_gemm.candidate_configs(4, 48, 96)
+    assert all(c.block_n <= 64 and c.block_k <= 128 and c.block_m == 16 for c in small)
+    assert len(small) == len(set(small))
+    assert all(c.split_k == 1 for c in triton_gemm.candidate_configs(2048, 4096, 4096))
