@@ -1,8 +1,10 @@
 """transformers integration: the `nano` quantization config and HfQuantizer, registered on import.
 
-`_process_model_before_weight_loading` swaps every `nn.Linear` named in `quantization_config["modules"]`
-for a `NanoLinear` whose parameters carry the checkpoint's names (`qweight`, `scales`, `zeros`), so the
-ordinary weight loader fills them; the forward pass calls `kernels.ops`.
+`_process_model_before_weight_loading` swaps every `nn.Linear` / `nn.Embedding` named in
+`quantization_config["modules"]` for a `NanoLinear` / `NanoEmbedding` whose parameters carry the
+checkpoint's names (`qweight`, `scales`, `zeros`), so the ordinary weight loader fills them, and a head tied
+to a quantized table for a `NanoTiedHead`. After loading, each module is repacked once for its kernel
+(`kernels.ops.prepare_linear`: PyTorch's int8/int4 kernels on the CPU, Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -19,63 +21,155 @@ from ..format.layout import param_specs
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
-from ..kernels.ops import quantized_linear
+from ..errors import NanoqError
+from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding, prepare_linear, quantized_embedding, quantized_linear
 
 
 class NanoConfig(QuantizationConfigMixin):
     """transformers view of a nano `quantization_config` (the JSON is kept verbatim)."""
 
-    def __init__(self, quant_method: str = QUANT_METHOD, format_version: int = 1, schemes=None, modules=None, **kwargs):
+    def __init__(self, quant_method: str = QUANT_METHOD, format_version: int = 1, schemes=None, modules=None,
+                 tied_lm_head: str | None = None, **kwargs):
         self.quant_method = quant_method
         self.format_version = format_version
         self.schemes = schemes or {}
         self.modules = modules or {}
+        self.tied_lm_head = tied_lm_head
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "schemes": self.schemes,
             "modules": self.modules,
         }
+        if self.tied_lm_head is not None:
+            out["tied_lm_head"] = self.tied_lm_head
+        return out
 
     def parsed(self) -> NanoQuantConfig:
         """The validated format-layer config."""
         return NanoQuantConfig.from_dict(self.to_dict(), "config.json: quantization_config")
 
 
-class NanoLinear(nn.Module):
-    """A linear stored in a nano scheme; parameters named and shaped as in `format.layout.param_specs`."""
+class _NanoStored(nn.Module):
+    """Stored tensors of one quantized module (named as in `format.layout.param_specs`) and, after
+    `prepare()`, the same weight repacked for the fastest kernel that runs it (the stored copy is freed)."""
 
-    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool, bias_dtype: torch.dtype):
+    is_embedding = False
+
+    def __init__(self, out_features: int, in_features: int, scheme: Scheme, act_dtype: torch.dtype):
         super().__init__()
-        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.out_features, self.in_features, self.scheme, self.act_dtype = out_features, in_features, scheme, act_dtype
+        self.prepared: PreparedLinear | None = None
         for name, spec in param_specs(scheme, out_features, in_features).items():
             self.register_parameter(name, nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False))
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named_parameters(recurse=False) if name != "bias"}
+
+    def prepare(self, where: str) -> None:
+        """Repack once for `kernels.ops` (call after the weights are loaded)."""
+        stored = self.stored()
+        self.prepared = prepare_linear(stored, self.scheme, self.out_features, self.in_features, self.act_dtype,
+                                       is_embedding=self.is_embedding, where=where)
+        for name in stored:
+            delattr(self, name)
+        for name, tensor in self.prepared.tensors.items():
+            self.register_buffer(f"prepared_{name}", tensor, persistent=False)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x [..., in_features]` -> `[..., out_features]` in x.dtype."""
+        if self.prepared is not None:
+            return apply_linear(x, self.prepared, bias)
+        return quantized_linear(x, self.stored(), self.scheme, bias)
+
+    def extra_repr(self) -> str:
+        kernel = self.prepared.kernel if self.prepared else "not prepared"
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}, kernel={kernel}"
+
+
+class NanoLinear(_NanoStored):
+    """A linear stored in a nano scheme."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool, bias_dtype: torch.dtype):
+        super().__init__(out_features, in_features, scheme, bias_dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in_features]` -> `[..., out_features]` in x.dtype."""
-        return quantized_linear(x, dict(self.named_parameters(recurse=False)), self.scheme, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+        return self.linear(x, self.bias)
 
 
-def replace_linears(model: nn.Module, modules: dict[str, Scheme]) -> int:
-    """Swap each `nn.Linear` named in `modules` for a `NanoLinear` on the same device; returns the count."""
+class NanoEmbedding(_NanoStored):
+    """A quantized token embedding table `[num_embeddings, embedding_dim]`, stored like a linear with
+    num_embeddings outputs; lookups dequantize only the rows they read."""
+
+    is_embedding = True
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme, dtype: torch.dtype):
+        super().__init__(num_embeddings, embedding_dim, scheme, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids [...]` (int) -> `[..., embedding_dim]` in the model dtype."""
+        if self.prepared is not None:
+            return gather_embedding(ids, self.prepared, self.act_dtype)
+        return quantized_embedding(ids, self.stored(), self.scheme, self.in_features, self.act_dtype)
+
+
+class NanoTiedHead(nn.Module):
+    """An LM head that computes logits with a `NanoEmbedding`'s quantized table (no copy of its own)."""
+
+    def __init__(self, table: NanoEmbedding):
+        super().__init__()
+        self._table = [table]  # a list, so the table is not registered (and counted) twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., embedding_dim]` -> logits `[..., num_embeddings]` in x.dtype."""
+        return self._table[0].linear(x)
+
+
+def replace_modules(model: nn.Module, quant_config: NanoQuantConfig) -> int:
+    """Swap each module named in `quant_config` (nn.Linear or nn.Embedding) for its nano twin on the same
+    device, and a tied LM head for a `NanoTiedHead`; returns the number of modules swapped."""
     replaced = 0
-    for name, scheme in modules.items():
+    for name, scheme in quant_config.modules.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child_name, None)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"quantization_config names '{name}', which is not an nn.Linear in this model")
-        with torch.device(linear.weight.device):
-            new = NanoLinear(linear.in_features, linear.out_features, scheme, linear.bias is not None, linear.weight.dtype)
+        module = getattr(parent, child_name, None)
+        if isinstance(module, nn.Linear):
+            with torch.device(module.weight.device):
+                new = NanoLinear(module.in_features, module.out_features, scheme, module.bias is not None,
+                                 module.weight.dtype)
+        elif isinstance(module, nn.Embedding):
+            with torch.device(module.weight.device):
+                new = NanoEmbedding(module.num_embeddings, module.embedding_dim, scheme, module.weight.dtype)
+        else:
+            raise NanoqError(f"quantization_config names '{name}', which is not an nn.Linear or nn.Embedding "
+                             f"in this model ({type(module).__name__})")
         setattr(parent, child_name, new)
         replaced += 1
+    if quant_config.tied_lm_head is not None:
+        table = model.get_submodule(quant_config.tied_lm_head)
+        model.set_output_embeddings(NanoTiedHead(table))
     return replaced
+
+
+def _forget_ties_of(model: nn.Module, modules: set[str]) -> None:
+    """Drop transformers' parameter ties that involve swapped modules: a quantized table has no `weight` to
+    tie, and a tied head already computes with it (`NanoTiedHead`)."""
+    ties = getattr(model, "all_tied_weights_keys", None)
+    if not ties:
+        return
+    swapped = tuple(f"{m}." for m in modules)
+    model.all_tied_weights_keys = {t: s for t, s in ties.items() if not (t.startswith(swapped) or s.startswith(swapped))}
+
+
+def prepare_modules(model: nn.Module) -> None:
+    """Repack every nano module for its kernel (after the weights are loaded)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _NanoStored):
+            module.prepare(name)
 
 
 class NanoHfQuantizer(HfQuantizer):
@@ -87,10 +181,16 @@ class NanoHfQuantizer(HfQuantizer):
         """Validate the checkpoint folder (tensors vs manifest vs config), then swap in `NanoLinear`s."""
         if checkpoint_files:
             load_nano_checkpoint(Path(checkpoint_files[0]).parent)
-        replace_linears(model, self.quantization_config.parsed().modules)
+        quant_config = self.quantization_config.parsed()
+        replace_modules(model, quant_config)
+        swapped = set(quant_config.modules)
+        if quant_config.tied_lm_head is not None:
+            swapped.add("lm_head")
+        _forget_ties_of(model, swapped)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        prepare_modules(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -1,11 +1,13 @@
-"""vLLM integration: the `nano` QuantizationConfig and linear method, registered by the entry point
-`vllm.general_plugins: nano = nanoq_plugin.engines.vllm:register` (vLLM calls it in every process).
+"""vLLM integration: the `nano` QuantizationConfig, linear and embedding methods, registered by the entry
+point `vllm.general_plugins: nano = nanoq_plugin.engines.vllm:register` (vLLM calls it in every process).
 
 Weights are created as vLLM parameter objects, so vLLM's own loaders shard them:
 `qweight`/`scales`/`zeros` have the input dim on dim 0 and the output dim on dim 1 (docs/FORMAT.md):
 column-parallel, QKV and merged gate/up layers slice dim 1; row-parallel layers slice dim 0 (which
 needs whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated.
-The forward pass is `kernels.ops.quantized_linear` (torch custom ops, opaque to torch.compile).
+A quantized embedding table is stored like a linear with N = vocab; each rank loads its vocab slice.
+After loading, every layer is repacked once for its kernel (`kernels.ops.prepare_linear`: PyTorch's
+int8 / int4 weight-only kernels on the CPU, Triton on CUDA) and the stored copies are freed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -33,7 +36,7 @@ from ..format.layout import param_specs
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme, SchemeKind
 from ..format.validate import load_nano_checkpoint
-from ..kernels.ops import quantized_linear
+from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding, prepare_linear
 
 
 class NanoVllmConfig(QuantizationConfig):
@@ -83,11 +86,71 @@ class NanoVllmConfig(QuantizationConfig):
             raise NanoqError(f"config.json: {prefix} is fused by vLLM but its parts use different schemes ({found})")
         return schemes.pop()
 
+    def _embedding_module(self) -> str | None:
+        """The checkpoint name of the quantized token embedding (vLLM's Llama builds it without a prefix)."""
+        names = [m for m in self.quant_config.modules if m.rpartition(".")[2] == "embed_tokens"]
+        return names[0] if len(names) == 1 else None
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):
+            tied = self.quant_config.tied_lm_head
+            if tied is not None:
+                return NanoEmbeddingMethod(self.quant_config.modules[tied], prefix, tied_to=tied)
+            scheme = self.quant_config.scheme_of(prefix)
+            return None if scheme is None else NanoEmbeddingMethod(scheme, prefix)
+        if isinstance(layer, VocabParallelEmbedding):
+            name = prefix if prefix in self.quant_config.modules else (self._embedding_module() if not prefix else None)
+            return None if name is None else NanoEmbeddingMethod(self.quant_config.modules[name], name)
         if isinstance(layer, LinearBase):
             scheme = self._scheme_of(prefix)
             return UnquantizedLinearMethod() if scheme is None else NanoLinearMethod(scheme, prefix)
         return None
+
+
+def _create_stored_params(layer: torch.nn.Module, scheme: Scheme, out_features: int, in_features: int,
+                          expected_loads: int, loader, prefix: str, params_dtype: torch.dtype) -> None:
+    """Register the stored tensors of `scheme` for `[out_features, in_features]` as vLLM parameters whose
+    loader counts what the checkpoint provides (vLLM does not report missing tensors of quantized models)."""
+    specs = param_specs(scheme, out_features, in_features)
+    layer.nano_loads = {}
+    layer.nano_expected_loads = expected_loads
+    layer.nano_param_names = list(specs)
+    layer.nano_act_dtype = params_dtype
+
+    def counting_loader(param, *args, **kwargs):
+        layer.nano_loads[param.nano_name] = layer.nano_loads.get(param.nano_name, 0) + 1
+        return loader(param, *args, **kwargs)
+
+    for name, spec in specs.items():
+        data = torch.empty(spec.shape, dtype=spec.dtype)
+        if name == "scales" and scheme.kind is SchemeKind.INT8_CHANNEL:
+            param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=counting_loader)
+        elif name == "qweight":
+            param = ModelWeightParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
+        else:
+            param = GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
+        param.nano_name = name
+        layer.register_parameter(name, param)
+
+
+def _check_loaded_and_prepare(layer: torch.nn.Module, scheme: Scheme, prefix: str, out_features: int,
+                              in_features: int, is_embedding: bool) -> None:
+    """Refuse a tensor the checkpoint did not provide, then repack for the kernel and free the stored copy."""
+    for name in layer.nano_param_names:
+        count = layer.nano_loads.get(name, 0)
+        if count < layer.nano_expected_loads:
+            raise NanoqError(
+                f"{prefix}: tensor '{name}' ({scheme.name}) was not found in the checkpoint "
+                f"(loaded {count} of {layer.nano_expected_loads} parts)"
+            )
+    stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
+    prepared = prepare_linear(stored, scheme, out_features, in_features, layer.nano_act_dtype,
+                              is_embedding=is_embedding, where=prefix)
+    for name in layer.nano_param_names:
+        delattr(layer, name)
+    for name, tensor in prepared.tensors.items():
+        layer.register_parameter(f"nano_{name}", torch.nn.Parameter(tensor, requires_grad=False))
+    layer.nano_prepared = prepared
 
 
 @register_weight_loader_v2_supported_method
@@ -109,47 +172,81 @@ class NanoLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]`."""
-        loader = extra_weight_attrs["weight_loader"]
         out_features, in_features = sum(output_partition_sizes), input_size_per_partition
         if self.scheme.kind is SchemeKind.INT_GROUP and in_features % self.scheme.group_size:
             raise NanoqError(
                 f"{self.prefix}: input features per tensor-parallel rank ({in_features} of {input_size}) must be a "
                 f"multiple of the group size {self.scheme.group_size}: use a smaller --tensor-parallel-size"
             )
-        specs = param_specs(self.scheme, out_features, in_features)
-        loaded: dict[str, int] = {}
-        layer.nano_loads = loaded
-        layer.nano_expected_loads = len(output_partition_sizes)
-        layer.nano_param_names = list(specs)
-
-        def counting_loader(param, *args, **kwargs):
-            loaded[param.nano_name] = loaded.get(param.nano_name, 0) + 1
-            return loader(param, *args, **kwargs)
-
-        for name, spec in specs.items():
-            data = torch.empty(spec.shape, dtype=spec.dtype)
-            if name == "scales" and self.scheme.kind is SchemeKind.INT8_CHANNEL:
-                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=counting_loader)
-            elif name == "qweight":
-                param = ModelWeightParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
-            else:
-                param = GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
-            param.nano_name = name
-            layer.register_parameter(name, param)
+        layer.nano_shape = (out_features, in_features)
+        _create_stored_params(layer, self.scheme, out_features, in_features, len(output_partition_sizes),
+                              extra_weight_attrs["weight_loader"], self.prefix, params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Refuse to serve with a tensor the checkpoint did not provide (vLLM does not check quantized models)."""
-        for name in layer.nano_param_names:
-            count = layer.nano_loads.get(name, 0)
-            if count < layer.nano_expected_loads:
-                raise NanoqError(
-                    f"{self.prefix}: tensor '{name}' ({self.scheme.name}) was not found in the checkpoint "
-                    f"(loaded {count} of {layer.nano_expected_loads} parts)"
-                )
+        _check_loaded_and_prepare(layer, self.scheme, self.prefix, *layer.nano_shape, is_embedding=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        tensors = {name: getattr(layer, name) for name in layer.nano_param_names}
-        return quantized_linear(x, tensors, self.scheme, bias)
+        return apply_linear(x, layer.nano_prepared, bias)
+
+
+class NanoEmbeddingMethod(QuantizeMethodBase):
+    """A quantized token embedding (`embedding`) or LM head (`apply`); `tied_to` names the embedding a tied
+    head shares, in which case the head holds no tensors of its own."""
+
+    def __init__(self, scheme: Scheme, prefix: str, tied_to: str | None = None) -> None:
+        self.scheme = scheme
+        self.prefix = prefix
+        self.tied_to = tied_to
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        """This rank's vocab slice `[V_rank (padded), H]`, stored like a linear with N = V_rank."""
+        if self.tied_to is not None:
+            return
+        out_features, in_features = sum(output_partition_sizes), input_size_per_partition
+        layer.nano_shape = (out_features, in_features)
+
+        def vocab_slice_loader(param, loaded: torch.Tensor) -> None:
+            # every stored tensor has the vocab on its last dim; rows past the real vocab stay zero
+            start = layer.shard_indices.org_vocab_start_index
+            size = layer.shard_indices.org_vocab_end_index - start
+            vocab_dim = param.data.dim() - 1
+            if loaded.shape[vocab_dim] < start + size:
+                raise NanoqError(f"{self.prefix}: tensor '{param.nano_name}' has {loaded.shape[vocab_dim]} vocab "
+                                 f"entries, the model needs {start + size}")
+            param.data.zero_()
+            param.data.narrow(vocab_dim, 0, size).copy_(loaded.narrow(vocab_dim, start, size))
+
+        _create_stored_params(layer, self.scheme, out_features, in_features, 1, vocab_slice_loader, self.prefix,
+                              params_dtype)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.tied_to is None:
+            _check_loaded_and_prepare(layer, self.scheme, self.prefix, *layer.nano_shape, is_embedding=True)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+        """Point a tied head at the embedding (its prepared tensors exist only after loading)."""
+        if not isinstance(getattr(embed_tokens, "quant_method", None), NanoEmbeddingMethod):
+            raise NanoqError(f"{self.prefix}: tied to '{self.tied_to}', which vLLM did not build as a nano embedding")
+        layer.nano_tied_to = [embed_tokens]  # a list, so the embedding is not registered as a submodule twice
+        return layer
+
+    def _prepared(self, layer: torch.nn.Module) -> PreparedLinear:
+        return layer.nano_tied_to[0].nano_prepared if self.tied_to is not None else layer.nano_prepared
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        return gather_embedding(input_, self._prepared(layer), layer.nano_act_dtype)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_linear(x, self._prepared(layer), bias)
 
 
 def register() -> None:

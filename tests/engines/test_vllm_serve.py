@@ -123,7 +123,8 @@ def test_serves_completions_and_chat_matching_transformers(checkpoint, launch, r
 @pytest.fixture(scope="module")
 def tiny_tp_model(smollm2_dir, tmp_path_factory) -> Path:
     """A Llama with 4 heads, hidden 256, intermediate 512 and SmolLM2's tokenizer: row-parallel halves keep
-    whole groups of 128 at TP=2. q/k/v stay float (a mixed-scheme checkpoint), the rest int4 g128."""
+    whole groups of 128 at TP=2. Mixed schemes: q/k/v float, the rest int4 g128, the embedding int8 with the
+    LM head tied over the quantized table."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny-tp")
@@ -139,7 +140,7 @@ def tiny_tp_model(smollm2_dir, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(smollm2_dir / name, root / "float" / name)
     recipe = root / "mixed.yaml"
-    recipe.write_text("default: int4g128\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n")
+    recipe.write_text("default: int4g128\nembeddings: int8\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n")
     quantize_checkpoint(root / "float", root / "nano", load_recipe(str(recipe)), progress=False)
     return root / "nano"
 
@@ -148,6 +149,7 @@ def test_tensor_parallel_2_matches_tp_1(tiny_tp_model, state_dir):
     config = json.loads((tiny_tp_model / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.self_attn.q_proj" not in config["modules"]
     assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
+    assert config["modules"]["model.embed_tokens"] == "int8" and config["tied_lm_head"] == "model.embed_tokens"
     with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano") as url:
         tp1 = [complete_ids(url, tiny_tp_model, prompt) for prompt in PROMPTS]
     with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as url:

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 import torch
+
+from conftest import build_tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import nanoq_plugin  # noqa: F401  (registers the transformers quantizer)
-from nanoq_plugin.engines.transformers import NanoLinear
+from nanoq_plugin.engines.transformers import NanoEmbedding, NanoLinear, NanoTiedHead
 from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
@@ -27,10 +29,12 @@ def dequantized_float_model(source_dir, nano_dir):
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
     checkpoint = load_nano_checkpoint(nano_dir)
     for module_name, scheme in checkpoint.quant_config.modules.items():
-        linear = model.get_submodule(module_name)
+        module = model.get_submodule(module_name)
         tensors = {name: checkpoint.tensors.get(f"{module_name}.{name}") for name in ("qweight", "scales", "zeros")
                    if f"{module_name}.{name}" in checkpoint.tensors}
-        linear.weight.data = dequantize(tensors, scheme, linear.out_features, linear.in_features)
+        module.weight.data = dequantize(tensors, scheme, *module.weight.shape)
+    if checkpoint.quant_config.tied_lm_head is not None:
+        model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
     return model.eval()
 
 
@@ -132,3 +136,44 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     # 32 more blocks = 512 MiB more weights: a pipeline that held them would grow by about that much;
     # allocator noise and the 16 MiB shard buffer move the peak by a few tens of MiB
     assert many - few < 8 * block_bytes, (few / 2**20, many / 2**20)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_qkv_fp16_with_int8_embeddings_and_head(tmp_path, tied):
+    source = build_tiny_model("llama", tmp_path / "src", tie_word_embeddings=tied)
+    out = tmp_path / "nano"
+    quantize_checkpoint(source, out, load_recipe("qkv-fp16"), progress=False)
+    checkpoint = load_nano_checkpoint(out)
+    modules = checkpoint.quant_config.modules
+    assert modules["model.embed_tokens"].name == "int8"
+    assert not any(m.endswith(("q_proj", "k_proj", "v_proj")) for m in modules)
+    if tied:
+        assert checkpoint.quant_config.tied_lm_head == "model.embed_tokens" and "lm_head" not in modules
+        assert "lm_head.weight" not in checkpoint.tensors and "lm_head.qweight" not in checkpoint.tensors
+    else:
+        assert modules["lm_head"].name == "int8" and checkpoint.quant_config.tied_lm_head is None
+
+    quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert isinstance(quantized.model.embed_tokens, NanoEmbedding)
+    assert isinstance(quantized.lm_head, NanoTiedHead if tied else NanoLinear)
+    assert quantized.model.embed_tokens.prepared.kernel == "cpu_int8pack"
+    table_bytes = sum(b.numel() * b.element_size() for b in quantized.model.embed_tokens.buffers())
+    assert table_bytes == 320 * 96 + 320 * 4  # int8 table and float32 scales: one copy, tied or not
+    reference = dequantized_float_model(source, out)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = quantized(ids).logits, reference(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_checkpoint_with_a_stored_head_is_refused(tmp_path):
+    source = build_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
+    out = tmp_path / "nano"
+    quantize_checkpoint(source, out, load_recipe("qkv-fp16"), progress=False)
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros(320, 96, dtype=torch.bfloat16)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(Exception, match=r"model.safetensors: 'lm_head.weight' is stored although config.json ties"):
+        load_nano_checkpoint(out)

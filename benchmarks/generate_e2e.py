@@ -1,0 +1,136 @@
+"""End-to-end decode speed and peak memory of transformers generation: bf16 vs nano w8 vs nano w4g128.
+
+    python benchmarks/generate_e2e.py                 # Llama-3-8B shapes, random weights, on the GPU
+    python benchmarks/generate_e2e.py --tiny --device cpu   # a smoke run of the same code on a small model
+
+No hub: the model is built from a LlamaConfig with random weights (seeded), each variant from the same
+seed. Quantized variants swap every decoder linear for a `NanoLinear` holding RTN-quantized tensors,
+repacked once for the device's kernel (Triton on CUDA). For batch sizes 1 and 16 it times a prefill-only
+call and a 128-new-token greedy generation (EOS ignored); decode tokens/s = batch x (new tokens - 1) /
+(generate time - prefill time). Peak memory is `torch.cuda.max_memory_allocated` during generation.
+Writes benchmarks/results/e2e-<device>.json with ratios to bf16 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nanoq_plugin.engines.transformers import NanoLinear
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.rtn import quantize_rtn
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024)
+VARIANTS = {"bf16": None, "w8": "int8", "w4g128": "int4g128"}
+
+
+def build_model(shape: dict, device: str, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def quantize_linears(model: LlamaForCausalLM, scheme_name: str) -> None:
+    """Swap every decoder-block nn.Linear for a prepared NanoLinear (RTN), freeing the bf16 weight."""
+    scheme = parse_scheme(scheme_name)
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, nn.Linear):
+                continue
+            parent = layer.get_submodule(name.rpartition(".")[0])
+            with torch.device(linear.weight.device):
+                nano = NanoLinear(linear.in_features, linear.out_features, scheme, False, torch.bfloat16)
+            for part, tensor in quantize_rtn(linear.weight.data.float(), scheme).items():
+                getattr(nano, part).data = tensor
+            nano.prepare(name)
+            setattr(parent, name.rpartition(".")[2], nano)
+            del linear
+    gc.collect()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generation(model, batch: int, prompt_len: int, new_tokens: int, device: str) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, **kwargs | {"min_new_tokens": 4})  # warm-up (kernels tuned, caches)
+        synchronize(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs | {"min_new_tokens": 1})
+        synchronize(device)
+        prefill = time.perf_counter() - start
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
+        synchronize(device)
+        total = time.perf_counter() - start
+    generated = out.shape[1] - prompt_len
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": generated, "prefill_s": prefill, "generate_s": total,
+        "decode_tokens_per_s": batch * (generated - 1) / max(total - prefill, 1e-9),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="a small Llama instead of Llama-3-8B shapes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shape = TINY if args.tiny else LLAMA3_8B
+    device_label = torch.cuda.get_device_name().replace(" ", "-") if args.device == "cuda" else "cpu"
+    results = {"device": device_label, "model": "tiny llama" if args.tiny else "Llama-3-8B shapes (random weights)",
+               "torch": torch.__version__, "variants": {}}
+    for variant, scheme in VARIANTS.items():
+        model = build_model(shape, args.device, seed=0)
+        if scheme is not None:
+            quantize_linears(model, scheme)
+        weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        runs = [time_generation(model, b, args.prompt_len, args.new_tokens, args.device) for b in args.batches]
+        results["variants"][variant] = {"weight_gib": weight_bytes / 2**30, "runs": runs}
+        for run in runs:
+            print(f"{variant:7s} batch {run['batch']:3d}: {run['decode_tokens_per_s']:9.1f} decode tok/s, "
+                  f"peak {run['peak_memory_gib'] or 0:.2f} GiB, weights {weight_bytes / 2**30:.2f} GiB", flush=True)
+        del model
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    base = results["variants"]["bf16"]["runs"]
+    for variant, data in results["variants"].items():
+        for run, ref in zip(data["runs"], base):
+            run["decode_speedup_vs_bf16"] = run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            if run["peak_memory_gib"] is not None:
+                run["peak_memory_ratio_vs_bf16"] = run["peak_memory_gib"] / ref["peak_memory_gib"]
+    out = Path(args.out or REPO / "benchmarks/results" / f"e2e-{device_label}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Quantized GEMM kernels against the bf16 matmul baseline, measured side by side in one run.
+
+    python benchmarks/kernels.py --device cuda      # fused Triton kernels vs cuBLAS bf16 (and our int8)
+    python benchmarks/kernels.py --device cpu       # PyTorch weight-only CPU kernels after our repack
+
+For each scheme, M (tokens) and weight shape (K, N) it times `kernels.ops.apply_linear` on a prepared
+layer (the path vLLM and transformers run) and `torch.matmul` on the bf16 weight: medians of CUDA-event
+(GPU) or wall-clock (CPU) timings. It prints speed-up ratios (baseline time / ours) and achieved GB/s of
+the weight stream against a measured device copy bandwidth, checks each kernel once against the
+reference, and writes benchmarks/results/kernels-<device>.json. A benchmark, not a test: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nanoq_plugin.format.layout import param_specs, stored_bytes
+from nanoq_plugin.format.reference import dequantize
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
+from nanoq_plugin.quantizers.rtn import quantize_rtn
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_M = (1, 4, 16, 64, 256, 2048)
+GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (2048, 6144))
+CPU_M = (1, 4, 16, 64, 256)
+CPU_SHAPES = ((2048, 2048), (2048, 6144), (4096, 4096))
+SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def median_ms(fn, device: str, repeats: int) -> float:
+    """Median time of `fn()` in milliseconds after a warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Device memory copy bandwidth (read + write bytes per second), GB/s."""
+    size = 2**30 if device == "cuda" else 2**28
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, 10)
+    return 2 * size / (ms * 1e-3) / 1e9
+
+
+def quantized_layer(scheme_name: str, n: int, k: int, device: str):
+    """Stored tensors of a random `[n, k]` weight (RTN on the device) and its bf16 dequantized weight."""
+    scheme = parse_scheme(scheme_name)
+    weight = torch.randn(n, k, device=device) * 0.02
+    tensors = quantize_rtn(weight, scheme)
+    return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}: a smoke run")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = args.device
+    on_gpu = device == "cuda"
+    m_values = GPU_M if on_gpu else CPU_M
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    if args.quick:
+        m_values, shapes = (1, 16), shapes[:1]
+    repeats = args.repeats or (50 if on_gpu else 7)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbs(device)
+    print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}")
+    rows = []
+    for k, n in shapes:
+        layers = {s: quantized_layer(s, n, k, device) for s in args.schemes}
+        dense = layers[args.schemes[0]][2]
+        for m in m_values:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            base_ms = median_ms(lambda: torch.matmul(x, dense.t()), device, repeats)
+            row = {"M": m, "K": k, "N": n, "bf16_matmul_ms": base_ms, "kernels": {}}
+            for scheme_name, (scheme, tensors, reference) in layers.items():
+                prepared = prepare_linear(tensors, scheme, n, k, torch.bfloat16, device)
+                out = apply_linear(x, prepared)
+                ref = x.float() @ reference.float().t()
+                rel_error = (torch.linalg.norm(out.float() - ref) / torch.linalg.norm(ref)).item()
+                ms = median_ms(lambda: apply_linear(x, prepared), device, repeats)
+                weight_bytes = stored_bytes(param_specs(scheme, n, k))
+                row["kernels"][scheme_name] = {
+                    "kernel": prepared.kernel, "ms": ms, "speedup_vs_bf16": base_ms / ms,
+                    "weight_gbs": weight_bytes / (ms * 1e-3) / 1e9,
+                    "weight_bandwidth_fraction": weight_bytes / (ms * 1e-3) / 1e9 / bandwidth,
+                    "rel_error_vs_reference": rel_error,
+                }
+            if "int8" in row["kernels"]:
+                int8_ms = row["kernels"]["int8"]["ms"]
+                for entry in row["kernels"].values():
+                    entry["speedup_vs_our_int8"] = int8_ms / entry["ms"]
+            rows.append(row)
+            cells = "  ".join(f"{s} {e['speedup_vs_bf16']:.2f}x ({e['kernel']}, {e['weight_gbs']:.0f} GB/s)"
+                              for s, e in row["kernels"].items())
+            print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 {base_ms:8.3f} ms  {cells}", flush=True)
+    result = {
+        "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
+        "threads": torch.get_num_threads(), "repeats": repeats, "baseline": "torch.matmul bfloat16",
+        "rows": rows,
+    }
+    out = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
