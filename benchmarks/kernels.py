@@ -1,4 +1,5 @@
-"""Quantized GEMM kernels against the bf16 matmul baseline, measured side by side in one run.
+"""Quantized GEMM kernels against the bf16 matmul baseline (`F.linear` on an `[N, K]` weight, as nn.Linear
+runs it: cuBLAS on a GPU, oneDNN/MKL on the CPU), measured side by side in one run.
 
     python benchmarks/kernels.py --device cuda      # fused Triton kernels vs cuBLAS bf16 (and our int8)
     python benchmarks/kernels.py --device cpu       # PyTorch weight-only CPU kernels after our repack
@@ -74,7 +75,7 @@ def quantized_layer(scheme_name: str, n: int, k: int, device: str):
     scheme = parse_scheme(scheme_name)
     weight = torch.randn(n, k, device=device) * 0.02
     tensors = quantize_rtn(weight, scheme)
-    return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16)
+    return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16).contiguous()
 
 
 def main() -> None:
@@ -94,14 +95,14 @@ def main() -> None:
     repeats = args.repeats or (50 if on_gpu else 7)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device)
-    print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}")
+    print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}", flush=True)
     rows = []
     for k, n in shapes:
         layers = {s: quantized_layer(s, n, k, device) for s in args.schemes}
         dense = layers[args.schemes[0]][2]
         for m in m_values:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            base_ms = median_ms(lambda: torch.matmul(x, dense.t()), device, repeats)
+            base_ms = median_ms(lambda: torch.nn.functional.linear(x, dense), device, repeats)
             row = {"M": m, "K": k, "N": n, "bf16_matmul_ms": base_ms, "kernels": {}}
             for scheme_name, (scheme, tensors, reference) in layers.items():
                 prepared = prepare_linear(tensors, scheme, n, k, torch.bfloat16, device)
@@ -126,7 +127,7 @@ def main() -> None:
             print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 {base_ms:8.3f} ms  {cells}", flush=True)
     result = {
         "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
-        "threads": torch.get_num_threads(), "repeats": repeats, "baseline": "torch.matmul bfloat16",
+        "threads": torch.get_num_threads(), "repeats": repeats, "baseline": "F.linear bfloat16, weight [N, K] contiguous",
         "rows": rows,
     }
     out = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")

@@ -12,6 +12,7 @@ int8 / int4 weight-only kernels on the CPU, Triton on CUDA) and the stored copie
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -249,10 +250,28 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
         return apply_linear(x, self._prepared(layer), bias)
 
 
+def _report_nanoq_errors_in_one_line() -> None:
+    """Print a NanoqError that ends the process (e.g. a bad checkpoint found at start-up) as one line
+    instead of vLLM's stack; every other exception goes to the previous hook unchanged."""
+    previous = sys.excepthook
+    if getattr(previous, "nanoq_one_line", False):
+        return
+
+    def hook(exc_type, exc, traceback):
+        if issubclass(exc_type, NanoqError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, traceback)
+
+    hook.nanoq_one_line = True
+    sys.excepthook = hook
+
+
 def register() -> None:
     """Entry point for `vllm.general_plugins`: register `nano` (idempotent)."""
     from vllm.model_executor.layers.quantization import get_quantization_config
 
+    _report_nanoq_errors_in_one_line()
     try:
         if get_quantization_config(QUANT_METHOD) is NanoVllmConfig:
             return
