@@ -6,8 +6,8 @@
 No hub: the model is built from a LlamaConfig with random weights (seeded), each variant from the same
 seed. Quantized variants swap every decoder linear for a `NanoLinear` holding RTN-quantized tensors,
 repacked once for the device's kernel (Triton on CUDA). For batch sizes 1 and 16 it times a prefill-only
-call and a 128-new-token greedy generation (EOS ignored); decode tokens/s = batch x (new tokens - 1) /
-(generate time - prefill time). Peak memory is `torch.cuda.max_memory_allocated` during generation.
+call and a 128-new-token greedy generation (EOS ignored), medians of 3; decode tokens/s =
+batch x (new tokens - 1) / (generate time - prefill time). Peak memory is `torch.cuda.max_memory_allocated` during generation.
 Writes benchmarks/results/e2e-<device>.json with ratios to bf16 measured in the same run.
 """
 
@@ -69,26 +69,35 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generation(model, batch: int, prompt_len: int, new_tokens: int, device: str) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, **kwargs | {"min_new_tokens": 4})  # warm-up (kernels tuned, caches)
+def _median_seconds(fn, device: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kwargs | {"min_new_tokens": 1})
+        fn()
         synchronize(device)
-        prefill = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def time_generation(model, batch: int, prompt_len: int, new_tokens: int, device: str, repeats: int = 3) -> dict:
+    """Median prefill-only and full-generation times; decode tokens/s from their difference."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+
+    def generate(tokens: int):
+        return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        generate(4)  # warm-up: kernels tuned, caches allocated
+        prefill = _median_seconds(lambda: generate(1), device, repeats)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-        synchronize(device)
-        total = time.perf_counter() - start
-    generated = out.shape[1] - prompt_len
+        total = _median_seconds(lambda: generate(new_tokens), device, repeats)
+        generated = generate(new_tokens).shape[1] - prompt_len
+    decode = total - prefill
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": generated, "prefill_s": prefill, "generate_s": total,
-        "decode_tokens_per_s": batch * (generated - 1) / max(total - prefill, 1e-9),
+        "decode_tokens_per_s": batch * (generated - 1) / decode if decode > 0 else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
 
@@ -114,7 +123,7 @@ def main() -> None:
         runs = [time_generation(model, b, args.prompt_len, args.new_tokens, args.device) for b in args.batches]
         results["variants"][variant] = {"weight_gib": weight_bytes / 2**30, "runs": runs}
         for run in runs:
-            print(f"{variant:7s} batch {run['batch']:3d}: {run['decode_tokens_per_s']:9.1f} decode tok/s, "
+            print(f"{variant:7s} batch {run['batch']:3d}: {run['decode_tokens_per_s'] or float('nan'):9.1f} decode tok/s, "
                   f"peak {run['peak_memory_gib'] or 0:.2f} GiB, weights {weight_bytes / 2**30:.2f} GiB", flush=True)
         del model
         gc.collect()
@@ -123,7 +132,8 @@ def main() -> None:
     base = results["variants"]["bf16"]["runs"]
     for variant, data in results["variants"].items():
         for run, ref in zip(data["runs"], base):
-            run["decode_speedup_vs_bf16"] = run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            if run["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
+                run["decode_speedup_vs_bf16"] = run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
             if run["peak_memory_gib"] is not None:
                 run["peak_memory_ratio_vs_bf16"] = run["peak_memory_gib"] / ref["peak_memory_gib"]
     out = Path(args.out or REPO / "benchmarks/results" / f"e2e-{device_label}.json")

@@ -44,6 +44,12 @@ def tiny_model(request, tmp_path) -> Path:
 
 
 @pytest.fixture
+def make_tiny_model():
+    """`build_tiny_model` for tests that need other settings (e.g. tied embeddings)."""
+    return build_tiny_model
+
+
+@pytest.fixture
 def tiny_llama(tmp_path) -> Path:
     return build_tiny_model("llama", tmp_path / "tiny-llama")
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -139,8 +138,8 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_qkv_fp16_with_int8_embeddings_and_head(tmp_path, tied):
-    source = build_tiny_model("llama", tmp_path / "src", tie_word_embeddings=tied)
+def test_qkv_fp16_with_int8_embeddings_and_head(tmp_path, tied, make_tiny_model):
+    source = make_tiny_model("llama", tmp_path / "src", tie_word_embeddings=tied)
     out = tmp_path / "nano"
     quantize_checkpoint(source, out, load_recipe("qkv-fp16"), progress=False)
     checkpoint = load_nano_checkpoint(out)
@@ -166,8 +165,8 @@ def test_qkv_fp16_with_int8_embeddings_and_head(tmp_path, tied):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_tied_checkpoint_with_a_stored_head_is_refused(tmp_path):
-    source = build_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
+def test_tied_checkpoint_with_a_stored_head_is_refused(tmp_path, make_tiny_model):
+    source = make_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
     out = tmp_path / "nano"
     quantize_checkpoint(source, out, load_recipe("qkv-fp16"), progress=False)
     from safetensors.torch import load_file
