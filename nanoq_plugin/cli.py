@@ -48,15 +48,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantizers.pipeline import quantize_checkpoint
     from .quantizers.recipe import load_recipe
 
+    from .quantizers.gptq import GptqSettings
+
     recipe = load_recipe(args.recipe)
+    if args.method:
+        recipe = recipe.with_method(args.method)
     result = quantize_checkpoint(
         args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
-        max_shard_bytes=args.max_shard_mb * 2**20,
+        max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
+        gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order),
     )
     print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
     print("\n".join(_scheme_table(result.manifest)))
     _print_totals(result.manifest["totals"])
-    if args.calib:
+    if args.calib and recipe.method == "rtn":
         print(f"note: {recipe.method} uses no calibration data; {args.calib} was not read")
     print(f"time {result.seconds:.1f} s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
     return 0
@@ -117,7 +122,7 @@ def cmd_example_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantizers.recipe import PRESETS
+    from .quantizers.recipe import METHODS, PRESETS
 
     parser = argparse.ArgumentParser(prog="nanoq", description="LLM weight quantization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="source Hugging Face model folder (safetensors)")
     q.add_argument("out", help="output folder (must not exist or be empty)")
     q.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML recipe file")
-    q.add_argument("--calib", help="calibration text file (for calibrated methods; RTN does not read it)")
+    q.add_argument("--method", choices=list(METHODS), help="algorithm, overriding the recipe's (default: rtn)")
+    q.add_argument("--calib", help="calibration text file (gptq needs one; RTN does not read it)")
+    q.add_argument("--calib-windows", type=int, default=64, help="calibration windows (gptq)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (gptq)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
+    q.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
     q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

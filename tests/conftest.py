@@ -16,13 +16,13 @@ TINY_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torch.bfloat16, seed: int = 0,
-                     tie_word_embeddings: bool = False) -> Path:
+                     tie_word_embeddings: bool = False, vocab_size: int = 320) -> Path:
     """Save a tiny random-weight model of `arch` (hidden 96 so that group size 128 must fall back to 32)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(
         hidden_size=96, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=320, max_position_embeddings=128,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
         tie_word_embeddings=tie_word_embeddings,
     )
     config_cls, model_cls = {

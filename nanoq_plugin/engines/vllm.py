@@ -33,9 +33,9 @@ from vllm.model_executor.parameter import (
 )
 
 from ..errors import NanoqError
-from ..format.layout import param_specs
+from .common import LoadCounter, ParamRole, fused_scheme, layer_params
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
-from ..format.schemes import Scheme, SchemeKind
+from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
 from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding, prepare_linear
 
@@ -78,14 +78,7 @@ class NanoVllmConfig(QuantizationConfig):
 
     def _scheme_of(self, prefix: str) -> Scheme | None:
         """Scheme of a vLLM module: fused modules (qkv_proj, gate_up_proj) expand to their checkpoint parts."""
-        stem, _, name = prefix.rpartition(".")
-        parts = [f"{stem}.{p}" if stem else p for p in self.packed_modules_mapping.get(name, [name])]
-        schemes = {self.quant_config.scheme_of(part) for part in parts}
-        if len(schemes) > 1:
-            found = ", ".join(f"{p}={(s.name if s else 'float')}" for p, s in
-                              ((p, self.quant_config.scheme_of(p)) for p in parts))
-            raise NanoqError(f"config.json: {prefix} is fused by vLLM but its parts use different schemes ({found})")
-        return schemes.pop()
+        return fused_scheme(self.quant_config, prefix, self.packed_modules_mapping, "vLLM")
 
     def _embedding_module(self) -> str | None:
         """The checkpoint name of the quantized token embedding (vLLM's Llama builds it without a prefix)."""
@@ -108,42 +101,32 @@ class NanoVllmConfig(QuantizationConfig):
         return None
 
 
+_PARAM_CLASS = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter}
+
+
 def _create_stored_params(layer: torch.nn.Module, scheme: Scheme, out_features: int, in_features: int,
-                          expected_loads: int, loader, prefix: str, params_dtype: torch.dtype) -> None:
+                          input_size: int, expected_loads: int, loader, prefix: str, params_dtype: torch.dtype) -> None:
     """Register the stored tensors of `scheme` for `[out_features, in_features]` as vLLM parameters whose
     loader counts what the checkpoint provides (vLLM does not report missing tensors of quantized models)."""
-    specs = param_specs(scheme, out_features, in_features)
-    layer.nano_loads = {}
-    layer.nano_expected_loads = expected_loads
-    layer.nano_param_names = list(specs)
+    params = layer_params(scheme, prefix, out_features, in_features, input_size)
+    layer.nano_counter = LoadCounter(prefix, scheme, [p.name for p in params], expected_loads)
+    layer.nano_param_names = [p.name for p in params]
     layer.nano_act_dtype = params_dtype
-
-    def counting_loader(param, *args, **kwargs):
-        layer.nano_loads[param.nano_name] = layer.nano_loads.get(param.nano_name, 0) + 1
-        return loader(param, *args, **kwargs)
-
-    for name, spec in specs.items():
-        data = torch.empty(spec.shape, dtype=spec.dtype)
-        if name == "scales" and scheme.kind is SchemeKind.INT8_CHANNEL:
+    for entry in params:
+        data = torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
+        counting_loader = layer.nano_counter.wrap(entry.name, loader)
+        if entry.role is ParamRole.CHANNEL_SCALE:
             param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=counting_loader)
-        elif name == "qweight":
-            param = ModelWeightParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
         else:
-            param = GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
-        param.nano_name = name
-        layer.register_parameter(name, param)
+            param = _PARAM_CLASS[entry.role](data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
+        param.nano_name = entry.name
+        layer.register_parameter(entry.name, param)
 
 
 def _check_loaded_and_prepare(layer: torch.nn.Module, scheme: Scheme, prefix: str, out_features: int,
                               in_features: int, is_embedding: bool) -> None:
     """Refuse a tensor the checkpoint did not provide, then repack for the kernel and free the stored copy."""
-    for name in layer.nano_param_names:
-        count = layer.nano_loads.get(name, 0)
-        if count < layer.nano_expected_loads:
-            raise NanoqError(
-                f"{prefix}: tensor '{name}' ({scheme.name}) was not found in the checkpoint "
-                f"(loaded {count} of {layer.nano_expected_loads} parts)"
-            )
+    layer.nano_counter.check()
     stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
     prepared = prepare_linear(stored, scheme, out_features, in_features, layer.nano_act_dtype,
                               is_embedding=is_embedding, where=prefix)
@@ -174,13 +157,8 @@ class NanoLinearMethod(LinearMethodBase):
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]`."""
         out_features, in_features = sum(output_partition_sizes), input_size_per_partition
-        if self.scheme.kind is SchemeKind.INT_GROUP and in_features % self.scheme.group_size:
-            raise NanoqError(
-                f"{self.prefix}: input features per tensor-parallel rank ({in_features} of {input_size}) must be a "
-                f"multiple of the group size {self.scheme.group_size}: use a smaller --tensor-parallel-size"
-            )
         layer.nano_shape = (out_features, in_features)
-        _create_stored_params(layer, self.scheme, out_features, in_features, len(output_partition_sizes),
+        _create_stored_params(layer, self.scheme, out_features, in_features, input_size, len(output_partition_sizes),
                               extra_weight_attrs["weight_loader"], self.prefix, params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -226,8 +204,8 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
             param.data.zero_()
             param.data.narrow(vocab_dim, 0, size).copy_(loaded.narrow(vocab_dim, start, size))
 
-        _create_stored_params(layer, self.scheme, out_features, in_features, 1, vocab_slice_loader, self.prefix,
-                              params_dtype)
+        _create_stored_params(layer, self.scheme, out_features, in_features, input_size, 1, vocab_slice_loader,
+                              self.prefix, params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.tied_to is None:

@@ -25,6 +25,9 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme
 from .architectures import Architecture, architecture_for
 from .recipe import Plan, Recipe, resolve_plan
+from .block_runner import BlockRunner
+from .calibration import calibration_windows
+from .gptq import GptqSettings, HessianAccumulator, gptq_quantize
 from .rtn import quantize_rtn
 
 
@@ -86,30 +89,61 @@ def _versions() -> dict:
 
 
 def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, device: torch.device):
+    """RTN: stored tensors and the manifest record of one module."""
     source = weight.to(device=device, dtype=torch.float32)
     tensors = quantize_rtn(source, scheme)
-    restored = dequantize(tensors, scheme, *source.shape)
-    rel_error = (torch.linalg.norm(restored - source) / torch.linalg.norm(source).clamp_min(1e-30)).item()
-    specs = param_specs(scheme, *source.shape)
-    record = ModuleRecord(
-        scheme=scheme,
-        requested_scheme=requested,
-        shape=tuple(source.shape),
-        source_dtype=weight.dtype,
-        stored_bytes=stored_bytes(specs),
-        rel_error=rel_error,
-        tensors=specs,
-    )
-    return tensors, record
+    return tensors, _module_record(weight.to(device), tensors, scheme, requested)
 
 
-def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None) -> dict:
+def _module_record(source_weight: torch.Tensor, tensors: dict, scheme: Scheme, requested: Scheme) -> ModuleRecord:
+    original = source_weight.to(torch.float32)
+    restored = dequantize(tensors, scheme, *original.shape).to(original.device)
+    rel_error = (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item()
+    specs = param_specs(scheme, *original.shape)
+    return ModuleRecord(scheme=scheme, requested_scheme=requested, shape=tuple(original.shape),
+                        source_dtype=source_weight.dtype, stored_bytes=stored_bytes(specs), rel_error=rel_error,
+                        tensors=specs)
+
+
+def _gptq_block(runner: BlockRunner, arch: Architecture, plan: Plan, index: int, tensors: dict[str, torch.Tensor],
+                hidden: torch.Tensor, settings: GptqSettings) -> tuple[dict, torch.Tensor]:
+    """GPTQ the planned linears of block `index`, group by group (true sequential); returns
+    module -> (stored tensors, record) and the block's output computed with its quantized weights."""
+    block = runner.build(index, tensors, arch.block_prefix)
+    results = {}
+    for group in arch.sequential_groups:
+        modules = {f"{arch.block_prefix}.{index}.{name}": name for name in group}
+        planned = {m: plan.modules[m] for m in modules if m in plan.modules and plan.modules[m].scheme.is_quantized}
+        if not planned:
+            continue
+        hessians = {m: HessianAccumulator(block.get_submodule(modules[m]).in_features, runner.device) for m in planned}
+        hooks = [block.get_submodule(modules[m]).register_forward_hook(
+            lambda _mod, args, _out, acc=hessians[m]: acc.add(args[0])) for m in planned]
+        runner.forward(block, hidden)
+        for hook in hooks:
+            hook.remove()
+        for module, entry in planned.items():
+            linear = block.get_submodule(modules[module])
+            stored = gptq_quantize(linear.weight.data, hessians[module].hessian, entry.scheme, settings, where=module)
+            results[module] = (stored, _module_record(tensors[f"{module}.weight"], stored, entry.scheme, entry.requested))
+            linear.weight.data = dequantize(stored, entry.scheme, *linear.weight.shape).to(runner.device)
+        del hessians
+    return results, runner.forward(block, hidden)
+
+
+def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None, calib_info: dict | None) -> dict:
+    if calib_info is not None:
+        calibration_entry = {"file": str(Path(calibration).resolve()), "used": True, **calib_info}
+    elif calibration:
+        calibration_entry = {"file": str(Path(calibration).resolve()), "used": False,
+                             "note": f"{recipe.method} uses no calibration data"}
+    else:
+        calibration_entry = None
     provenance = {
         "source": str(source.directory.resolve()),
         "source_model": source.config.get("_name_or_path") or source.directory.name,
         "recipe": recipe.to_dict(),
-        "calibration": {"file": str(Path(calibration).resolve()), "used": False,
-                        "note": f"{recipe.method} uses no calibration data"} if calibration else None,
+        "calibration": calibration_entry,
         "seed": 0,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -130,6 +164,9 @@ def quantize_checkpoint(
     calibration: str | None = None,
     progress: bool = True,
     max_shard_bytes: int = 512 * 2**20,
+    calib_windows: int = 64,
+    calib_seq_len: int = 512,
+    gptq: GptqSettings = GptqSettings(),
 ) -> QuantizeResult:
     """Quantize the Hugging Face checkpoint in `source_dir` with `recipe` into `output_dir`.
 
@@ -149,6 +186,8 @@ def quantize_checkpoint(
         raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
     if calibration is not None and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
+    if recipe.method == "gptq" and calibration is None:
+        raise NanoqError("method gptq needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")
     tables = {m: tuple(source.shape(f"{m}.weight")) for m in (arch.embedding, arch.lm_head) if f"{m}.weight" in source}
     tied = bool(source.config.get("tie_word_embeddings", False))
     plan: Plan = resolve_plan(recipe, arch, _block_linear_shapes(source, arch, num_layers), tables, tied)
@@ -164,9 +203,10 @@ def quantize_checkpoint(
     float_specs: dict[str, TensorSpec] = {}
     with CheckpointWriter(output_dir, max_shard_bytes=max_shard_bytes) as writer:
 
-        def write(names: list[str]) -> None:
-            """Quantize the planned modules among `names`, copy the rest in their stored dtype."""
-            for name, tensor in source.items(names):
+        def write(tensors: dict[str, torch.Tensor], done: dict | None = None) -> None:
+            """Store the planned modules among `tensors` quantized (RTN unless `done` holds them already),
+            the rest in their stored dtype."""
+            for name, tensor in tensors.items():
                 if plan.tied_lm_head is not None and name == f"{arch.lm_head}.weight":
                     continue  # the head is the quantized embedding table
                 module = name.removesuffix(".weight")
@@ -175,22 +215,43 @@ def quantize_checkpoint(
                     writer.add(name, tensor)
                     float_specs[name] = TensorSpec(tuple(tensor.shape), tensor.dtype)
                     continue
-                tensors, record = _quantize_module(tensor, planned.scheme, planned.requested, torch_device)
-                for part, value in tensors.items():
-                    writer.add(f"{module}.{part}", value)
+                if done and module in done:
+                    quantized, record = done[module]
+                else:
+                    quantized, record = _quantize_module(tensor, planned.scheme, planned.requested, torch_device)
+                for part, value in quantized.items():
+                    writer.add(f"{module}.{part}", value.cpu())
                 records[module] = record
 
-        write(by_block.get(None, []))
-        bar = tqdm(range(num_layers), desc="quantize", unit="block", disable=not progress)
+        outside = dict(source.items(by_block.get(None, [])))
+        hidden = runner = calib_info = None
+        if recipe.method == "gptq":
+            ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
+            calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
+                          "act_order": gptq.act_order, "static_groups": True, "true_sequential": True}
+            runner = BlockRunner(source.config, torch_device)
+            hidden = outside[f"{arch.embedding}.weight"].to(device=torch_device, dtype=torch.float32)[ids.to(torch_device)]
+        write(outside)
+        del outside
+        bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
         for index in bar:
-            write(by_block.get(index, []))
+            block_tensors = dict(source.items(by_block.get(index, [])))
+            done = None
+            if runner is not None:
+                block_start = time.perf_counter()
+                done, hidden = _gptq_block(runner, arch, plan, index, block_tensors, hidden, gptq)
+                bar.set_postfix(block_s=f"{time.perf_counter() - block_start:.1f}",
+                                peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
+            write(block_tensors, done)
+            del block_tensors, done
             release_freed_memory()
-            bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
+            if runner is None:
+                bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
 
         quant_config = NanoQuantConfig(modules=plan.quantized(), tied_lm_head=plan.tied_lm_head)
         config = dict(source.config)
         config["quantization_config"] = quant_config.to_dict()
-        provenance = _provenance(source, recipe, calibration)
+        provenance = _provenance(source, recipe, calibration, calib_info)
         manifest = build_manifest(records, float_specs, provenance)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)

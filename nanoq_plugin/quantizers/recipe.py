@@ -2,7 +2,7 @@
 
 YAML recipe file:
 
-    method: rtn                    # the algorithm (rtn in this release)
+    method: rtn                    # rtn, or gptq (needs --calib)
     default: int4g128              # scheme of every block linear no rule matches
     group_size_fallback: false     # true: a group size that does not divide K falls back to 64, then 32
     rules:                         # first match wins; regexes are searched in the module name
@@ -21,7 +21,7 @@ Presets group-size fall back; a file pins its group sizes unless it says `group_
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -31,7 +31,7 @@ from ..format.layout import check_shape_fits
 from ..format.schemes import ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class Recipe:
     method: str = "rtn"
     embeddings: Scheme = FLOAT
     lm_head: Scheme = FLOAT
+
+    def with_method(self, method: str) -> "Recipe":
+        """The same recipe quantized by another algorithm (`METHODS`)."""
+        if method not in METHODS:
+            raise NanoqError(f"method {method!r} is not available (available: {', '.join(METHODS)})")
+        return replace(self, method=method)
 
     def requested_scheme(self, module: str) -> Scheme:
         """The scheme the recipe asks for `module` (before any group-size fallback)."""

@@ -1,0 +1,114 @@
+"""What the serving-engine adapters (vLLM, SGLang) share: the scheme of a fused engine module, the role
+of each stored tensor for the engine's sharding parameter classes, and the check that every stored
+tensor of a quantized layer was loaded.
+
+Roles (docs/FORMAT.md, "Tensor-parallel sharding"), for a linear of `N` outputs and `K` inputs:
+
+| tensor                   | shape                     | role          | input dim | output dim |
+|--------------------------|---------------------------|---------------|-----------|------------|
+| qweight (int_group/int8) | `[K*b/32, N]` / `[K, N]`  | WEIGHT        | 0         | 1          |
+| scales, zeros (group)    | `[K/G, N]`                | GROUP_SCALE   | 0         | 1          |
+| scales (int8)            | `[N]`                     | CHANNEL_SCALE | replicated| 0          |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import NanoqError
+from ..format.layout import TensorSpec, check_shape_fits, param_specs
+from ..format.quant_config import NanoQuantConfig
+from ..format.schemes import Scheme, SchemeKind
+
+
+class ParamRole(str, Enum):
+    """How an engine shards one stored tensor (table in the module docstring)."""
+
+    WEIGHT = "weight"
+    GROUP_SCALE = "group_scale"
+    CHANNEL_SCALE = "channel_scale"
+
+
+@dataclass(frozen=True)
+class LayerParam:
+    """One tensor to register on an engine layer: its name (`qweight`, `scales`, `zeros`), spec and role."""
+
+    name: str
+    spec: TensorSpec
+    role: ParamRole
+
+
+def fused_parts(prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]]) -> list[str]:
+    """Checkpoint module names behind engine module `prefix`: `...qkv_proj` -> `...q_proj`, `...k_proj`, `...v_proj`."""
+    stem, _, name = prefix.rpartition(".")
+    parts = packed_modules_mapping.get(name)
+    if not isinstance(parts, (list, tuple)):  # not fused (or a nested per-submodel mapping)
+        parts = [name]
+    return [f"{stem}.{part}" if stem else part for part in parts]
+
+
+def fused_scheme(
+    config: NanoQuantConfig, prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]], engine: str
+) -> Scheme | None:
+    """The one scheme of engine module `prefix` (None = float); NanoqError if its fused parts disagree."""
+    parts = fused_parts(prefix, packed_modules_mapping)
+    schemes = [config.scheme_of(part) for part in parts]
+    if len(set(schemes)) > 1:
+        found = ", ".join(f"{part}={scheme.name if scheme else 'float'}" for part, scheme in zip(parts, schemes))
+        raise NanoqError(f"config.json: {prefix} is fused by {engine} but its parts use different schemes ({found})")
+    return schemes[0]
+
+
+def layer_params(scheme: Scheme, prefix: str, out_features: int, in_features: int, input_size: int) -> list[LayerParam]:
+    """The tensors of one rank's `[out_features, in_features]` slice of a linear whose full input dim is `input_size`.
+
+    Raises NanoqError naming `prefix` when a tensor-parallel split of the input dim cuts a group.
+    """
+    if scheme.kind is SchemeKind.INT_GROUP and in_features != input_size and in_features % scheme.group_size:
+        raise NanoqError(
+            f"{prefix}: input features per tensor-parallel rank ({in_features} of {input_size}) must be a multiple "
+            f"of the group size {scheme.group_size}: use a smaller tensor-parallel size"
+        )
+    check_shape_fits(scheme, out_features, in_features, prefix)
+    params = []
+    for name, spec in param_specs(scheme, out_features, in_features).items():
+        if name == "qweight":
+            role = ParamRole.WEIGHT
+        elif name == "scales" and scheme.kind is SchemeKind.INT8_CHANNEL:
+            role = ParamRole.CHANNEL_SCALE
+        else:
+            role = ParamRole.GROUP_SCALE
+        params.append(LayerParam(name, spec, role))
+    return params
+
+
+class LoadCounter:
+    """Counts the engine's weight-loader calls per tensor of one quantized layer.
+
+    A fused layer expects one call per part (3 for qkv, 2 for gate/up). Engines do not check that a
+    quantized layer got all its tensors; `check` does, after loading.
+    """
+
+    def __init__(self, prefix: str, scheme: Scheme, names: Sequence[str], parts: int) -> None:
+        self.prefix, self.scheme, self.parts = prefix, scheme, parts
+        self.counts = {name: 0 for name in names}
+
+    def wrap(self, name: str, loader: Callable) -> Callable:
+        """`loader` that also counts a call for tensor `name`."""
+
+        def counting_loader(param, *args, **kwargs):
+            self.counts[name] += 1
+            return loader(param, *args, **kwargs)
+
+        return counting_loader
+
+    def check(self) -> None:
+        """Raise NanoqError naming the layer and tensor when a tensor was loaded for fewer parts than expected."""
+        for name, count in self.counts.items():
+            if count < self.parts:
+                raise NanoqError(
+                    f"{self.prefix}: tensor '{name}' ({self.scheme.name}) was not found in the checkpoint "
+                    f"(loaded {count} of {self.parts} parts)"
+                )

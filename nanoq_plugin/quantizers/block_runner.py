@@ -1,0 +1,64 @@
+"""Run one decoder block of a checkpoint on its own (transformers' own layer class, float32), so that
+calibrated quantizers can capture each linear's inputs and feed the next block the quantized outputs."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from ..errors import NanoqError
+
+_HF_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+class BlockRunner:
+    """Builds block `i` from its stored tensors and runs hidden states `[B, L, H]` through it."""
+
+    def __init__(self, config: dict, device: torch.device, batch_size: int = 8) -> None:
+        from transformers import AutoConfig
+
+        model_type = config.get("model_type")
+        if model_type not in _HF_CLASS_PREFIX:
+            raise NanoqError(f"config.json: no calibrated quantization for model_type {model_type!r}")
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+        self.config = AutoConfig.for_model(model_type, **fields)
+        self.config._attn_implementation = "sdpa"  # causal without a mask (eager would need one)
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        prefix = _HF_CLASS_PREFIX[model_type]
+        self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
+        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
+        self.device = device
+        self.batch_size = batch_size
+        self._positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def build(self, index: int, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+        """Block `index` in float32 on the device; `tensors` are its stored tensors named `{prefix}.{index}.*`."""
+        block = self.layer_cls(self.config, layer_idx=index).to(device=self.device, dtype=torch.float32).eval()
+        head = f"{prefix}.{index}."
+        state = {name[len(head):]: t.to(torch.float32) for name, t in tensors.items() if name.startswith(head)}
+        missing, unexpected = block.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise NanoqError(f"block {index}: tensors do not match {self.layer_cls.__name__} "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        return block
+
+    def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = hidden.shape[1]
+        if length not in self._positions:
+            ids = torch.arange(length, device=self.device).unsqueeze(0)
+            self._positions[length] = self.rotary(hidden[:1], ids)
+        return self._positions[length]
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches of `batch_size`."""
+        outputs = []
+        for start in range(0, hidden.shape[0], self.batch_size):
+            chunk = hidden[start:start + self.batch_size]
+            cos, sin = self._position_embeddings(chunk)
+            position_embeddings = (cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1))
+            out = block(chunk, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs)

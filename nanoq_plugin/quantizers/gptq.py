@@ -1,0 +1,116 @@
+"""GPTQ (Frantar et al., 2022): quantize one linear column by column, feeding each column's rounding error
+back into the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+- Hessian `H = 2/n · Σ xᵀx` over calibration inputs `x [n, K]` (see `HessianAccumulator`).
+- Dampening: `H += damp · mean(diag H) · I`; inputs that never fire (zero diagonal) get weight 0.
+- Act-order with static groups: columns are processed by decreasing `diag H`, but every group's scale
+  (and zero) is fixed before the loop from the group's original weights (the RTN range), so the stored
+  format needs no permutation index at inference.
+- Lazy batch updates over blocks of `block_size` columns (the paper's section 3.2).
+
+Works for every integer scheme of `format` (group-wise sym/asym and int8 per channel): the algorithm only
+needs the scheme's scales; packing happens once at the end (`format.reference.compress`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NanoqError
+from ..format.layout import SCALE_DTYPE
+from ..format.reference import compress, symmetric_zero
+from ..format.schemes import Scheme, SchemeKind
+from .rtn import rtn_scales
+
+
+class HessianAccumulator:
+    """Running `H = 2/n · Σ xᵀx` of a linear's inputs (float32 `[K, K]`)."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add inputs `[..., K]` (any float dtype); every leading index counts as one sample."""
+        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        total = self.samples + x.shape[0]
+        self.hessian.mul_(self.samples / total)
+        x = x * (2.0 / total) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+        self.samples = total
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """Knobs of the algorithm (defaults follow the paper and GPTQModel)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+
+def _column_quant_params(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, in_features: int):
+    """Per-column scale and zero point `[K, N]` (float32) from the stored-precision group parameters."""
+    stored = scales.to(SCALE_DTYPE).to(torch.float32)
+    if scheme.kind is SchemeKind.INT8_CHANNEL:
+        s = stored.view(1, -1).expand(in_features, -1)
+        return s, torch.zeros_like(s)
+    s = stored.repeat_interleave(scheme.group_size, dim=0)
+    if zeros is None:
+        return s, torch.full_like(s, float(symmetric_zero(scheme.bits)))
+    return s, zeros.to(torch.float32).repeat_interleave(scheme.group_size, dim=0)
+
+
+def _fake_quantize(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    if scheme.kind is SchemeKind.INT8_CHANNEL:
+        return torch.clamp(torch.round(column / scale), -127, 127) * scale
+    max_code = (1 << scheme.bits) - 1
+    return (torch.clamp(torch.round(column / scale) + zero, 0, max_code) - zero) * scale
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, settings: GptqSettings = GptqSettings(),
+    where: str = "linear",
+) -> dict[str, torch.Tensor]:
+    """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of `scheme`."""
+    w = weight.to(torch.float32).clone()
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise NanoqError(f"{where}: Hessian is {list(hessian.shape)}, expected [{k}, {k}]")
+    h = hessian.to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scales, zeros = rtn_scales(w, scheme)
+    col_scale, col_zero = _column_quant_params(scales, zeros, scheme, k)  # [K, N]
+
+    order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=w.device)
+    w = w[:, order]
+    h = h[order][:, order]
+    col_scale, col_zero = col_scale[order], col_zero[order]
+    h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
+    try:
+        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
+                         "(raise it, or use more calibration data)") from None
+
+    quantized = torch.zeros_like(w)
+    for start in range(0, k, settings.block_size):
+        end = min(start + settings.block_size, k)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = block[:, i]
+            q = _fake_quantize(column, col_scale[start + i], col_zero[start + i], scheme)
+            quantized[:, start + i] = q
+            error = (column - q) / h_block[i, i]
+            block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    restored = torch.empty_like(quantized)
+    restored[:, order] = quantized
+    return compress(restored, scheme, scales, zeros)
