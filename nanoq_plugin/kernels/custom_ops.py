@@ -43,7 +43,7 @@ def reference_linear(
     scheme = _scheme(bits, group_size, zeros is not None)
     in_features = x.shape[-1]
     weight = dequantize(_stored(qweight, scales, zeros), scheme, out_features, in_features, dtype=x.dtype)
-    return F.linear(x, weight)
+    return F.linear(x, weight.contiguous())  # [N, K] row-major: the layout CPU GEMMs are fast on
 
 
 @reference_linear.register_fake

@@ -23,7 +23,8 @@ def test_prepared_cpu_kernel_matches_reference(name, dtype):
     n, k = 208, 384 if "g128" in name else 192
     scheme, tensors, weight = stored_and_reference(name, n, k, 3)
     prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
-    assert prepared.kernel == EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack")
+    expected = EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack") if dtype != torch.float32 else "reference"
+    assert prepared.kernel == expected
     x = torch.randn(3, 5, k).to(dtype)
     bias = torch.randn(n)
     out = ops.apply_linear(x, prepared, bias)
@@ -35,10 +36,10 @@ def test_prepared_cpu_kernel_matches_reference(name, dtype):
 
 def test_int4_kernel_needs_n_multiple_of_16_and_falls_back():
     scheme, tensors, weight = stored_and_reference("int4g128", 200, 256, 5)
-    prepared = ops.prepare_linear(tensors, scheme, 200, 256, torch.float32, "cpu")
+    prepared = ops.prepare_linear(tensors, scheme, 200, 256, torch.bfloat16, "cpu")
     assert prepared.kernel == "reference"
-    x = torch.randn(4, 256)
-    assert rel_error(ops.apply_linear(x, prepared), x @ weight.t()) <= 1e-5
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    assert rel_error(ops.apply_linear(x, prepared), x.float() @ weight.t()) <= 1e-2
 
 
 def test_int8_table_rows_from_the_prepared_kernel():
@@ -52,7 +53,7 @@ def test_int8_table_rows_from_the_prepared_kernel():
 
 def test_int4_tables_use_a_kernel_that_can_gather():
     scheme, tensors, weight = stored_and_reference("int4g64", 160, 128, 9)
-    prepared = ops.prepare_linear(tensors, scheme, 160, 128, torch.float32, "cpu", is_embedding=True)
+    prepared = ops.prepare_linear(tensors, scheme, 160, 128, torch.bfloat16, "cpu", is_embedding=True)
     assert prepared.kernel == "reference"
     ids = torch.tensor([7, 0, 159])
     torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=0, atol=0)

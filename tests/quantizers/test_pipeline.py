@@ -155,9 +155,12 @@ def test_qkv_fp16_with_int8_embeddings_and_head(tmp_path, tied, make_tiny_model)
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert isinstance(quantized.model.embed_tokens, NanoEmbedding)
     assert isinstance(quantized.lm_head, NanoTiedHead if tied else NanoLinear)
-    assert quantized.model.embed_tokens.prepared.kernel == "cpu_int8pack"
+    assert quantized.model.embed_tokens.prepared.kernel == "reference"  # float32 model: MKL on the dequantized table
     table_bytes = sum(b.numel() * b.element_size() for b in quantized.model.embed_tokens.buffers())
-    assert table_bytes == 320 * 96 + 320 * 4  # int8 table and float32 scales: one copy, tied or not
+    assert table_bytes == 320 * 96 + 320 * 2  # int8 table and float16 scales: one copy, tied or not
+    in_bf16 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert in_bf16.model.embed_tokens.prepared.kernel == "cpu_int8pack"
+    assert sum(b.numel() * b.element_size() for b in in_bf16.model.embed_tokens.buffers()) == 320 * 96 + 320 * 2
     reference = dequantized_float_model(source, out)
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
