@@ -11,8 +11,9 @@ Activations float16 / bfloat16 go to `tl.dot` in their own dtype with float32 ac
 activations use IEEE float32 dots (no TF32). Under `TRITON_INTERPRET=1` (CPU tests) 16-bit dots are
 computed in float32, because the interpreter's 16-bit `tl.dot` is wrong; that is the only difference.
 
-Autotuning: configurations live below, M is bucketed to a power of two (<= 64) or to "prefill", and
-`warm_up` runs every bucket once after loading, so that tuning never happens inside CUDA-graph capture.
+Autotuning: configurations live below, M is bucketed to a power of two, and `warm_up` runs every bucket up
+to 512 once after loading (the sizes CUDA graphs capture), so that tuning never happens inside a capture;
+a capture that meets an untuned shape uses the first candidate instead of tuning.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ PREFILL_CONFIGS = (
 )
 
 
+MAX_M_BUCKET = 4096
+
+
 def m_bucket(m: int) -> int:
-    """Autotuning key for M: the next power of two up to `DECODE_MAX_M`, then one prefill bucket."""
-    return min(triton.next_power_of_2(max(m, 1)), 2 * DECODE_MAX_M)
+    """Autotuning key for M: the next power of two, capped at `MAX_M_BUCKET` (a new batch size re-tunes at most
+    once per power of two)."""
+    return min(triton.next_power_of_2(max(m, 1)), MAX_M_BUCKET)
 
 
 @triton.jit

