@@ -74,7 +74,7 @@ def test_unknown_scheme_names_file_and_rule(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("default: int4g128\nbogus: 1\n", r"unknown recipe keys \['bogus'\]"),
     ("rules: []\n", "missing 'default' scheme"),
-    ("default: int4g128\nmethod: gptq\n", "method 'gptq' is not available"),
+    ("default: int4g128\nmethod: awq\n", "method 'awq' is not available"),
     ("default: int4g128\nrules:\n  - '(': int8\n", r"invalid regex '\('"),
     ("- a\n- b\n", "a recipe is a YAML mapping"),
     ("default: [\n", "not valid YAML"),
