@@ -74,7 +74,7 @@ def test_gptq_pipeline_end_to_end(tiny_llama_with_tokenizer, tmp_path, wikitext)
         quantize_checkpoint(source, tmp_path / "none", recipe, progress=False)
     gptq = quantize_checkpoint(source, tmp_path / "gptq", recipe, calibration=str(wikitext), progress=False,
                                calib_windows=8, calib_seq_len=64)
-    rtn = quantize_checkpoint(source, tmp_path / "rtn", load_recipe("w3g128"), progress=False)
+    quantize_checkpoint(source, tmp_path / "rtn", load_recipe("w3g128"), progress=False)
     calibration = gptq.manifest["provenance"]["calibration"]
     assert calibration["used"] and calibration["windows"] == 8 and calibration["true_sequential"]
     assert json.loads((tmp_path / "gptq/config.json").read_text())["quantization_config"]["modules"]

@@ -2,7 +2,6 @@
 transformers, and compare with the float model rebuilt from the dequantized weights."""
 
 import json
-import resource
 import subprocess
 import sys
 
