@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .triton_dequant import FMT_INT8_CHANNEL, load_weight_tile
 
@@ -221,8 +222,15 @@ def choose_config(x: torch.Tensor, qweight, scales, zeros, weight: WeightFormat,
         config = candidates[0]
     else:
         probe = torch.randn((m_bucket(m), k), dtype=x.dtype, device=x.device) if m_bucket(m) != m else x
-        timings = [(_time_ms(lambda c=c: launch(probe, qweight, scales, zeros, weight, out_features, c)), c)
-                   for c in candidates]
+        timings = []
+        for candidate in candidates:
+            try:
+                ms = _time_ms(lambda c=candidate: launch(probe, qweight, scales, zeros, weight, out_features, c))
+            except OutOfResources:  # e.g. a large tile with too many stages for this GPU's shared memory
+                continue
+            timings.append((ms, candidate))
+        if not timings:
+            raise RuntimeError(f"no Triton configuration fits this GPU for M={m}, N={out_features}, K={k}")
         config = min(timings, key=lambda t: t[0])[1]
     _TUNED[key] = config
     return config
