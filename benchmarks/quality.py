@@ -23,10 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import nanoq_plugin
 from nanoq_plugin.eval.perplexity import evaluate_perplexity
+from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.example_model import write_example_model
-from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
 
@@ -44,20 +43,6 @@ CONFIGS: dict[str, Recipe] = {
     "w2g64": load_recipe("w2g64"),
 }
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
-
-
-def dequantized_model(base_dir: Path, nano_dir: Path):
-    """The base model with every quantized module's weight replaced by the reference dequantization."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    checkpoint = load_nano_checkpoint(nano_dir)
-    for name, scheme in checkpoint.quant_config.modules.items():
-        module = model.get_submodule(name)
-        stored = {part: checkpoint.tensors.get(f"{name}.{part}") for part in ("qweight", "scales", "zeros")
-                  if f"{name}.{part}" in checkpoint.tensors}
-        module.weight.data = dequantize(stored, scheme, *module.weight.shape)
-    if checkpoint.quant_config.tied_lm_head is not None:
-        model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
-    return model
 
 
 def main() -> None:
@@ -91,7 +76,7 @@ def main() -> None:
     token_ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     models = {"base": AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()}
     for preset, directory in checkpoints.items():
-        models[preset] = dequantized_model(base_dir, directory)
+        models[preset] = dequantized_float_model(base_dir, directory)
     start = time.perf_counter()
     result = evaluate_perplexity(models, token_ids, 512, 256, args.windows, reference="base")
     seconds = time.perf_counter() - start

@@ -17,10 +17,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
 from ..errors import NanoqError
 from ..format.layout import TensorSpec, check_shape_fits, param_specs
 from ..format.quant_config import NanoQuantConfig
 from ..format.schemes import Scheme, SchemeKind
+from ..kernels.ops import prepare_linear
 
 
 class ParamRole(str, Enum):
@@ -112,3 +115,41 @@ class LoadCounter:
                     f"{self.prefix}: tensor '{name}' ({self.scheme.name}) was not found in the checkpoint "
                     f"(loaded {count} of {self.parts} parts)"
                 )
+
+
+def register_stored_params(
+    layer: torch.nn.Module, scheme: Scheme, prefix: str, out_features: int, in_features: int, input_size: int,
+    parts: int, loader: Callable, params_dtype: torch.dtype, param_classes: Mapping[ParamRole, type],
+) -> None:
+    """Register the stored tensors of one rank's `[out_features, in_features]` slice as the engine's parameter
+    objects (`param_classes`: its ModelWeightParameter / GroupQuantScaleParameter / ChannelQuantScaleParameter,
+    which vLLM and SGLang construct alike), each with a loader that `LoadCounter` counts (`parts` calls each)."""
+    params = layer_params(scheme, prefix, out_features, in_features, input_size)
+    layer.nano_counter = LoadCounter(prefix, scheme, [p.name for p in params], parts)
+    layer.nano_param_names = [p.name for p in params]
+    layer.nano_shape = (out_features, in_features)
+    layer.nano_act_dtype = params_dtype
+    for entry in params:
+        data = torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
+        counting_loader = layer.nano_counter.wrap(entry.name, loader)
+        param_class = param_classes[entry.role]
+        if entry.role is ParamRole.CHANNEL_SCALE:
+            param = param_class(data=data, output_dim=0, weight_loader=counting_loader)
+        else:
+            param = param_class(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
+        param.nano_name = entry.name
+        layer.register_parameter(entry.name, param)
+
+
+def swap_in_prepared(layer: torch.nn.Module, scheme: Scheme, prefix: str, is_embedding: bool = False) -> None:
+    """After loading: refuse a tensor the checkpoint did not provide, repack the stored tensors once for the
+    kernel (`kernels.ops.prepare_linear`), and replace them with the prepared ones (`layer.nano_prepared`)."""
+    layer.nano_counter.check()
+    stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
+    prepared = prepare_linear(stored, scheme, *layer.nano_shape, layer.nano_act_dtype, is_embedding=is_embedding,
+                              where=prefix)
+    for name in layer.nano_param_names:
+        delattr(layer, name)
+    for name, tensor in prepared.tensors.items():
+        layer.register_parameter(f"nano_{name}", torch.nn.Parameter(tensor, requires_grad=False))
+    layer.nano_prepared = prepared

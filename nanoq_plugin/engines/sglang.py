@@ -6,7 +6,7 @@ Weights are created as SGLang parameter objects (`sglang.srt.layers.parameter`),
 `weight_loader_v2` shards them: `qweight`/`scales`/`zeros` have the input dim on dim 0 and the output
 dim on dim 1 (docs/FORMAT.md); column-parallel, QKV and merged gate/up layers slice dim 1, row-parallel
 layers slice dim 0 (whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated.
-The forward pass is `kernels.ops.quantized_linear`; float modules get SGLang's `UnquantizedLinearMethod`.
+After loading each layer is repacked for its kernel (`kernels.ops`); float modules get SGLang's `UnquantizedLinearMethod`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from ..errors import NanoqError
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
-from ..kernels.ops import apply_linear, prepare_linear
-from .common import LoadCounter, ParamRole, fused_scheme, layer_params
+from ..kernels.ops import apply_linear
+from .common import ParamRole, fused_scheme, register_stored_params, swap_in_prepared
+
+PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
+                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter}
 
 # SGLang's Llama/Qwen classes declare no packed_modules_mapping; its own quantization utils fall back to these.
 FALLBACK_FUSED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -106,35 +109,14 @@ class NanoSglangLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]` slice."""
-        params = layer_params(self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
-                              input_size)
-        counter = LoadCounter(self.prefix, self.scheme, [p.name for p in params], len(output_partition_sizes))
-        layer.nano_load_counter = counter
-        layer.nano_param_names = [p.name for p in params]
-        layer.nano_shape = (sum(output_partition_sizes), input_size_per_partition)
-        layer.nano_act_dtype = params_dtype
-        for p in params:
-            data = torch.empty(p.spec.shape, dtype=p.spec.dtype)
-            loader = counter.wrap(p.name, extra_weight_attrs["weight_loader"])
-            if p.role is ParamRole.CHANNEL_SCALE:
-                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=loader)
-            elif p.role is ParamRole.WEIGHT:
-                param = ModelWeightParameter(data=data, input_dim=0, output_dim=1, weight_loader=loader)
-            else:
-                param = GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=loader)
-            layer.register_parameter(p.name, param)
+        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
+                               input_size, len(output_partition_sizes), extra_weight_attrs["weight_loader"],
+                               params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Refuse to serve with a tensor the checkpoint did not provide (SGLang does not check quantized layers),
-        then repack once for the kernel (`kernels.ops.prepare_linear`) and free the stored copy."""
-        layer.nano_load_counter.check()
-        stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
-        prepared = prepare_linear(stored, self.scheme, *layer.nano_shape, layer.nano_act_dtype, where=self.prefix)
-        for name in layer.nano_param_names:
-            delattr(layer, name)
-        for name, tensor in prepared.tensors.items():
-            layer.register_parameter(f"nano_{name}", torch.nn.Parameter(tensor, requires_grad=False))
-        layer.nano_prepared = prepared
+        then repack once for the kernel and free the stored copy."""
+        swap_in_prepared(layer, self.scheme, self.prefix)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x [..., K_rank]` (bf16/fp16/fp32) -> `[..., N_rank]` in x.dtype."""

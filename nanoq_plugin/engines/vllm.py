@@ -33,11 +33,11 @@ from vllm.model_executor.parameter import (
 )
 
 from ..errors import NanoqError
-from .common import LoadCounter, ParamRole, fused_scheme, layer_params
+from .common import ParamRole, fused_scheme, register_stored_params, swap_in_prepared
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
-from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding, prepare_linear
+from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding
 
 
 class NanoVllmConfig(QuantizationConfig):
@@ -101,40 +101,8 @@ class NanoVllmConfig(QuantizationConfig):
         return None
 
 
-_PARAM_CLASS = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter}
-
-
-def _create_stored_params(layer: torch.nn.Module, scheme: Scheme, out_features: int, in_features: int,
-                          input_size: int, expected_loads: int, loader, prefix: str, params_dtype: torch.dtype) -> None:
-    """Register the stored tensors of `scheme` for `[out_features, in_features]` as vLLM parameters whose
-    loader counts what the checkpoint provides (vLLM does not report missing tensors of quantized models)."""
-    params = layer_params(scheme, prefix, out_features, in_features, input_size)
-    layer.nano_counter = LoadCounter(prefix, scheme, [p.name for p in params], expected_loads)
-    layer.nano_param_names = [p.name for p in params]
-    layer.nano_act_dtype = params_dtype
-    for entry in params:
-        data = torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
-        counting_loader = layer.nano_counter.wrap(entry.name, loader)
-        if entry.role is ParamRole.CHANNEL_SCALE:
-            param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=counting_loader)
-        else:
-            param = _PARAM_CLASS[entry.role](data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
-        param.nano_name = entry.name
-        layer.register_parameter(entry.name, param)
-
-
-def _check_loaded_and_prepare(layer: torch.nn.Module, scheme: Scheme, prefix: str, out_features: int,
-                              in_features: int, is_embedding: bool) -> None:
-    """Refuse a tensor the checkpoint did not provide, then repack for the kernel and free the stored copy."""
-    layer.nano_counter.check()
-    stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
-    prepared = prepare_linear(stored, scheme, out_features, in_features, layer.nano_act_dtype,
-                              is_embedding=is_embedding, where=prefix)
-    for name in layer.nano_param_names:
-        delattr(layer, name)
-    for name, tensor in prepared.tensors.items():
-        layer.register_parameter(f"nano_{name}", torch.nn.Parameter(tensor, requires_grad=False))
-    layer.nano_prepared = prepared
+PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
+                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter}
 
 
 @register_weight_loader_v2_supported_method
@@ -156,13 +124,12 @@ class NanoLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]`."""
-        out_features, in_features = sum(output_partition_sizes), input_size_per_partition
-        layer.nano_shape = (out_features, in_features)
-        _create_stored_params(layer, self.scheme, out_features, in_features, input_size, len(output_partition_sizes),
-                              extra_weight_attrs["weight_loader"], self.prefix, params_dtype)
+        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
+                               input_size, len(output_partition_sizes), extra_weight_attrs["weight_loader"],
+                               params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        _check_loaded_and_prepare(layer, self.scheme, self.prefix, *layer.nano_shape, is_embedding=False)
+        swap_in_prepared(layer, self.scheme, self.prefix)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_linear(x, layer.nano_prepared, bias)
@@ -190,9 +157,6 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
         """This rank's vocab slice `[V_rank (padded), H]`, stored like a linear with N = V_rank."""
         if self.tied_to is not None:
             return
-        out_features, in_features = sum(output_partition_sizes), input_size_per_partition
-        layer.nano_shape = (out_features, in_features)
-
         def vocab_slice_loader(param, loaded: torch.Tensor) -> None:
             # every stored tensor has the vocab on its last dim; rows past the real vocab stay zero
             start = layer.shard_indices.org_vocab_start_index
@@ -204,12 +168,12 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
             param.data.zero_()
             param.data.narrow(vocab_dim, 0, size).copy_(loaded.narrow(vocab_dim, start, size))
 
-        _create_stored_params(layer, self.scheme, out_features, in_features, input_size, 1, vocab_slice_loader,
-                              self.prefix, params_dtype)
+        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
+                               input_size, 1, vocab_slice_loader, params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.tied_to is None:
-            _check_loaded_and_prepare(layer, self.scheme, self.prefix, *layer.nano_shape, is_embedding=True)
+            swap_in_prepared(layer, self.scheme, self.prefix, is_embedding=True)
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
         """Point a tied head at the embedding (its prepared tensors exist only after loading)."""

@@ -15,11 +15,30 @@ def op_args(config: LinearConfig) -> tuple[int, int]:
     return scheme.bits, scheme.group_size if scheme.kind is SchemeKind.INT_GROUP else 0
 
 
-class ReferenceKernel:
+class StoredTensorKernel:
+    """A kernel that reads the stored tensors as they are (no repack): `linear_op` is its `nano::` op."""
+
+    supports_gather = True
+    linear_op = None  # set by each subclass
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        bits, group_size = op_args(config)
+        return self.linear_op(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                              bits, group_size, config.out_features)
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """Embedding rows through `nano::embedding` (the Triton gather on CUDA, the reference elsewhere)."""
+        bits, group_size = op_args(config)
+        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+                         bits, group_size, config.in_features, dtype)
+
+
+class ReferenceKernel(StoredTensorKernel):
     """Dequantize per call; the fallback when no faster kernel fits."""
 
     name = "reference"
-    supports_gather = True
+    linear_op = reference_linear
 
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         if not config.scheme.is_quantized:
@@ -28,14 +47,3 @@ class ReferenceKernel:
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         return dict(tensors)
-
-    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        bits, group_size = op_args(config)
-        return reference_linear(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
-                                bits, group_size, config.out_features)
-
-    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
-        bits, group_size = op_args(config)
-        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
-                         bits, group_size, config.in_features, dtype)

@@ -8,17 +8,17 @@ import torch
 
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .custom_ops import embedding, triton_linear, triton_weight_format
-from .reference_linear import op_args
+from .custom_ops import triton_linear, triton_weight_format
+from .reference_linear import StoredTensorKernel, op_args
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class TritonKernel:
+class TritonKernel(StoredTensorKernel):
     """Split-K (decode) and tiled (prefill) dequantize-GEMM on CUDA; no repack."""
 
     name = "triton"
-    supports_gather = True
+    linear_op = triton_linear
 
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         if config.device_type != "cuda":
@@ -41,14 +41,3 @@ class TritonKernel:
                 triton_weight_format(bits, group_size, "zeros" in prepared), config.out_features,
                 config.in_features, config.act_dtype)
         return prepared
-
-    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        bits, group_size = op_args(config)
-        return triton_linear(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
-                             bits, group_size, config.out_features)
-
-    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
-        bits, group_size = op_args(config)
-        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
-                         bits, group_size, config.in_features, dtype)

@@ -14,26 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import nanoq_plugin  # noqa: F401  (registers the transformers quantizer)
 from nanoq_plugin.engines.transformers import NanoEmbedding, NanoLinear, NanoTiedHead
-from nanoq_plugin.format.reference import dequantize
+from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
 PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
-
-
-def dequantized_float_model(source_dir, nano_dir):
-    """The source model with every quantized weight replaced by the reference dequantization."""
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
-    checkpoint = load_nano_checkpoint(nano_dir)
-    for module_name, scheme in checkpoint.quant_config.modules.items():
-        module = model.get_submodule(module_name)
-        tensors = {name: checkpoint.tensors.get(f"{module_name}.{name}") for name in ("qweight", "scales", "zeros")
-                   if f"{module_name}.{name}" in checkpoint.tensors}
-        module.weight.data = dequantize(tensors, scheme, *module.weight.shape)
-    if checkpoint.quant_config.tied_lm_head is not None:
-        model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
-    return model.eval()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
