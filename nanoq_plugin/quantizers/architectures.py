@@ -16,9 +16,6 @@ class Architecture:
     fused_groups: tuple[tuple[str, ...], ...]
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
-    # the order in which calibrated methods quantize a block's linears (each group sees its inputs after
-    # the groups before it are quantized: "true sequential")
-    sequential_groups: tuple[tuple[str, ...], ...] = ()
 
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block that stores `tensor_name`, or None outside the blocks."""
@@ -40,8 +37,6 @@ _LLAMA_LIKE = Architecture(
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
     ),
     fused_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
-    sequential_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                       ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
 )
 
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {

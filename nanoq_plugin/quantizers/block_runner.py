@@ -4,6 +4,7 @@ calibrated quantizers can capture each linear's inputs and feed the next block t
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,6 +12,18 @@ from torch import nn
 from ..errors import NanoqError
 
 _HF_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+# The linears of a pre-norm decoder block grouped by the input they share, in the order the block uses them.
+ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+ATTENTION_OUTPUT = ("self_attn.o_proj",)
+MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
+MLP_OUTPUT = ("mlp.down_proj",)
+WALK_GROUPS = (ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT)
+
+# visit(group, inputs) sees the input chunks `[b, L, K]` float32 of a group of linears (WALK_GROUPS) before
+# the block uses them; it may change the block (quantize the group, fold scales into the group's producer)
+# and returns True when the inputs themselves must be recomputed (it changed the producer).
+Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
 
 
 class BlockRunner:
@@ -62,3 +75,54 @@ class BlockRunner:
             out = block(chunk, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outputs)
+
+    @torch.no_grad()
+    def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit) -> torch.Tensor:
+        """Run `hidden [B, L, H]` float32 through a pre-norm block sublayer by sublayer, calling `visit` on
+        each group of WALK_GROUPS before it runs; returns the output `[B, L, H]` of the block as changed.
+
+        Every linear runs on inputs computed with the groups before it already changed (true sequential),
+        at about the cost of one forward pass (a hook per group would need one forward per group).
+        """
+        chunks = list(hidden.split(self.batch_size))
+
+        def attention_inputs():
+            return [block.input_layernorm(chunk) for chunk in chunks]
+
+        def attention_outputs(normed):
+            captured = []
+            hook = block.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+            try:
+                for chunk in normed:
+                    cos, sin = self._position_embeddings(chunk)
+                    block.self_attn(hidden_states=chunk, attention_mask=None,
+                                    position_embeddings=(cos.expand(chunk.shape[0], -1, -1),
+                                                         sin.expand(chunk.shape[0], -1, -1)))
+            finally:
+                hook.remove()
+            return captured
+
+        normed = attention_inputs()
+        if visit(ATTENTION_INPUT, normed):
+            normed = attention_inputs()
+        mixed = attention_outputs(normed)
+        if visit(ATTENTION_OUTPUT, mixed):
+            mixed = attention_outputs(normed)
+        del normed
+        residual = [chunk + block.self_attn.o_proj(m) for chunk, m in zip(chunks, mixed)]
+        del mixed, chunks
+
+        def mlp_inputs():
+            return [block.post_attention_layernorm(r) for r in residual]
+
+        def mlp_hidden(normed):
+            return [block.mlp.act_fn(block.mlp.gate_proj(n)) * block.mlp.up_proj(n) for n in normed]
+
+        normed = mlp_inputs()
+        if visit(MLP_INPUT, normed):
+            normed = mlp_inputs()
+        inner = mlp_hidden(normed)
+        if visit(MLP_OUTPUT, inner):
+            inner = mlp_hidden(normed)
+        del normed
+        return torch.cat([r + block.mlp.down_proj(i) for r, i in zip(residual, inner)])

@@ -4,7 +4,8 @@ back into the columns not yet quantized through the inverse Hessian of the layer
 - Hessian `H = 2/n · Σ xᵀx` over calibration inputs `x [n, K]` (see `HessianAccumulator`).
 - Dampening: `H += damp · mean(diag H) · I`; inputs that never fire (zero diagonal) get weight 0.
 - Act-order with static groups: columns are processed by decreasing `diag H`, but every group's scale
-  (and zero) is fixed before the loop from the group's original weights (the RTN range), so the stored
+  (and zero) is fixed before the loop from the group's original weights (the RTN range, shrunk by the
+  clip search unless `clip_search=False`), so the stored
   format needs no permutation index at inference.
 - Lazy batch updates over blocks of `block_size` columns (the paper's section 3.2).
 
@@ -49,6 +50,7 @@ class GptqSettings:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    clip_search: bool = True  # group scales from the error-minimizing clip range (rtn.rtn_scales)
 
 
 def _column_quant_params(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, in_features: int):
@@ -83,7 +85,7 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scales, zeros = rtn_scales(w, scheme)
+    scales, zeros = rtn_scales(w, scheme, settings.clip_search)
     col_scale, col_zero = _column_quant_params(scales, zeros, scheme, k)  # [K, N]
 
     order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=w.device)

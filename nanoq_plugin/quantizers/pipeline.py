@@ -111,24 +111,23 @@ def _gptq_block(runner: BlockRunner, arch: Architecture, plan: Plan, index: int,
     module -> (stored tensors, record) and the block's output computed with its quantized weights."""
     block = runner.build(index, tensors, arch.block_prefix)
     results = {}
-    for group in arch.sequential_groups:
+
+    def quantize_group(group: tuple[str, ...], inputs: list[torch.Tensor]) -> bool:
         modules = {f"{arch.block_prefix}.{index}.{name}": name for name in group}
         planned = {m: plan.modules[m] for m in modules if m in plan.modules and plan.modules[m].scheme.is_quantized}
         if not planned:
-            continue
-        hessians = {m: HessianAccumulator(block.get_submodule(modules[m]).in_features, runner.device) for m in planned}
-        hooks = [block.get_submodule(modules[m]).register_forward_hook(
-            lambda _mod, args, _out, acc=hessians[m]: acc.add(args[0])) for m in planned]
-        runner.forward(block, hidden)
-        for hook in hooks:
-            hook.remove()
+            return False
+        hessian = HessianAccumulator(inputs[0].shape[-1], runner.device)
+        for chunk in inputs:
+            hessian.add(chunk)
         for module, entry in planned.items():
             linear = block.get_submodule(modules[module])
-            stored = gptq_quantize(linear.weight.data, hessians[module].hessian, entry.scheme, settings, where=module)
+            stored = gptq_quantize(linear.weight.data, hessian.hessian, entry.scheme, settings, where=module)
             results[module] = (stored, _module_record(tensors[f"{module}.weight"], stored, entry.scheme, entry.requested))
             linear.weight.data = dequantize(stored, entry.scheme, *linear.weight.shape).to(runner.device)
-        del hessians
-    return results, runner.forward(block, hidden)
+        return False  # the group's inputs are unchanged
+
+    return results, runner.walk(block, hidden, quantize_group)
 
 
 def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None, calib_info: dict | None) -> dict:
@@ -228,7 +227,8 @@ def quantize_checkpoint(
         if recipe.method == "gptq":
             ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
             calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
-                          "act_order": gptq.act_order, "static_groups": True, "true_sequential": True}
+                          "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
+                          "true_sequential": True}
             runner = BlockRunner(source.config, torch_device)
             hidden = outside[f"{arch.embedding}.weight"].to(device=torch_device, dtype=torch.float32)[ids.to(torch_device)]
         write(outside)
