@@ -90,17 +90,18 @@ class BlockRunner:
             return [block.input_layernorm(chunk) for chunk in chunks]
 
         def attention_outputs(normed):
-            captured = []
-            hook = block.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+            """The inputs of o_proj: the attention with o_proj swapped for an identity."""
+            o_proj, block.self_attn.o_proj = block.self_attn.o_proj, nn.Identity()
             try:
+                mixed = []
                 for chunk in normed:
                     cos, sin = self._position_embeddings(chunk)
-                    block.self_attn(hidden_states=chunk, attention_mask=None,
-                                    position_embeddings=(cos.expand(chunk.shape[0], -1, -1),
-                                                         sin.expand(chunk.shape[0], -1, -1)))
+                    mixed.append(block.self_attn(hidden_states=chunk, attention_mask=None,
+                                                 position_embeddings=(cos.expand(chunk.shape[0], -1, -1),
+                                                                      sin.expand(chunk.shape[0], -1, -1)))[0])
             finally:
-                hook.remove()
-            return captured
+                block.self_attn.o_proj = o_proj
+            return mixed
 
         normed = attention_inputs()
         if visit(ATTENTION_INPUT, normed):

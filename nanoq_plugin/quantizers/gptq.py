@@ -27,20 +27,33 @@ from .rtn import rtn_scales
 
 
 class HessianAccumulator:
-    """Running `H = 2/n · Σ xᵀx` of a linear's inputs (float32 `[K, K]`)."""
+    """Running `H = 2/n · Σ xᵀx` of a linear's inputs (float32 `[K, K]`).
+
+    Only the blocks on and above the diagonal (in tiles of TILE rows) are accumulated, ~0.6x the work of a
+    full `xᵀx`; `hessian` mirrors them into the full symmetric matrix.
+    """
+
+    TILE = 128
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.samples = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         """Add inputs `[..., K]` (any float dtype); every leading index counts as one sample."""
         x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
         total = self.samples + x.shape[0]
-        self.hessian.mul_(self.samples / total)
+        self._upper.mul_(self.samples / total)
         x = x * (2.0 / total) ** 0.5
-        self.hessian.addmm_(x.t(), x)
+        for start in range(0, x.shape[1], self.TILE):
+            self._upper[start:start + self.TILE, start:].addmm_(x[:, start:start + self.TILE].t(), x[:, start:])
         self.samples = total
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The symmetric `[K, K]` float32 Hessian."""
+        upper = torch.triu(self._upper)
+        return upper + torch.triu(upper, diagonal=1).t()
 
 
 @dataclass(frozen=True)

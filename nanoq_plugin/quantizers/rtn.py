@@ -14,7 +14,7 @@ from ..format.reference import compress, symmetric_zero
 from ..format.schemes import Scheme, SchemeKind
 
 MIN_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to 0 when stored
-CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()  # range shrink factors tried by the clip search
+CLIP_GRID = torch.linspace(1.0, 0.55, 16).tolist()  # range shrink factors tried by the clip search
 CLIP_NORM = 2.4
 
 

@@ -85,3 +85,15 @@ def test_gptq_pipeline_end_to_end(tiny_llama_with_tokenizer, tmp_path, wikitext)
         errors = {name: (torch.linalg.norm(AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)(
             ids).logits - base) / torch.linalg.norm(base)).item() for name in ("gptq", "rtn")}
     assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_hessian_accumulator_is_the_mean_outer_product_across_chunks():
+    generator = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(3, 50, 300, generator=generator) for _ in range(3)]  # 300: tiles of 128 + a ragged one
+    accumulator = HessianAccumulator(300, torch.device("cpu"))
+    for chunk in chunks:
+        accumulator.add(chunk)
+    x = torch.cat(chunks).reshape(-1, 300).double()
+    expected = 2.0 / x.shape[0] * x.t() @ x
+    torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    assert accumulator.samples == 450
