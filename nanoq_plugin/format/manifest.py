@@ -5,11 +5,12 @@ Schema (format version 1):
     {"format_version": 1,
      "modules": {MODULE: {"scheme": "int4g64", "requested_scheme": "int4g128", "shape": [N, K],
                           "source_dtype": "bfloat16", "original_bytes": int, "stored_bytes": int,
-                          "rel_error": float, "tensors": {NAME: {"dtype": "int32", "shape": [...]}}}},
+                          "rel_error": float, "tensors": {NAME: {"dtype": "int32", "shape": [...]}},
+                          "packed_entropy_bits": float (nvfp4 only)}},
      "float_tensors": {TENSOR: {"dtype": "bfloat16", "shape": [...], "bytes": int}},
      "totals": {"original_bytes", "stored_bytes", "ratio", "bits_per_weight", "params",
                 "quantized_params", "quantized_original_bytes", "quantized_stored_bytes",
-                "quantized_bits_per_weight"},
+                "quantized_bits_per_weight", "packed_entropy_bits" (nvfp4 only)},
      "provenance": {"source", "recipe", "calibration", "seed", "created", "versions": {...}}}
 """
 
@@ -45,6 +46,7 @@ class ModuleRecord:
     stored_bytes: int
     rel_error: float
     tensors: dict[str, TensorSpec]
+    packed_entropy_bits: float | None = None  # nvfp4: Shannon entropy of the packed bytes (bits per byte)
 
     @property
     def params(self) -> int:
@@ -64,6 +66,7 @@ class ModuleRecord:
             "stored_bytes": self.stored_bytes,
             "rel_error": round(self.rel_error, 6),
             "tensors": {name: spec_to_json(spec) for name, spec in self.tensors.items()},
+            **({} if self.packed_entropy_bits is None else {"packed_entropy_bits": round(self.packed_entropy_bits, 4)}),
         }
 
 
@@ -90,6 +93,10 @@ def build_manifest(
         "quantized_stored_bytes": q_stored,
         "quantized_bits_per_weight": round(8 * q_stored / q_params, 4) if q_params else None,
     }
+    with_entropy = [r for r in modules.values() if r.packed_entropy_bits is not None]
+    if with_entropy:  # params-weighted mean over the nvfp4 modules
+        totals["packed_entropy_bits"] = round(
+            sum(r.packed_entropy_bits * r.params for r in with_entropy) / sum(r.params for r in with_entropy), 4)
     return {
         "format_version": 1,
         "modules": {name: modules[name].to_json() for name in sorted(modules)},

@@ -6,6 +6,10 @@ Integer group-wise (`int_group`), weight `W [N, K]`, codes `q [K, N]` in `[0, 2*
 
 with `s` the float16 scales and `z` the uint8 zeros (asymmetric) or the constant `2**(b-1)` (symmetric).
 Per-channel int8 (`int8`): codes `q [K, N]` int8 in `[-127, 127]`, `W[n, k] = q[k, n] * s[n]`.
+NVFP4 (`nvfp4`): E2M1 codes `q [K, N]` (format.fp4, packed two per byte along K), FP8 E4M3 scales
+`s [K/16, N]` and a float32 `global_scale` (compressed-tensors' convention: it divides):
+
+    W[n, k] = e2m1(q[k, n]) * s[k // 16, n] / global_scale
 
 Quantizers choose the scales (RTN, GPTQ, ...); `compress` rounds with the *stored* (float16) scales, so
 `dequantize(compress(W, ...))` equals the fake-quantized weight bit for bit.
@@ -18,7 +22,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import NanoqError
-from .layout import SCALE_DTYPE, ZERO_DTYPE, check_shape_fits, param_specs
+from .fp4 import decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
+from .layout import NVFP4_SCALE_DTYPE, SCALE_DTYPE, ZERO_DTYPE, check_shape_fits, param_specs
 from .packing import pack_codes, unpack_codes
 from .schemes import Scheme, SchemeKind
 
@@ -57,9 +62,15 @@ def encode_codes(
 def compress(
     weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor, zeros: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Encode and pack `weight [N, K]` into the named tensors of `layout.param_specs(scheme, N, K)`."""
+    """Encode and pack `weight [N, K]` into the named tensors of `layout.param_specs(scheme, N, K)`.
+
+    nvfp4: `scales` are the FP8 block scales `[K/16, N]` (any float dtype, rounded to E4M3 here) and `zeros`
+    is the float32 `global_scale [1]`.
+    """
     n, k = weight.shape
     check_shape_fits(scheme, n, k, "weight")
+    if scheme.kind is SchemeKind.NVFP4:
+        return _compress_nvfp4(weight, scheme, scales, zeros)
     if scheme.kind is SchemeKind.INT_GROUP and scheme.symmetric != (zeros is None):
         raise NanoqError(f"scheme {scheme.name}: zeros must be given exactly when the scheme is asymmetric")
     codes = encode_codes(weight, scheme, scales, zeros)
@@ -69,6 +80,16 @@ def compress(
     if zeros is not None:
         out["zeros"] = zeros.to(ZERO_DTYPE).contiguous()
     return out
+
+
+def _compress_nvfp4(weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
+                    global_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    stored_scales = scales.to(NVFP4_SCALE_DTYPE)
+    step = _expand_groups(stored_scales.to(torch.float32), scheme.group_size) / global_scale.to(torch.float32)
+    step = torch.where(step == 0, torch.ones_like(step), step)  # an all-zero block: every code is 0 anyway
+    codes = encode_e2m1(weight.t().to(torch.float32) / step)
+    return {"qweight": pack_fp4(codes, 0), "scales": stored_scales.contiguous(),
+            "global_scale": global_scale.to(torch.float32).reshape(1).contiguous()}
 
 
 def dequantize(
@@ -93,6 +114,10 @@ def dequantize(
                 f"expected {spec.describe()} for scheme {scheme.name}"
             )
     scales = tensors["scales"].to(torch.float32)
+    if scheme.kind is SchemeKind.NVFP4:
+        values = decode_e2m1(unpack_fp4(tensors["qweight"], 0))
+        step = _expand_groups(scales, scheme.group_size) / tensors["global_scale"].to(torch.float32)
+        return (values * step).t().to(dtype)
     if scheme.kind is SchemeKind.INT8_CHANNEL:
         weight_t = tensors["qweight"].to(torch.float32) * scales.view(1, -1)
         return weight_t.t().to(dtype)

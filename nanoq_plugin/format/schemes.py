@@ -6,6 +6,7 @@ Grammar of a scheme name (case-insensitive, surrounding spaces ignored):
     int8                       8-bit, one symmetric scale per output channel
     int{2,3,4,8}g{32,64,128}   group-wise along the input dim, symmetric
     int{2,3,4,8}g{32,64,128}-asym   the same with an integer zero point per group
+    nvfp4                      FP4 E2M1 values, an FP8 E4M3 scale per 16 inputs, one float32 global scale
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ..errors import NanoqError
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_GROUP_SIZES = (128, 64, 32)  # largest first: the order of the group-size fallback
-SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128} or int{2,3,4,8}g{32,64,128}-asym"
+SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym or nvfp4"
+NVFP4_GROUP_SIZE = 16
 
 _GROUP_RE = re.compile(r"^int(\d+)g(\d+)(-asym|-sym)?$")
 
@@ -29,6 +31,7 @@ class SchemeKind(str, Enum):
     FLOAT = "float"
     INT8_CHANNEL = "int8_channel"
     INT_GROUP = "int_group"
+    NVFP4 = "nvfp4"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Scheme:
         elif self.kind is SchemeKind.INT8_CHANNEL:
             if self.bits != 8 or self.group_size is not None or not self.symmetric:
                 raise NanoqError("scheme int8 is per output channel, symmetric, 8 bits: no group size or zero point")
+        elif self.kind is SchemeKind.NVFP4:
+            if self.bits != 4 or self.group_size != NVFP4_GROUP_SIZE or not self.symmetric:
+                raise NanoqError("scheme nvfp4 is 4 bits, symmetric, in groups of 16")
         elif self.group_size is not None:
             raise NanoqError("scheme float takes no group size")
 
@@ -61,6 +67,8 @@ class Scheme:
             return "float"
         if self.kind is SchemeKind.INT8_CHANNEL:
             return "int8"
+        if self.kind is SchemeKind.NVFP4:
+            return "nvfp4"
         return f"int{self.bits}g{self.group_size}" + ("" if self.symmetric else "-asym")
 
     @property
@@ -79,6 +87,8 @@ class Scheme:
         if self.kind is SchemeKind.INT_GROUP:
             out["group_size"] = self.group_size
             out["symmetric"] = self.symmetric
+        if self.kind is SchemeKind.NVFP4:
+            out["group_size"] = self.group_size
         return out
 
     @classmethod
@@ -95,6 +105,8 @@ class Scheme:
                 return cls(kind)
             if kind is SchemeKind.INT8_CHANNEL:
                 return cls(kind, bits=int(data.get("bits", 8)))
+            if kind is SchemeKind.NVFP4:
+                return cls(kind, int(data.get("bits", 4)), int(data.get("group_size", NVFP4_GROUP_SIZE)))
             return cls(kind, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)))
         except NanoqError as err:
             raise NanoqError(f"{where}: {err}") from None
@@ -104,6 +116,7 @@ class Scheme:
 
 FLOAT = Scheme(SchemeKind.FLOAT)
 INT8_CHANNEL = Scheme(SchemeKind.INT8_CHANNEL, bits=8)
+NVFP4 = Scheme(SchemeKind.NVFP4, bits=4, group_size=NVFP4_GROUP_SIZE)
 
 
 def parse_scheme(text: str) -> Scheme:
@@ -113,6 +126,8 @@ def parse_scheme(text: str) -> Scheme:
         return FLOAT
     if name in ("int8", "w8"):
         return INT8_CHANNEL
+    if name == "nvfp4":
+        return NVFP4
     match = _GROUP_RE.match(name)
     if not match:
         raise NanoqError(f"unknown scheme {text!r} (valid: {SCHEME_GRAMMAR})")

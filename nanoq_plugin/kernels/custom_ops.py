@@ -7,20 +7,24 @@ import torch
 import torch.nn.functional as F
 
 from ..format.reference import dequantize, gather_rows
-from ..format.schemes import INT8_CHANNEL, Scheme, SchemeKind
+from ..format.schemes import INT8_CHANNEL, NVFP4, NVFP4_GROUP_SIZE, Scheme, SchemeKind
+
+# The ops take (qweight, scales, zeros, bits, group_size): group_size 0 means int8 per channel, and group
+# size 16 means nvfp4, whose float32 global scale travels in the `zeros` slot.
 
 
 def _scheme(bits: int, group_size: int, has_zeros: bool) -> Scheme:
-    """group_size 0 means int8 per channel."""
     if group_size == 0:
         return INT8_CHANNEL
+    if group_size == NVFP4_GROUP_SIZE:
+        return NVFP4
     return Scheme(SchemeKind.INT_GROUP, bits, group_size, symmetric=not has_zeros)
 
 
 def _stored(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> dict[str, torch.Tensor]:
     tensors = {"qweight": qweight, "scales": scales}
     if zeros is not None:
-        tensors["zeros"] = zeros
+        tensors["global_scale" if zeros.dtype == torch.float32 else "zeros"] = zeros
     return tensors
 
 

@@ -10,9 +10,14 @@ from .custom_ops import embedding, reference_linear
 
 
 def op_args(config: LinearConfig) -> tuple[int, int]:
-    """(bits, group_size) as the custom ops take them; group_size 0 means int8 per channel."""
+    """(bits, group_size) as the custom ops take them (custom_ops: 0 is int8 per channel, 16 is nvfp4)."""
     scheme = config.scheme
-    return scheme.bits, scheme.group_size if scheme.kind is SchemeKind.INT_GROUP else 0
+    return scheme.bits, 0 if scheme.kind is SchemeKind.INT8_CHANNEL else scheme.group_size
+
+
+def third_tensor(prepared: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What the ops take in their `zeros` slot: the zeros, or nvfp4's global scale."""
+    return prepared.get("zeros", prepared.get("global_scale"))
 
 
 class StoredTensorKernel:
@@ -23,14 +28,14 @@ class StoredTensorKernel:
 
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
         bits, group_size = op_args(config)
-        return self.linear_op(x, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+        return self.linear_op(x, prepared["qweight"], prepared["scales"], third_tensor(prepared),
                               bits, group_size, config.out_features)
 
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
                     dtype: torch.dtype) -> torch.Tensor:
         """Embedding rows through `nano::embedding` (the Triton gather on CUDA, the reference elsewhere)."""
         bits, group_size = op_args(config)
-        return embedding(ids, prepared["qweight"], prepared["scales"], prepared.get("zeros"),
+        return embedding(ids, prepared["qweight"], prepared["scales"], third_tensor(prepared),
                          bits, group_size, config.in_features, dtype)
 
 

@@ -22,11 +22,13 @@ from ..format.layout import TensorSpec, param_specs, stored_bytes
 from ..format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
 from ..format.quant_config import NanoQuantConfig
 from ..format.reference import dequantize
-from ..format.schemes import Scheme
+from ..format.schemes import Scheme, SchemeKind
 from .architectures import Architecture, architecture_for
-from .recipe import Plan, Recipe, resolve_plan
-from .block_runner import BlockRunner
+from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
+from .awq import search_scales
+from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
 from .calibration import calibration_windows
+from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, gptq_quantize
 from .rtn import quantize_rtn
 
@@ -88,46 +90,145 @@ def _versions() -> dict:
     }
 
 
-def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, device: torch.device):
-    """RTN: stored tensors and the manifest record of one module."""
+def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, device: torch.device,
+                     global_scale: torch.Tensor | None = None, alpha: float = 1.0):
+    """RTN (NVFP4 with `global_scale` and `alpha`): stored tensors and the manifest record of one module."""
     source = weight.to(device=device, dtype=torch.float32)
+    if scheme.kind is SchemeKind.NVFP4:
+        tensors = quantize_nvfp4(source, scheme, global_scale, alpha)
+        record = _module_record(source, weight.dtype, tensors, scheme, requested)
+        record.packed_entropy_bits = packed_entropy_bits(tensors["qweight"])
+        return tensors, record
     tensors = quantize_rtn(source, scheme)
-    return tensors, _module_record(weight.to(device), tensors, scheme, requested)
+    return tensors, _module_record(source, weight.dtype, tensors, scheme, requested)
 
 
-def _module_record(source_weight: torch.Tensor, tensors: dict, scheme: Scheme, requested: Scheme) -> ModuleRecord:
-    original = source_weight.to(torch.float32)
+def _nvfp4_global_scales(tensors: dict[str, torch.Tensor], plan: Plan, arch: Architecture,
+                         alpha: float) -> dict[str, torch.Tensor]:
+    """Module -> NVFP4 global scale `[1]` for the nvfp4 modules among `tensors`; the parts of a fused q/k/v or
+    gate/up share one, from their joint amax (engines and compressed-tensors keep one per fused layer)."""
+    modules = {name.removesuffix(".weight") for name in tensors if name.endswith(".weight")}
+    nvfp4 = {m for m in modules if m in plan.modules and plan.modules[m].scheme.kind is SchemeKind.NVFP4}
+    scales: dict[str, torch.Tensor] = {}
+    for module in sorted(nvfp4):
+        if module in scales:
+            continue
+        group = [module]
+        stem, _, name = module.rpartition(".")
+        parent, _, owner = stem.rpartition(".")
+        for fused in arch.fused_groups:
+            if f"{owner}.{name}" in fused:
+                group = [f"{parent}.{part}" for part in fused if f"{parent}.{part}" in nvfp4]
+        amax = max(tensors[f"{m}.weight"].abs().max().item() for m in group)
+        for m in group:
+            scales[m] = global_scale_for(amax, alpha)
+    return scales
+
+
+def _module_record(reference: torch.Tensor, source_dtype: torch.dtype, tensors: dict, scheme: Scheme,
+                   requested: Scheme) -> ModuleRecord:
+    """The manifest record of a module stored as `tensors`; `reference [N, K]` is the float weight they encode
+    (the source weight, times AWQ's scales where they were folded in)."""
+    original = reference.to(torch.float32)
     restored = dequantize(tensors, scheme, *original.shape).to(original.device)
     rel_error = (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item()
     specs = param_specs(scheme, *original.shape)
     return ModuleRecord(scheme=scheme, requested_scheme=requested, shape=tuple(original.shape),
-                        source_dtype=source_weight.dtype, stored_bytes=stored_bytes(specs), rel_error=rel_error,
+                        source_dtype=source_dtype, stored_bytes=stored_bytes(specs), rel_error=rel_error,
                         tensors=specs)
 
 
-def _gptq_block(runner: BlockRunner, arch: Architecture, plan: Plan, index: int, tensors: dict[str, torch.Tensor],
-                hidden: torch.Tensor, settings: GptqSettings) -> tuple[dict, torch.Tensor]:
-    """GPTQ the planned linears of block `index`, group by group (true sequential); returns
-    module -> (stored tensors, record) and the block's output computed with its quantized weights."""
-    block = runner.build(index, tensors, arch.block_prefix)
-    results = {}
+# AWQ folds a group's input scale into the op that produces the group's input (o_proj has none: with grouped
+# query attention its input channels do not map one to one onto v_proj's outputs).
+AWQ_PRODUCERS = {ATTENTION_INPUT: "input_layernorm", MLP_INPUT: "post_attention_layernorm", MLP_OUTPUT: "mlp.up_proj"}
 
-    def quantize_group(group: tuple[str, ...], inputs: list[torch.Tensor]) -> bool:
-        modules = {f"{arch.block_prefix}.{index}.{name}": name for name in group}
-        planned = {m: plan.modules[m] for m in modules if m in plan.modules and plan.modules[m].scheme.is_quantized}
+
+class _CalibratedBlock:
+    """Quantizes the planned linears of one decoder block with a calibrated method while the block runner
+    walks it (true sequential): GPTQ, AWQ (scales + clip-searched RTN), or AWQ scales then GPTQ."""
+
+    def __init__(self, runner: BlockRunner, arch: Architecture, plan: Plan, index: int,
+                 tensors: dict[str, torch.Tensor], method: str, settings: GptqSettings) -> None:
+        self.runner, self.plan, self.tensors, self.settings = runner, plan, tensors, settings
+        self.prefix = f"{arch.block_prefix}.{index}"
+        self.block = runner.build(index, tensors, arch.block_prefix)
+        self.use_awq, self.use_gptq = method in ("awq", "awq-gptq"), method in ("gptq", "awq-gptq")
+        self.results: dict[str, tuple[dict, ModuleRecord]] = {}
+        self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
+        self.awq_ratios: dict[str, float] = {}
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors."""
+        return self.runner.walk(self.block, hidden, self.visit)
+
+    def _planned(self, group: tuple[str, ...]) -> dict[str, PlannedModule]:
+        entries = {name: self.plan.modules.get(f"{self.prefix}.{name}") for name in group}
+        return {name: e for name, e in entries.items() if e is not None and e.scheme.is_quantized}
+
+    def _store_float(self, name: str) -> None:
+        """Write a float module's (scaled) weight back to the tensors the block is saved from."""
+        key = f"{self.prefix}.{name}"
+        self.tensors[key] = self.block.get_submodule(name.removesuffix(".weight")).weight.data.to(self.tensors[key].dtype)
+
+    def _fold_into_producer(self, group: tuple[str, ...], scale: torch.Tensor) -> None:
+        """Divide the output channels of the op producing `group`'s input by `scale [K]`."""
+        producer = AWQ_PRODUCERS[group]
+        module = self.block.get_submodule(producer)
+        key = f"{self.prefix}.{producer}"
+        if key in self.results:  # a quantized linear: its per-output-channel scales absorb the division
+            stored, record = self.results[key]
+            stored["scales"] = (stored["scales"].to(torch.float32) / scale).to(stored["scales"].dtype)
+            self.references[key] = self.references[key] / scale.unsqueeze(1)
+            self.results[key] = (stored, _module_record(self.references[key], record.source_dtype, stored,
+                                                        record.scheme, record.requested_scheme))
+            module.weight.data = dequantize(stored, record.scheme, *module.weight.shape).to(module.weight.device)
+            return
+        weight = module.weight.data
+        module.weight.data = weight / (scale if weight.dim() == 1 else scale.unsqueeze(1))
+        self._store_float(f"{producer}.weight")
+        module.weight.data = self.tensors[f"{key}.weight"].to(torch.float32).to(weight.device)  # as stored
+
+    def visit(self, group: tuple[str, ...], inputs: list[torch.Tensor]) -> bool:
+        planned = self._planned(group)
         if not planned:
             return False
-        hessian = HessianAccumulator(inputs[0].shape[-1], runner.device)
+        hessian = HessianAccumulator(inputs[0].shape[-1], self.runner.device)
+        abs_sum = torch.zeros(inputs[0].shape[-1], device=self.runner.device)
         for chunk in inputs:
             hessian.add(chunk)
-        for module, entry in planned.items():
-            linear = block.get_submodule(modules[module])
-            stored = gptq_quantize(linear.weight.data, hessian.hessian, entry.scheme, settings, where=module)
-            results[module] = (stored, _module_record(tensors[f"{module}.weight"], stored, entry.scheme, entry.requested))
-            linear.weight.data = dequantize(stored, entry.scheme, *linear.weight.shape).to(runner.device)
-        return False  # the group's inputs are unchanged
-
-    return results, runner.walk(block, hidden, quantize_group)
+            abs_sum += chunk.abs().sum(dim=tuple(range(chunk.dim() - 1)))
+        h = hessian.hessian
+        inputs_changed = False
+        if self.use_awq and group in AWQ_PRODUCERS:
+            linears = {name: self.block.get_submodule(name) for name in group}
+            scale, ratio = search_scales([linears[n].weight.data for n in planned],
+                                         [e.scheme for e in planned.values()], h, abs_sum / hessian.samples)
+            self.awq_ratios[f"{self.prefix}.{AWQ_PRODUCERS[group]}"] = ratio
+            if ratio >= 0:  # not the identity
+                self._fold_into_producer(group, scale)
+                for name, linear in linears.items():
+                    linear.weight.data = linear.weight.data * scale
+                    if name not in planned:
+                        self._store_float(f"{name}.weight")
+                h = h / scale.unsqueeze(1) / scale.unsqueeze(0)
+                if group == MLP_OUTPUT:  # the inputs are up_proj's outputs: divide them instead of recomputing
+                    for chunk in inputs:
+                        chunk.div_(scale)
+                else:
+                    inputs_changed = True  # a norm: cheap to recompute
+        for name, entry in planned.items():
+            module = f"{self.prefix}.{name}"
+            linear = self.block.get_submodule(name)
+            weight = linear.weight.data
+            if self.use_gptq:
+                stored = gptq_quantize(weight, h, entry.scheme, self.settings, where=module)
+            else:
+                stored = quantize_rtn(weight, entry.scheme, clip_search=True)
+            self.references[module] = weight
+            self.results[module] = (stored, _module_record(weight, self.tensors[f"{module}.weight"].dtype, stored,
+                                                           entry.scheme, entry.requested))
+            linear.weight.data = dequantize(stored, entry.scheme, *weight.shape).to(self.runner.device)
+        return inputs_changed
 
 
 def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None, calib_info: dict | None) -> dict:
@@ -163,7 +264,7 @@ def quantize_checkpoint(
     calibration: str | None = None,
     progress: bool = True,
     max_shard_bytes: int = 512 * 2**20,
-    calib_windows: int = 64,
+    calib_windows: int = 128,
     calib_seq_len: int = 512,
     gptq: GptqSettings = GptqSettings(),
 ) -> QuantizeResult:
@@ -185,8 +286,8 @@ def quantize_checkpoint(
         raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
     if calibration is not None and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
-    if recipe.method == "gptq" and calibration is None:
-        raise NanoqError("method gptq needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")
+    if recipe.method in CALIBRATED_METHODS and calibration is None:
+        raise NanoqError(f"method {recipe.method} needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")
     tables = {m: tuple(source.shape(f"{m}.weight")) for m in (arch.embedding, arch.lm_head) if f"{m}.weight" in source}
     tied = bool(source.config.get("tie_word_embeddings", False))
     plan: Plan = resolve_plan(recipe, arch, _block_linear_shapes(source, arch, num_layers), tables, tied)
@@ -205,6 +306,7 @@ def quantize_checkpoint(
         def write(tensors: dict[str, torch.Tensor], done: dict | None = None) -> None:
             """Store the planned modules among `tensors` quantized (RTN unless `done` holds them already),
             the rest in their stored dtype."""
+            global_scales = _nvfp4_global_scales(tensors, plan, arch, recipe.nvfp4_alpha)
             for name, tensor in tensors.items():
                 if plan.tied_lm_head is not None and name == f"{arch.lm_head}.weight":
                     continue  # the head is the quantized embedding table
@@ -217,14 +319,15 @@ def quantize_checkpoint(
                 if done and module in done:
                     quantized, record = done[module]
                 else:
-                    quantized, record = _quantize_module(tensor, planned.scheme, planned.requested, torch_device)
+                    quantized, record = _quantize_module(tensor, planned.scheme, planned.requested, torch_device,
+                                                         global_scales.get(module), recipe.nvfp4_alpha)
                 for part, value in quantized.items():
                     writer.add(f"{module}.{part}", value.cpu())
                 records[module] = record
 
         outside = dict(source.items(by_block.get(None, [])))
         hidden = runner = calib_info = None
-        if recipe.method == "gptq":
+        if recipe.method in CALIBRATED_METHODS:
             ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
             calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
                           "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
@@ -239,7 +342,11 @@ def quantize_checkpoint(
             done = None
             if runner is not None:
                 block_start = time.perf_counter()
-                done, hidden = _gptq_block(runner, arch, plan, index, block_tensors, hidden, gptq)
+                calibrated = _CalibratedBlock(runner, arch, plan, index, block_tensors, recipe.method, gptq)
+                hidden = calibrated.run(hidden)
+                done = calibrated.results
+                if calibrated.awq_ratios:
+                    calib_info.setdefault("awq_ratios", {}).update(calibrated.awq_ratios)
                 bar.set_postfix(block_s=f"{time.perf_counter() - block_start:.1f}",
                                 peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
             write(block_tensors, done)

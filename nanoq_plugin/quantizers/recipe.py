@@ -2,7 +2,7 @@
 
 YAML recipe file:
 
-    method: rtn                    # rtn, or gptq (needs --calib)
+    method: rtn                    # rtn; gptq, awq or awq-gptq (these need --calib)
     default: int4g128              # scheme of every block linear no rule matches
     group_size_fallback: false     # true: a group size that does not divide K falls back to 64, then 32
     rules:                         # first match wins; regexes are searched in the module name
@@ -28,10 +28,11 @@ import yaml
 
 from ..errors import NanoqError
 from ..format.layout import check_shape_fits
-from ..format.schemes import ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, Scheme, SchemeKind, parse_scheme
+from ..format.schemes import ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, NVFP4, Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")  # these need --calib text
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Recipe:
     method: str = "rtn"
     embeddings: Scheme = FLOAT
     lm_head: Scheme = FLOAT
+    nvfp4_alpha: float = 1.0  # NVFP4 block-scale inflation (quantizers.nvfp4)
 
     def with_method(self, method: str) -> "Recipe":
         """The same recipe quantized by another algorithm (`METHODS`)."""
@@ -79,6 +81,7 @@ class Recipe:
             "rules": [{"match": r.pattern, "scheme": r.scheme.name} for r in self.rules],
             "embeddings": self.embeddings.name,
             "lm_head": self.lm_head.name,
+            "nvfp4_alpha": self.nvfp4_alpha,
         }
 
 
@@ -89,6 +92,8 @@ PRESETS: dict[str, Recipe] = {
     "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),
     "w3g128": Recipe("w3g128", parse_scheme("int3g128"), group_size_fallback=True),
     "w2g64": Recipe("w2g64", parse_scheme("int2g64"), group_size_fallback=True),
+    "nvfp4": Recipe("nvfp4", NVFP4),
+    "nvfp4-alpha2": Recipe("nvfp4-alpha2", NVFP4, nvfp4_alpha=2.0),
     "qkv-fp16": Recipe(
         "qkv-fp16", parse_scheme("int4g128"), rules=(Rule(r"self_attn\.(q|k|v)_proj$", FLOAT),),
         group_size_fallback=True, embeddings=INT8_CHANNEL, lm_head=INT8_CHANNEL,
@@ -132,7 +137,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise NanoqError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise NanoqError(f"{path}: a recipe is a YAML mapping with 'default' and optional 'rules'")
-    allowed = ("method", "default", "group_size_fallback", "rules", "name", "embeddings", "lm_head")
+    allowed = ("method", "default", "group_size_fallback", "rules", "name", "embeddings", "lm_head", "nvfp4_alpha")
     unknown = set(data) - set(allowed)
     if unknown:
         raise NanoqError(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {', '.join(allowed)})")
@@ -153,7 +158,18 @@ def load_recipe(name_or_path: str) -> Recipe:
         method=method,
         embeddings=_scheme_in(data.get("embeddings", "float"), f"{path}: embeddings"),
         lm_head=_scheme_in(data.get("lm_head", "float"), f"{path}: lm_head"),
+        nvfp4_alpha=_positive_float(data.get("nvfp4_alpha", 1.0), f"{path}: nvfp4_alpha"),
     )
+
+
+def _positive_float(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise NanoqError(f"{where}: expected a positive number, got {value!r}")
+    return number
 
 
 @dataclass
@@ -210,6 +226,10 @@ def resolve_plan(
             _fit_group_size(requested, recipe, module, out_features, in_features), requested
         )
     tables = table_shapes or {}
+    if recipe.embeddings.kind is SchemeKind.NVFP4:
+        raise NanoqError(f"recipe {recipe.name}: embeddings: nvfp4 is for linears (use int8 or int4g128 for the table)")
+    if recipe.method != "rtn" and any(p.scheme.kind is SchemeKind.NVFP4 for p in plan.modules.values()):
+        raise NanoqError(f"recipe {recipe.name}: nvfp4 is quantized by rtn only (got method {recipe.method})")
     if arch.embedding in tables:
         plan.modules[arch.embedding] = PlannedModule(
             _fit_group_size(recipe.embeddings, recipe, arch.embedding, *tables[arch.embedding]), recipe.embeddings

@@ -59,14 +59,6 @@ def test_dead_inputs_get_zero_weight_and_bad_hessian_shape_is_named():
         gptq_quantize(weight, torch.eye(32), parse_scheme("int4g32"), where="layer.x")
 
 
-@pytest.fixture
-def tiny_llama_with_tokenizer(tmp_path, make_tiny_model, smollm2_dir):
-    source = make_tiny_model("llama", tmp_path / "src", dtype=torch.float32, vocab_size=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, source / name)
-    return source
-
-
 def test_gptq_pipeline_end_to_end(tiny_llama_with_tokenizer, tmp_path, wikitext):
     source = tiny_llama_with_tokenizer
     recipe = load_recipe("w3g128").with_method("gptq")

@@ -19,7 +19,7 @@ from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
-PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
+PRESETS = ("w8", "w4g128", "w3g128", "w2g64", "nvfp4")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -164,3 +164,27 @@ def test_tied_checkpoint_with_a_stored_head_is_refused(tmp_path, make_tiny_model
     save_file(tensors, out / "model.safetensors")
     with pytest.raises(Exception, match=r"model.safetensors: 'lm_head.weight' is stored although config.json ties"):
         load_nano_checkpoint(out)
+
+
+def test_nvfp4_fused_parts_share_a_global_scale_and_entropy_is_recorded(tiny_llama, tmp_path):
+    from nanoq_plugin.engines.common import fused_scheme
+    from nanoq_plugin.errors import NanoqError
+    from nanoq_plugin.format.quant_config import NanoQuantConfig
+
+    out = tmp_path / "nvfp4"
+    result = quantize_checkpoint(tiny_llama, out, load_recipe("nvfp4-alpha2"), progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        for index in range(2):
+            stem = f"model.layers.{index}"
+            for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+                scales = {handle.get_tensor(f"{stem}.{part}.global_scale").item() for part in group}
+                assert len(scales) == 1, (stem, group, scales)
+            assert handle.get_tensor(f"{stem}.self_attn.o_proj.global_scale").item() != \
+                handle.get_tensor(f"{stem}.self_attn.q_proj.global_scale").item()
+    modules = result.manifest["modules"]
+    assert all(0 < m["packed_entropy_bits"] <= 8 for m in modules.values())
+    assert 0 < result.manifest["totals"]["packed_entropy_bits"] < 8
+    assert result.manifest["provenance"]["recipe"]["nvfp4_alpha"] == 2.0
+    config = NanoQuantConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    with pytest.raises(NanoqError, match="qkv_proj is nvfp4, which vLLM serves natively: convert the checkpoint"):
+        fused_scheme(config, "model.layers.0.self_attn.qkv_proj", {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}, "vLLM")

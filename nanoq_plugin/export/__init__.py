@@ -1,0 +1,1 @@
+"""Writers of other checkpoint formats (compressed-tensors; GGUF later)."""
