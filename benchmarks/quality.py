@@ -35,8 +35,13 @@ CONFIGS: dict[str, Recipe] = {
     "w8": load_recipe("w8"),
     "w4g128": load_recipe("w4g128"),
     "w4g128-gptq": load_recipe("w4g128").with_method("gptq"),
+    "w4g128-awq": load_recipe("w4g128").with_method("awq"),
+    "w4g128-awq-gptq": load_recipe("w4g128").with_method("awq-gptq"),
     "w3g128": load_recipe("w3g128"),
     "w3g128-gptq": load_recipe("w3g128").with_method("gptq"),
+    "w3g128-awq-gptq": load_recipe("w3g128").with_method("awq-gptq"),
+    "nvfp4": load_recipe("nvfp4"),
+    "nvfp4-alpha2": load_recipe("nvfp4-alpha2"),
     "qkv-fp16": load_recipe("qkv-fp16"),
     # like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
     "int4g64": Recipe("int4g64", parse_scheme("int4g64")),
@@ -51,7 +56,7 @@ def main() -> None:
     parser.add_argument("--text", default=str(DATA / "wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--work", default=str(REPO / ".cache/bench"))
     parser.add_argument("--calib", default=str(DATA / "wikitext-2/wiki.valid.tokens"))
-    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/quality-smollm2"))
     args = parser.parse_args()
@@ -64,12 +69,15 @@ def main() -> None:
     for preset in args.only:
         recipe = CONFIGS[preset]
         target = work / f"smollm2-{preset}"
+        timing = work / f"smollm2-{preset}.seconds.json"
         if not (target / "nano_manifest.json").is_file():
             calibrated = recipe.method != "rtn"
             result = quantize_checkpoint(base_dir, target, recipe, progress=True,
                                          calibration=args.calib if calibrated else None,
                                          calib_windows=args.calib_windows)
-            quantize_seconds[preset] = round(result.seconds, 2)
+            timing.write_text(json.dumps({"seconds": round(result.seconds, 2),
+                                          "peak_rss_gib": round(result.peak_rss_bytes / 2**30, 2)}))
+        quantize_seconds[preset] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
         checkpoints[preset] = target
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -90,6 +98,7 @@ def main() -> None:
             "method": manifest["provenance"]["recipe"]["method"],
             "calibration": manifest["provenance"]["calibration"],
             "perplexity": round(result.perplexity[preset], 4),
+            "packed_entropy_bits": totals.get("packed_entropy_bits"),
             "ppl_ratio": round(result.perplexity[preset] / result.perplexity["base"], 4),
             "last_logit_cosine": round(result.last_logit_cosine[preset], 5),
             "bits_per_weight_quantized_modules": totals["quantized_bits_per_weight"],

@@ -12,6 +12,10 @@ For a linear with weight `[N, K]` (N = out features, K = in features), G = group
 | nvfp4      | qweight  | uint8   | [K / 2, N]         | dim 1 / dim 0 (2 codes per byte) |
 | nvfp4      | scales   | float8_e4m3fn | [K / 16, N]  | dim 1 / dim 0                    |
 | nvfp4      | global_scale | float32 | [1]            | replicated (shared by fused parts) |
+| codebook   | qweight  | int32   | [K * b / 32, N]    | dim 1 / dim 0 (as int_group)     |
+| codebook   | scales   | float16 | [K / G, N]         | dim 1 / dim 0                    |
+| codebook   | codebook | float32 | [2 ** b]           | replicated                       |
+| codebook   | signs    | int8    | [K]                | replicated / dim 0               |
 
 A float module keeps its ordinary `P.weight` in the stored dtype. A bias is always `P.bias` in float.
 """
@@ -44,7 +48,7 @@ class TensorSpec:
 
 def check_shape_fits(scheme: Scheme, out_features: int, in_features: int, where: str) -> None:
     """Raise NanoqError unless a `[out_features, in_features]` weight can be stored with `scheme`."""
-    if scheme.kind is SchemeKind.INT_GROUP:
+    if scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK):
         if in_features % scheme.group_size:
             fits = [g for g in (128, 64, 32) if in_features % g == 0]
             hint = f"choose group size {' or '.join(map(str, fits))}" if fits else "keep it in float"
@@ -73,7 +77,10 @@ def param_specs(scheme: Scheme, out_features: int, in_features: int) -> dict[str
         "qweight": TensorSpec((packed_rows(k, scheme.bits), n), torch.int32),
         "scales": TensorSpec((groups, n), SCALE_DTYPE),
     }
-    if not scheme.symmetric:
+    if scheme.kind is SchemeKind.CODEBOOK:
+        specs["codebook"] = TensorSpec((1 << scheme.bits,), torch.float32)
+        specs["signs"] = TensorSpec((k,), torch.int8)
+    elif not scheme.symmetric:
         specs["zeros"] = TensorSpec((groups, n), ZERO_DTYPE)
     return specs
 

@@ -11,6 +11,11 @@ NVFP4 (`nvfp4`): E2M1 codes `q [K, N]` (format.fp4, packed two per byte along K)
 
     W[n, k] = e2m1(q[k, n]) * s[k // 16, n] / global_scale
 
+Codebook (`cb{b}g{G}`): codes `q [K, N]` packed like int_group, float16 scales `s [K/G, N]`, float32 levels
+`c [2**b]` and int8 `signs [K]` of the rotation `R` (format.hadamard). The codes describe the rotated weight:
+
+    W' [n, k] = c[q[k, n]] * s[k // G, n]        W = W' R  (format.hadamard.unrotate_weight)
+
 Quantizers choose the scales (RTN, GPTQ, ...); `compress` rounds with the *stored* (float16) scales, so
 `dequantize(compress(W, ...))` equals the fake-quantized weight bit for bit.
 """
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import NanoqError
+from .hadamard import unrotate_weight
 from .fp4 import decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
 from .layout import NVFP4_SCALE_DTYPE, SCALE_DTYPE, ZERO_DTYPE, check_shape_fits, param_specs
 from .packing import pack_codes, unpack_codes
@@ -71,6 +77,8 @@ def compress(
     check_shape_fits(scheme, n, k, "weight")
     if scheme.kind is SchemeKind.NVFP4:
         return _compress_nvfp4(weight, scheme, scales, zeros)
+    if scheme.kind is SchemeKind.CODEBOOK:
+        raise NanoqError("codebook schemes are encoded by quantizers.codebook.compress_codebook")
     if scheme.kind is SchemeKind.INT_GROUP and scheme.symmetric != (zeros is None):
         raise NanoqError(f"scheme {scheme.name}: zeros must be given exactly when the scheme is asymmetric")
     codes = encode_codes(weight, scheme, scales, zeros)
@@ -118,6 +126,9 @@ def dequantize(
         values = decode_e2m1(unpack_fp4(tensors["qweight"], 0))
         step = _expand_groups(scales, scheme.group_size) / tensors["global_scale"].to(torch.float32)
         return (values * step).t().to(dtype)
+    if scheme.kind is SchemeKind.CODEBOOK:
+        return unrotate_weight(rotated_codebook_weight(tensors, scheme, out_features, in_features),
+                               tensors["signs"], scheme.group_size).to(dtype)
     if scheme.kind is SchemeKind.INT8_CHANNEL:
         weight_t = tensors["qweight"].to(torch.float32) * scales.view(1, -1)
         return weight_t.t().to(dtype)
@@ -129,6 +140,15 @@ def dequantize(
         centered = codes - tensors["zeros"].to(torch.float32).view(groups, 1, out_features)
     weight_t = (centered * scales.view(groups, 1, out_features)).view(in_features, out_features)
     return weight_t.t().to(dtype)
+
+
+def rotated_codebook_weight(tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
+                            in_features: int) -> torch.Tensor:
+    """The rotated weight `W' [N, K]` float32 of a codebook scheme: levels of the codes times group scales."""
+    codes = unpack_codes(tensors["qweight"], scheme.bits).long()  # [K, N]
+    levels = tensors["codebook"].to(torch.float32)[codes]
+    scales = _expand_groups(tensors["scales"].to(torch.float32), scheme.group_size)
+    return (levels * scales).t()
 
 
 def gather_rows(

@@ -7,6 +7,8 @@ Grammar of a scheme name (case-insensitive, surrounding spaces ignored):
     int{2,3,4,8}g{32,64,128}   group-wise along the input dim, symmetric
     int{2,3,4,8}g{32,64,128}-asym   the same with an integer zero point per group
     nvfp4                      FP4 E2M1 values, an FP8 E4M3 scale per 16 inputs, one float32 global scale
+    cb{2,3,4}g{32,64,128}      codebook: inputs rotated per group (randomized Hadamard), 2**b learned levels,
+                               one scale per group
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from ..errors import NanoqError
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_GROUP_SIZES = (128, 64, 32)  # largest first: the order of the group-size fallback
-SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym or nvfp4"
+SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym, nvfp4 or cb{2,3,4}g{32,64,128}"
+CODEBOOK_BITS = (2, 3, 4)
 NVFP4_GROUP_SIZE = 16
 
 _GROUP_RE = re.compile(r"^int(\d+)g(\d+)(-asym|-sym)?$")
+_CODEBOOK_RE = re.compile(r"^cb(\d+)g(\d+)$")
 
 
 class SchemeKind(str, Enum):
@@ -32,6 +36,7 @@ class SchemeKind(str, Enum):
     INT8_CHANNEL = "int8_channel"
     INT_GROUP = "int_group"
     NVFP4 = "nvfp4"
+    CODEBOOK = "codebook"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,10 @@ class Scheme:
         elif self.kind is SchemeKind.INT8_CHANNEL:
             if self.bits != 8 or self.group_size is not None or not self.symmetric:
                 raise NanoqError("scheme int8 is per output channel, symmetric, 8 bits: no group size or zero point")
+        elif self.kind is SchemeKind.CODEBOOK:
+            if self.bits not in CODEBOOK_BITS or self.group_size not in ALLOWED_GROUP_SIZES or not self.symmetric:
+                raise NanoqError(f"codebook scheme needs bits in {CODEBOOK_BITS} and a group size in "
+                                 f"{sorted(ALLOWED_GROUP_SIZES)}")
         elif self.kind is SchemeKind.NVFP4:
             if self.bits != 4 or self.group_size != NVFP4_GROUP_SIZE or not self.symmetric:
                 raise NanoqError("scheme nvfp4 is 4 bits, symmetric, in groups of 16")
@@ -69,6 +78,8 @@ class Scheme:
             return "int8"
         if self.kind is SchemeKind.NVFP4:
             return "nvfp4"
+        if self.kind is SchemeKind.CODEBOOK:
+            return f"cb{self.bits}g{self.group_size}"
         return f"int{self.bits}g{self.group_size}" + ("" if self.symmetric else "-asym")
 
     @property
@@ -76,7 +87,7 @@ class Scheme:
         return self.kind is not SchemeKind.FLOAT
 
     def with_group_size(self, group_size: int) -> "Scheme":
-        """The same scheme with another group size (INT_GROUP only)."""
+        """The same scheme with another group size (INT_GROUP and CODEBOOK)."""
         return Scheme(self.kind, self.bits, group_size, self.symmetric)
 
     def to_dict(self) -> dict:
@@ -87,7 +98,7 @@ class Scheme:
         if self.kind is SchemeKind.INT_GROUP:
             out["group_size"] = self.group_size
             out["symmetric"] = self.symmetric
-        if self.kind is SchemeKind.NVFP4:
+        if self.kind in (SchemeKind.NVFP4, SchemeKind.CODEBOOK):
             out["group_size"] = self.group_size
         return out
 
@@ -107,6 +118,8 @@ class Scheme:
                 return cls(kind, bits=int(data.get("bits", 8)))
             if kind is SchemeKind.NVFP4:
                 return cls(kind, int(data.get("bits", 4)), int(data.get("group_size", NVFP4_GROUP_SIZE)))
+            if kind is SchemeKind.CODEBOOK:
+                return cls(kind, int(data["bits"]), int(data["group_size"]))
             return cls(kind, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)))
         except NanoqError as err:
             raise NanoqError(f"{where}: {err}") from None
@@ -128,6 +141,12 @@ def parse_scheme(text: str) -> Scheme:
         return INT8_CHANNEL
     if name == "nvfp4":
         return NVFP4
+    codebook = _CODEBOOK_RE.match(name)
+    if codebook:
+        try:
+            return Scheme(SchemeKind.CODEBOOK, int(codebook.group(1)), int(codebook.group(2)))
+        except NanoqError as err:
+            raise NanoqError(f"unknown scheme {text!r}: {err} (valid: {SCHEME_GRAMMAR})") from None
     match = _GROUP_RE.match(name)
     if not match:
         raise NanoqError(f"unknown scheme {text!r} (valid: {SCHEME_GRAMMAR})")

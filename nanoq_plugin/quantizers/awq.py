@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
-from .rtn import quantize_rtn
+from .rtn import fake_quantize_rtn
 
 RATIO_GRID = 20
 MIN_SCALE = 1e-4
@@ -56,7 +55,7 @@ def search_scales(
         error = 0.0
         for weight, scheme in zip(weights, schemes):
             scaled = weight.to(torch.float32) * scale
-            restored = dequantize(quantize_rtn(scaled, scheme), scheme, *weight.shape).to(scaled.device) / scale
+            restored = fake_quantize_rtn(scaled, scheme) / scale
             error += output_error(weight, restored, hessian)
         if error < best_error:
             best_error, best_scale, best_ratio = error, scale, (-1.0 if ratio is None else ratio)

@@ -15,6 +15,7 @@ needs the scheme's scales; packing happens once at the end (`format.reference.co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,26 +86,33 @@ def _fake_quantize(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (torch.clamp(torch.round(column / scale) + zero, 0, max_code) - zero) * scale
 
 
-def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, settings: GptqSettings = GptqSettings(),
-    where: str = "linear",
-) -> dict[str, torch.Tensor]:
-    """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of `scheme`."""
-    w = weight.to(torch.float32).clone()
-    n, k = w.shape
+# fake_quantize(column [N] float32, k) -> the column's quantized values [N] (on the stored grid of input k)
+ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def check_hessian(weight: torch.Tensor, hessian: torch.Tensor, where: str) -> None:
+    """NanoqError naming `where` unless `hessian` is `[K, K]` for `weight [N, K]`."""
+    k = weight.shape[1]
     if hessian.shape != (k, k):
         raise NanoqError(f"{where}: Hessian is {list(hessian.shape)}, expected [{k}, {k}]")
+
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, fake_quantize: ColumnQuantizer,
+               settings: GptqSettings = GptqSettings(), where: str = "linear") -> torch.Tensor:
+    """The GPTQ loop: quantize `weight [N, K]` column by column with `fake_quantize`, spreading each column's
+    error over the later columns through the inverse of `hessian [K, K]`; returns the quantized weight
+    `[N, K]` float32 (every column on its grid). Inputs with a zero Hessian diagonal get weight 0."""
+    check_hessian(weight, hessian, where)
+    w = weight.to(torch.float32).clone()
+    n, k = w.shape
     h = hessian.to(device=w.device, dtype=torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scales, zeros = rtn_scales(w, scheme, settings.clip_search)
-    col_scale, col_zero = _column_quant_params(scales, zeros, scheme, k)  # [K, N]
 
     order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=w.device)
     w = w[:, order]
     h = h[order][:, order]
-    col_scale, col_zero = col_scale[order], col_zero[order]
     h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
     try:
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -112,6 +120,7 @@ def gptq_quantize(
         raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
                          "(raise it, or use more calibration data)") from None
 
+    original_index = order.tolist()
     quantized = torch.zeros_like(w)
     for start in range(0, k, settings.block_size):
         end = min(start + settings.block_size, k)
@@ -120,7 +129,7 @@ def gptq_quantize(
         h_block = h_inv[start:end, start:end]
         for i in range(end - start):
             column = block[:, i]
-            q = _fake_quantize(column, col_scale[start + i], col_zero[start + i], scheme)
+            q = fake_quantize(column, original_index[start + i])
             quantized[:, start + i] = q
             error = (column - q) / h_block[i, i]
             block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
@@ -128,4 +137,20 @@ def gptq_quantize(
         w[:, end:] -= errors @ h_inv[start:end, end:]
     restored = torch.empty_like(quantized)
     restored[:, order] = quantized
+    return restored
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, settings: GptqSettings = GptqSettings(),
+    where: str = "linear",
+) -> dict[str, torch.Tensor]:
+    """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of an
+    integer `scheme` (group-wise or int8 per channel)."""
+    check_hessian(weight, hessian, where)
+    w = weight.to(torch.float32)
+    dead = torch.diag(hessian) == 0
+    scales, zeros = rtn_scales(torch.where(dead.to(w.device), 0.0, w), scheme, settings.clip_search)
+    col_scale, col_zero = _column_quant_params(scales, zeros, scheme, w.shape[1])  # [K, N]
+    restored = gptq_solve(w, hessian, lambda column, k: _fake_quantize(column, col_scale[k], col_zero[k], scheme),
+                          settings, where)
     return compress(restored, scheme, scales, zeros)

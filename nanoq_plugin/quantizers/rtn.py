@@ -41,15 +41,27 @@ def _range_params(low: torch.Tensor, high: torch.Tensor, scheme: Scheme) -> tupl
     return scales, torch.clamp(torch.round(-low / scales), 0, max_code)
 
 
-def _group_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
-    """`Σ |w - Q(w)|^CLIP_NORM` per group `[N, K/G]` for groups `[N, K/G, G]` and params `[N, K/G]`."""
+def _restored_groups(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     scheme: Scheme) -> torch.Tensor:
+    """Groups `[N, K/G, G]` rounded on the grid of params `[N, K/G]` and restored (float32)."""
     s = scales.unsqueeze(-1)
     if scheme.kind is SchemeKind.INT8_CHANNEL:
-        restored = torch.clamp(torch.round(groups / s), -127, 127) * s
-    else:
-        z = (zeros if zeros is not None else torch.full_like(scales, symmetric_zero(scheme.bits))).unsqueeze(-1)
-        restored = (torch.clamp(torch.round(groups / s) + z, 0, (1 << scheme.bits) - 1) - z) * s
-    return (restored - groups).abs_().pow_(CLIP_NORM).sum(-1)
+        return torch.clamp(torch.round(groups / s), -127, 127) * s
+    z = (zeros if zeros is not None else torch.full_like(scales, symmetric_zero(scheme.bits))).unsqueeze(-1)
+    return (torch.clamp(torch.round(groups / s) + z, 0, (1 << scheme.bits) - 1) - z) * s
+
+
+def _group_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """`Σ |w - Q(w)|^CLIP_NORM` per group `[N, K/G]` for groups `[N, K/G, G]` and params `[N, K/G]`."""
+    return (_restored_groups(groups, scales, zeros, scheme) - groups).abs_().pow_(CLIP_NORM).sum(-1)
+
+
+def fake_quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """`weight [N, K]` rounded to nearest on its min-max grid and restored, float32 `[N, K]`: what
+    `dequantize(quantize_rtn(weight, scheme))` gives, without packing (for searches that try many weights)."""
+    groups = _grouped(weight, scheme)
+    scales, zeros = _range_params(groups.amin(dim=2).clamp_max(0), groups.amax(dim=2).clamp_min(0), scheme)
+    return _restored_groups(groups, scales, zeros, scheme).view(weight.shape)
 
 
 def rtn_scales(weight: torch.Tensor, scheme: Scheme, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -4,7 +4,7 @@ import torch
 from nanoq_plugin.format.reference import dequantize
 
 from nanoq_plugin.format.schemes import INT8_CHANNEL, parse_scheme
-from nanoq_plugin.quantizers.rtn import quantize_rtn, rtn_scales
+from nanoq_plugin.quantizers.rtn import fake_quantize_rtn, quantize_rtn, rtn_scales
 
 
 def test_symmetric_scale_is_group_absmax_over_half_range():
@@ -40,3 +40,11 @@ def test_clip_search_never_raises_the_group_error_and_lowers_it_with_outliers(na
     plain_error = (plain - weight).abs().pow(2.4).sum()
     clipped_error = (clipped - weight).abs().pow(2.4).sum()
     assert clipped_error <= ratio * plain_error  # int8: 127 levels leave little to gain
+
+
+@pytest.mark.parametrize("name", ["int4g32", "int3g64-asym", "int8"])
+def test_fake_quantize_equals_the_stored_round_trip(name):
+    scheme = parse_scheme(name)
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(2))
+    expected = dequantize(quantize_rtn(weight, scheme), scheme, 48, 128)
+    assert torch.equal(fake_quantize_rtn(weight, scheme), expected)
