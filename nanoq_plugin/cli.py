@@ -44,6 +44,17 @@ def _scheme_table(manifest: dict) -> list[str]:
     return rows
 
 
+def _parse_size(text: str) -> int:
+    """`60MB`, `1.5GiB`, `123456` -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1, "": 1}
+    lowered = text.strip().lower()
+    number = lowered.rstrip("kmgib")
+    try:
+        return int(float(number) * units[lowered[len(number):]])
+    except (KeyError, ValueError):
+        raise NanoqError(f"--target-size {text!r}: expected a size like 60MiB, 1.5GB or a byte count") from None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantizers.pipeline import quantize_checkpoint
     from .quantizers.recipe import load_recipe
@@ -53,16 +64,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.method:
         recipe = recipe.with_method(args.method)
+    allocation = None
+    if args.target_bpw is not None or args.target_size is not None:
+        from .quantizers.allocator import DEFAULT_CANDIDATES, parse_candidates
+        from .quantizers.pipeline import AllocationRequest
+
+        if args.target_bpw is not None and args.target_size is not None:
+            raise NanoqError("give --target-bpw or --target-size, not both")
+        allocation = AllocationRequest(
+            candidates=parse_candidates(args.candidates or ",".join(DEFAULT_CANDIDATES)), target_bpw=args.target_bpw,
+            target_bytes=_parse_size(args.target_size) if args.target_size is not None else None,
+            windows=args.sensitivity_windows, max_ppl_ratio=args.max_ppl_ratio)
+    elif args.max_ppl_ratio is not None or args.candidates:
+        raise NanoqError("--max-ppl-ratio and --candidates go with --target-bpw or --target-size")
     result = quantize_checkpoint(
         args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
         max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
         gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search),
+        allocation=allocation,
     )
     print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
     print("\n".join(_scheme_table(result.manifest)))
     _print_totals(result.manifest["totals"])
-    if args.calib and recipe.method == "rtn":
+    if args.calib and recipe.method == "rtn" and allocation is None:
         print(f"note: {recipe.method} uses no calibration data; {args.calib} was not read")
+    allocated = result.manifest["provenance"].get("allocation")
+    if allocated:
+        chosen = Counter(unit["chosen"] for unit in allocated["units"])
+        gate = allocated.get("quality_gate")
+        print(f"allocator: {allocated['achieved_bits_per_weight']} bits/weight in the allocated linears ("
+              + ", ".join(f"{name} x{count}" for name, count in sorted(chosen.items())) + " units)"
+              + (f"; quality gate ppl ratio {gate['ppl_ratio']} <= {gate['max_ppl_ratio']}" if gate else ""))
     print(f"time {result.seconds:.1f} s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
     return 0
 
@@ -148,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     q.add_argument("--no-clip-search", action="store_true",
                    help="GPTQ group scales from the plain min-max range instead of the error-minimizing clip")
+    q.add_argument("--target-bpw", type=float, help="allocator: bits per weight over the block linears "
+                   "(each linear or fused group gets the candidate scheme that fits the budget with least predicted loss)")
+    q.add_argument("--target-size", help="allocator: size of the whole checkpoint, e.g. 60MiB")
+    q.add_argument("--candidates", help="allocator: comma-separated schemes (default int2g64,int3g128,int4g128,int8)")
+    q.add_argument("--sensitivity-windows", type=int, default=32, help="allocator: calibration windows measured")
+    q.add_argument("--max-ppl-ratio", type=float,
+                   help="allocator: refuse the result if its perplexity exceeds the base's by this ratio on "
+                        "held-out calibration windows")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
     q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -64,6 +64,9 @@ def fused_scheme(
     if schemes[0] is not None and schemes[0].kind is SchemeKind.NVFP4:
         raise NanoqError(f"config.json: {prefix} is nvfp4, which {engine} serves natively: convert the checkpoint with "
                          "`nanoq export compressed-tensors DIR OUT` and serve OUT")
+    if schemes[0] is not None and schemes[0].kind is SchemeKind.CODEBOOK:
+        raise NanoqError(f"config.json: {prefix} is {schemes[0].name}: the {engine} adapter does not serve codebook "
+                         "schemes yet (transformers does: AutoModelForCausalLM.from_pretrained)")
     return schemes[0]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..format.hadamard import rotate_inputs
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .custom_ops import embedding, reference_linear
@@ -16,8 +17,11 @@ def op_args(config: LinearConfig) -> tuple[int, int]:
 
 
 def third_tensor(prepared: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """What the ops take in their `zeros` slot: the zeros, or nvfp4's global scale."""
-    return prepared.get("zeros", prepared.get("global_scale"))
+    """What the ops take in their `zeros` slot (custom_ops): the zeros, nvfp4's global scale, or the codebook."""
+    for name in ("zeros", "global_scale", "codebook"):
+        if name in prepared:
+            return prepared[name]
+    return None
 
 
 class StoredTensorKernel:
@@ -28,6 +32,8 @@ class StoredTensorKernel:
 
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
         bits, group_size = op_args(config)
+        if config.scheme.kind is SchemeKind.CODEBOOK:  # the codes describe W' = W Rᵀ: multiply R x by it
+            x = rotate_inputs(x, prepared["signs"], group_size)
         return self.linear_op(x, prepared["qweight"], prepared["scales"], third_tensor(prepared),
                               bits, group_size, config.out_features)
 

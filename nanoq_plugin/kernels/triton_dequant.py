@@ -12,6 +12,8 @@ Stored layout read here (docs/FORMAT.md; K = input features, N = output features
 | FMT_INT_GROUP         | scales  | float16 | [K/G, N]         | w = (code - zero) * scale                        |
 | FMT_INT_GROUP asym    | zeros   | uint8   | [K/G, N]         | zero (symmetric: 2**(b-1))                       |
 | FMT_INT8_CHANNEL      | qweight | int8    | [K, N]           | w = code * scales[n] (scale applied by the caller)|
+| FMT_CODEBOOK          | qweight, scales | as FMT_INT_GROUP | | w = codebook[code] * scale (the rotated weight) |
+| FMT_CODEBOOK          | codebook (in zeros_ptr) | float32 | [2**b] | levels                                   |
 
 `offs_n` may be any vector of column indices (the embedding kernel passes token ids).
 """
@@ -23,13 +25,14 @@ import triton.language as tl
 
 FMT_INT_GROUP = 0
 FMT_INT8_CHANNEL = 1
+FMT_CODEBOOK = 2
 
 
 @triton.jit
 def load_weight_tile(
     qweight_ptr,  # see the layout table
     scales_ptr,  # float16 [K/G, N] (int_group); unused for int8 per channel
-    zeros_ptr,  # uint8 [K/G, N] (asymmetric int_group); unused otherwise
+    zeros_ptr,  # uint8 [K/G, N] (asymmetric int_group); float32 [2**b] levels (codebook); unused otherwise
     offs_k,  # int32 [BLOCK_K] input rows of the tile
     offs_n,  # int32 [BLOCK_N] output columns of the tile
     mask,  # bool [BLOCK_K, BLOCK_N] elements that exist
@@ -58,6 +61,8 @@ def load_weight_tile(
         codes = (words >> ((offs_k % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
     group_rows = (offs_k // GROUP)[:, None] * stride_s + cols
     scales = tl.load(scales_ptr + group_rows, mask=mask, other=0).to(tl.float32)
+    if FMT == FMT_CODEBOOK:
+        return tl.load(zeros_ptr + codes, mask=mask, other=0.0) * scales
     if HAS_ZEROS:
         zeros = tl.load(zeros_ptr + group_rows, mask=mask, other=0).to(tl.float32)
     else:

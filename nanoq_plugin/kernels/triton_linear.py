@@ -9,7 +9,7 @@ import torch
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .custom_ops import triton_linear, triton_weight_format
-from .reference_linear import StoredTensorKernel, op_args
+from .reference_linear import StoredTensorKernel, op_args, third_tensor
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -25,7 +25,7 @@ class TritonKernel(StoredTensorKernel):
             return False, f"runs on CUDA only (device {config.device_type})"
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
-        if config.scheme.kind not in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL):
+        if config.scheme.kind not in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL, SchemeKind.CODEBOOK):
             return False, f"no Triton dequantizer for scheme {config.scheme.name}"
         if config.act_dtype not in ACT_DTYPES:
             return False, f"activation dtype {config.act_dtype} is not one of {ACT_DTYPES}"
@@ -37,7 +37,8 @@ class TritonKernel(StoredTensorKernel):
 
         prepared = {name: t.contiguous() for name, t in tensors.items()}
         bits, group_size = op_args(config)
-        warm_up(prepared["qweight"], prepared["scales"], prepared.get("zeros"),
-                triton_weight_format(bits, group_size, "zeros" in prepared), config.out_features,
+        third = third_tensor(prepared)
+        warm_up(prepared["qweight"], prepared["scales"], third, triton_weight_format(bits, group_size, third),
+                config.out_features,
                 config.in_features, config.act_dtype)
         return prepared

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,11 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
 from .architectures import Architecture, architecture_for
 from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
+from .allocator import allocate, apply_allocation, build_units, measure_group
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
 from .calibration import calibration_windows
+from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, gptq_quantize
 from .rtn import quantize_rtn
@@ -99,7 +103,7 @@ def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, de
         record = _module_record(source, weight.dtype, tensors, scheme, requested)
         record.packed_entropy_bits = packed_entropy_bits(tensors["qweight"])
         return tensors, record
-    tensors = quantize_rtn(source, scheme)
+    tensors = quantize_codebook(source, scheme) if scheme.kind is SchemeKind.CODEBOOK else quantize_rtn(source, scheme)
     return tensors, _module_record(source, weight.dtype, tensors, scheme, requested)
 
 
@@ -199,7 +203,8 @@ class _CalibratedBlock:
             abs_sum += chunk.abs().sum(dim=tuple(range(chunk.dim() - 1)))
         h = hessian.hessian
         inputs_changed = False
-        if self.use_awq and group in AWQ_PRODUCERS:
+        integer = all(e.scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL) for e in planned.values())
+        if self.use_awq and group in AWQ_PRODUCERS and integer:  # codebook schemes rotate instead
             linears = {name: self.block.get_submodule(name) for name in group}
             scale, ratio = search_scales([linears[n].weight.data for n in planned],
                                          [e.scheme for e in planned.values()], h, abs_sum / hessian.samples)
@@ -220,7 +225,9 @@ class _CalibratedBlock:
             module = f"{self.prefix}.{name}"
             linear = self.block.get_submodule(name)
             weight = linear.weight.data
-            if self.use_gptq:
+            if entry.scheme.kind is SchemeKind.CODEBOOK:
+                stored = quantize_codebook(weight, entry.scheme, h if self.use_gptq else None, self.settings, module)
+            elif self.use_gptq:
                 stored = gptq_quantize(weight, h, entry.scheme, self.settings, where=module)
             else:
                 stored = quantize_rtn(weight, entry.scheme, clip_search=True)
@@ -256,6 +263,91 @@ def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | Non
     return provenance
 
 
+@dataclass(frozen=True)
+class AllocationRequest:
+    """Mixed precision by measured sensitivity (quantizers.allocator): a size target and the quality gate."""
+
+    candidates: tuple[Scheme, ...]
+    target_bpw: float | None = None  # bits per weight over the allocated block linears
+    target_bytes: int | None = None  # stored bytes of the whole checkpoint
+    windows: int = 32  # calibration windows for the sensitivity pass
+    max_ppl_ratio: float | None = None  # gate: perplexity ratio to the base on held-out calibration windows
+    gate_windows: int = 16
+
+    def describe(self) -> dict:
+        return {"candidates": [c.name for c in self.candidates], "target_bpw": self.target_bpw,
+                "target_bytes": self.target_bytes, "sensitivity_windows": self.windows,
+                "max_ppl_ratio": self.max_ppl_ratio}
+
+
+def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request: AllocationRequest, recipe: Recipe,
+              shapes: dict[str, tuple[int, int]], num_layers: int, by_block: dict, calibration: str, calib_seq_len: int,
+              device: torch.device, progress: bool) -> dict:
+    """Measure every unit's sensitivity on the float model, choose schemes into `plan`; returns the record."""
+    units = build_units(plan, arch, num_layers, shapes, request.candidates, recipe.name)
+    if not units:
+        raise NanoqError(f"recipe {recipe.name}: no quantized block linears to allocate")
+    unit_of = {m: unit for unit in units for m in unit.modules}
+    params = sum(unit.params for unit in units)
+    if request.target_bytes is not None:
+        other = 0
+        for name in source.keys():
+            module = name.removesuffix(".weight")
+            if module in unit_of and name.endswith(".weight"):
+                continue
+            if plan.tied_lm_head is not None and module == arch.lm_head:
+                continue
+            entry = plan.modules.get(module) if name.endswith(".weight") else None
+            if entry is not None and entry.scheme.is_quantized:
+                other += stored_bytes(param_specs(entry.scheme, *source.shape(name)))
+            else:
+                count = 1
+                for dim in source.shape(name):
+                    count *= dim
+                other += count * source.dtype(name).itemsize
+        budget = request.target_bytes - other
+        if budget <= 0:
+            raise NanoqError(f"--target-size {request.target_bytes}: the tensors kept outside the block linears "
+                             f"already take {other} bytes")
+    else:
+        budget = request.target_bpw * params / 8
+    runner = BlockRunner(source.config, device)
+    ids = calibration_windows(source.directory, calibration, request.windows, calib_seq_len)
+    embedding = dict(source.items([f"{arch.embedding}.weight"]))[f"{arch.embedding}.weight"]
+    hidden = embedding.to(device=device, dtype=torch.float32)[ids.to(device)]
+    for index in tqdm(range(num_layers), desc="sensitivity", unit="block", disable=not progress):
+        block = runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)
+        prefix = f"{arch.block_prefix}.{index}"
+        hidden = runner.walk(block, hidden, lambda group, inputs: bool(
+            measure_group(unit_of, block, prefix, group, inputs)))
+        release_freed_memory()
+    choice = allocate(units, budget)
+    record = apply_allocation(plan, units, choice)
+    return {**request.describe(), **record}
+
+
+def _quality_gate(source_dir: Path, output: Path, calibration: str, request: AllocationRequest, seq_len: int) -> dict:
+    """Perplexity ratio of the quantized model to its base on calibration windows not used for calibrating
+    (seed 1); removes `output` and raises NanoqError when it exceeds `request.max_ppl_ratio`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.perplexity import evaluate_perplexity
+    from ..eval.reference_model import dequantized_float_model
+
+    ids = calibration_windows(source_dir, calibration, request.gate_windows, seq_len, seed=1).reshape(-1)
+    models = {"base": AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(),
+              "quantized": dequantized_float_model(source_dir, output)}
+    result = evaluate_perplexity(models, ids, seq_len, seq_len, request.gate_windows, progress=False)
+    ratio = result.perplexity["quantized"] / result.perplexity["base"]
+    gate = {"ppl_ratio": round(ratio, 4), "max_ppl_ratio": request.max_ppl_ratio, "windows": result.windows}
+    if ratio > request.max_ppl_ratio:
+        shutil.rmtree(output)
+        raise NanoqError(f"quality gate: perplexity ratio {ratio:.4f} to the base exceeds --max-ppl-ratio "
+                         f"{request.max_ppl_ratio} on {result.windows} held-out calibration windows; nothing written "
+                         "(raise the size target or add candidates)")
+    return gate
+
+
 def quantize_checkpoint(
     source_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -267,6 +359,7 @@ def quantize_checkpoint(
     calib_windows: int = 128,
     calib_seq_len: int = 512,
     gptq: GptqSettings = GptqSettings(),
+    allocation: AllocationRequest | None = None,
 ) -> QuantizeResult:
     """Quantize the Hugging Face checkpoint in `source_dir` with `recipe` into `output_dir`.
 
@@ -290,7 +383,10 @@ def quantize_checkpoint(
         raise NanoqError(f"method {recipe.method} needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")
     tables = {m: tuple(source.shape(f"{m}.weight")) for m in (arch.embedding, arch.lm_head) if f"{m}.weight" in source}
     tied = bool(source.config.get("tie_word_embeddings", False))
-    plan: Plan = resolve_plan(recipe, arch, _block_linear_shapes(source, arch, num_layers), tables, tied)
+    if allocation is not None and calibration is None:
+        raise NanoqError("the allocator measures sensitivity on calibration text: pass --calib FILE")
+    shapes = _block_linear_shapes(source, arch, num_layers)
+    plan: Plan = resolve_plan(recipe, arch, shapes, tables, tied)
 
     by_block: dict[int | None, list[str]] = {}
     for name in source.keys():
@@ -298,6 +394,11 @@ def quantize_checkpoint(
     unknown_blocks = sorted(b for b in by_block if b is not None and b >= num_layers)
     if unknown_blocks:
         raise NanoqError(f"{source.directory}: tensors for block {unknown_blocks[0]} but num_hidden_layers is {num_layers}")
+
+    allocation_record = None
+    if allocation is not None:
+        allocation_record = _allocate(source, arch, plan, allocation, recipe, shapes, num_layers, by_block,
+                                      calibration, calib_seq_len, torch_device, progress)
 
     records: dict[str, ModuleRecord] = {}
     float_specs: dict[str, TensorSpec] = {}
@@ -359,7 +460,13 @@ def quantize_checkpoint(
         config = dict(source.config)
         config["quantization_config"] = quant_config.to_dict()
         provenance = _provenance(source, recipe, calibration, calib_info)
+        if allocation_record is not None:
+            provenance["allocation"] = allocation_record
         manifest = build_manifest(records, float_specs, provenance)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
+    if allocation is not None and allocation.max_ppl_ratio is not None:
+        manifest["provenance"]["allocation"]["quality_gate"] = _quality_gate(
+            source.directory, output, calibration, allocation, calib_seq_len)
+        (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return QuantizeResult(output, manifest, time.perf_counter() - start, peak_rss_bytes())

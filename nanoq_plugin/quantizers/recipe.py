@@ -92,6 +92,9 @@ PRESETS: dict[str, Recipe] = {
     "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),
     "w3g128": Recipe("w3g128", parse_scheme("int3g128"), group_size_fallback=True),
     "w2g64": Recipe("w2g64", parse_scheme("int2g64"), group_size_fallback=True),
+    "cb2g64": Recipe("cb2g64", parse_scheme("cb2g64"), group_size_fallback=True),
+    "cb3g128": Recipe("cb3g128", parse_scheme("cb3g128"), group_size_fallback=True),
+    "cb4g128": Recipe("cb4g128", parse_scheme("cb4g128"), group_size_fallback=True),
     "nvfp4": Recipe("nvfp4", NVFP4),
     "nvfp4-alpha2": Recipe("nvfp4-alpha2", NVFP4, nvfp4_alpha=2.0),
     "qkv-fp16": Recipe(
@@ -195,16 +198,23 @@ class Plan:
         return {m: p.scheme for m, p in self.modules.items() if p.scheme.is_quantized}
 
 
-def _fit_group_size(requested: Scheme, recipe: Recipe, module: str, out_features: int, in_features: int) -> Scheme:
-    if requested.kind is not SchemeKind.INT_GROUP or in_features % requested.group_size == 0:
-        check_shape_fits(requested, out_features, in_features, f"recipe {recipe.name}: {module}.weight")
+def fit_group_size(requested: Scheme, fallback: bool, recipe_name: str, module: str, out_features: int,
+                   in_features: int) -> Scheme:
+    """`requested`, or with `fallback` the same scheme with the largest smaller group size that divides
+    `in_features`; NanoqError naming the recipe and module when the shape does not fit."""
+    if requested.kind not in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK) or in_features % requested.group_size == 0:
+        check_shape_fits(requested, out_features, in_features, f"recipe {recipe_name}: {module}.weight")
         return requested
-    if recipe.group_size_fallback:
+    if fallback:
         for size in ALLOWED_GROUP_SIZES:
             if size < requested.group_size and in_features % size == 0:
                 return requested.with_group_size(size)
-    check_shape_fits(requested, out_features, in_features, f"recipe {recipe.name}: {module}.weight")
+    check_shape_fits(requested, out_features, in_features, f"recipe {recipe_name}: {module}.weight")
     return requested
+
+
+def _fit_group_size(requested: Scheme, recipe: Recipe, module: str, out_features: int, in_features: int) -> Scheme:
+    return fit_group_size(requested, recipe.group_size_fallback, recipe.name, module, out_features, in_features)
 
 
 def resolve_plan(
@@ -226,8 +236,9 @@ def resolve_plan(
             _fit_group_size(requested, recipe, module, out_features, in_features), requested
         )
     tables = table_shapes or {}
-    if recipe.embeddings.kind is SchemeKind.NVFP4:
-        raise NanoqError(f"recipe {recipe.name}: embeddings: nvfp4 is for linears (use int8 or int4g128 for the table)")
+    if recipe.embeddings.kind in (SchemeKind.NVFP4, SchemeKind.CODEBOOK):
+        raise NanoqError(f"recipe {recipe.name}: embeddings: {recipe.embeddings.name} is for linears "
+                         "(use int8 or int4g128 for the table)")
     if recipe.method != "rtn" and any(p.scheme.kind is SchemeKind.NVFP4 for p in plan.modules.values()):
         raise NanoqError(f"recipe {recipe.name}: nvfp4 is quantized by rtn only (got method {recipe.method})")
     if arch.embedding in tables:

@@ -23,9 +23,9 @@ CONFIGS = [
 ]
 
 
-def _fmt(scheme, n, k):
+def _fmt(scheme, n, k, third):
     bits, group_size = op_args(LinearConfig(scheme, n, k, torch.float32, "cpu"))
-    return triton_weight_format(bits, group_size, not scheme.symmetric)
+    return triton_weight_format(bits, group_size, third)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -38,7 +38,7 @@ def test_kernel_matches_reference_and_writes_every_element(name, dtype):
         scheme, tensors, weight = stored_and_reference(name, n, k, seed)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
         ref = x.float() @ weight.t()
-        fmt = _fmt(scheme, n, k)
+        fmt = _fmt(scheme, n, k, tensors.get("zeros"))
         for config in CONFIGS:
             split_k, _ = triton_gemm.split_k_of(m, k, config)
             out = torch.full((m, n), float("nan"), dtype=dtype)
@@ -78,3 +78,31 @@ def test_candidate_configs_are_clamped_and_bucketed():
     assert all(c.block_n <= 64 and c.block_k <= 128 and c.block_m == 16 for c in small)
     assert len(small) == len(set(small))
     assert all(c.split_k == 1 for c in triton_gemm.candidate_configs(2048, 4096, 4096))
+
+
+@pytest.mark.parametrize("name", ["cb2g64", "cb3g32", "cb4g128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_codebook_kernel_on_rotated_inputs_matches_the_reference(name, dtype):
+    from nanoq_plugin.format.hadamard import rotate_inputs
+    from nanoq_plugin.format.reference import dequantize
+    from nanoq_plugin.format.schemes import parse_scheme
+    from nanoq_plugin.quantizers.codebook import quantize_codebook
+
+    scheme = parse_scheme(name)
+    for m, n, k in [(1, 200, 384), (33, 72, 256)]:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{name}-{m}".encode()))
+        tensors = quantize_codebook(torch.randn(n, k, generator=generator), scheme)
+        weight = dequantize(tensors, scheme, n, k)
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        ref = x.float() @ weight.t()
+        rotated = rotate_inputs(x, tensors["signs"], scheme.group_size)
+        fmt = _fmt(scheme, n, k, tensors["codebook"])
+        for config in CONFIGS:
+            split_k, _ = triton_gemm.split_k_of(m, k, config)
+            out = torch.full((m, n), float("nan"), dtype=dtype)
+            partials = torch.full((split_k, m, n), float("nan"))
+            triton_gemm.launch(rotated, tensors["qweight"], tensors["scales"], tensors["codebook"], fmt, n, config,
+                               out=out, partials=partials)
+            assert not out.isnan().any()
+            err = rel_error(out, ref)
+            assert err <= 2 * TOLERANCE[dtype], f"{name} M={m} {config}: rel error {err:.2e}"

@@ -19,7 +19,7 @@ from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
-PRESETS = ("w8", "w4g128", "w3g128", "w2g64", "nvfp4")
+PRESETS = ("w8", "w4g128", "w3g128", "w2g64", "nvfp4", "cb3g128")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -1,0 +1,141 @@
+"""Mixed-precision allocation: measure how much each block linear suffers under each candidate scheme, then
+choose one scheme per unit (a linear, or a fused q/k/v / gate/up group, which engines need in one scheme)
+to meet a size budget with the least predicted loss.
+
+Sensitivity of a linear `W [N, K]` to a scheme: the Hessian-weighted error `tr(ΔW H ΔWᵀ)` of its nearest
+rounding `ΔW = W - Q(W)`, with `H` the mean `2 xᵀx` of the linear's calibration inputs in the float model —
+the squared output error the rounding causes, averaged over the calibration tokens. Errors add up in the
+residual stream, so the unit's cost is the sum over its linears.
+
+Choice: a multiple-choice knapsack solved greedily on the convex hull — start every unit at its smallest
+candidate, then repeatedly take the upgrade with the largest error reduction per extra byte until the next
+one would overshoot the budget. The manifest records every unit's candidates, errors, bytes and choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NanoqError
+from ..format.layout import param_specs, stored_bytes
+from ..format.schemes import Scheme, SchemeKind, parse_scheme
+from .architectures import Architecture
+from .awq import output_error
+from .codebook import quantize_codebook
+from .gptq import HessianAccumulator
+from .recipe import Plan, PlannedModule, fit_group_size
+from .rtn import fake_quantize_rtn
+
+DEFAULT_CANDIDATES = ("int2g64", "int3g128", "int4g128", "int8")
+
+
+@dataclass
+class Unit:
+    """Modules that get one scheme together, with each candidate's error and stored bytes."""
+
+    modules: tuple[str, ...]
+    params: int
+    schemes: dict[str, dict[str, Scheme]] = field(default_factory=dict)  # candidate -> module -> fitted scheme
+    errors: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+
+
+def parse_candidates(text: str) -> tuple[Scheme, ...]:
+    """`int3g128,int4g128,int8` -> schemes (quantized ones only), NanoqError on a bad name."""
+    schemes = tuple(parse_scheme(part) for part in text.split(",") if part.strip())
+    if len(schemes) < 2 or any(not s.is_quantized or s.kind is SchemeKind.NVFP4 for s in schemes):
+        raise NanoqError(f"--candidates {text!r}: give at least two integer or codebook schemes, comma-separated")
+    return schemes
+
+
+def restored_nearest(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """`weight [N, K]` after nearest rounding in `scheme` (float32): the error the allocator predicts."""
+    if scheme.kind is SchemeKind.CODEBOOK:
+        from ..format.reference import dequantize
+
+        return dequantize(quantize_codebook(weight, scheme), scheme, *weight.shape).to(weight.device)
+    return fake_quantize_rtn(weight, scheme)
+
+
+def build_units(plan: Plan, arch: Architecture, num_layers: int, shapes: dict[str, tuple[int, int]],
+                candidates: tuple[Scheme, ...], recipe_name: str) -> list[Unit]:
+    """One unit per fused group or single linear among the plan's quantized block linears."""
+    units = []
+    for index in range(num_layers):
+        stem = f"{arch.block_prefix}.{index}."
+        remaining = [m for m in arch.linears_of_block(index) if m in plan.modules and plan.modules[m].scheme.is_quantized]
+        for group in arch.fused_groups:
+            members = tuple(stem + part for part in group if stem + part in remaining)
+            if members:
+                units.append(Unit(members, 0))
+                remaining = [m for m in remaining if m not in members]
+        units.extend(Unit((m,), 0) for m in remaining)
+    for unit in units:
+        unit.params = sum(shapes[m][0] * shapes[m][1] for m in unit.modules)
+        for candidate in candidates:
+            fitted = {m: fit_group_size(candidate, True, recipe_name, m, *shapes[m]) for m in unit.modules}
+            unit.schemes[candidate.name] = fitted
+            unit.bytes[candidate.name] = sum(stored_bytes(param_specs(fitted[m], *shapes[m])) for m in unit.modules)
+    return units
+
+
+def measure_group(units_by_module: dict[str, Unit], block: torch.nn.Module, prefix: str, group: tuple[str, ...],
+                  inputs: list[torch.Tensor]) -> None:
+    """Add the errors of every candidate to the units of `group`'s linears, from their inputs `[b, L, K]`."""
+    members = {f"{prefix}.{name}": name for name in group if f"{prefix}.{name}" in units_by_module}
+    if not members:
+        return
+    hessian = HessianAccumulator(inputs[0].shape[-1], inputs[0].device)
+    for chunk in inputs:
+        hessian.add(chunk)
+    h = hessian.hessian
+    for module, name in members.items():
+        unit = units_by_module[module]
+        weight = block.get_submodule(name).weight.data.to(torch.float32)
+        for candidate, fitted in unit.schemes.items():
+            restored = restored_nearest(weight, fitted[module])
+            unit.errors[candidate] = unit.errors.get(candidate, 0.0) + output_error(weight, restored, h)
+
+
+def allocate(units: list[Unit], budget_bytes: float) -> list[str]:
+    """The candidate name chosen for each unit (greedy on error reduction per byte, within `budget_bytes`)."""
+    choice = []
+    for unit in units:
+        choice.append(min(unit.bytes, key=lambda c: (unit.bytes[c], unit.errors[c])))
+    used = sum(unit.bytes[c] for unit, c in zip(units, choice))
+    if used > budget_bytes:
+        smallest = used * 8 / max(1, sum(u.params for u in units))
+        raise NanoqError(f"the size target is below what the smallest candidate gives ({smallest:.3f} bits per weight)")
+    while True:
+        best = None
+        for position, unit in enumerate(units):
+            current = choice[position]
+            for candidate in unit.bytes:
+                extra = unit.bytes[candidate] - unit.bytes[current]
+                gain = unit.errors[current] - unit.errors[candidate]
+                if extra <= 0 or gain <= 0 or used + extra > budget_bytes:
+                    continue
+                ratio = gain / extra
+                if best is None or ratio > best[0]:
+                    best = (ratio, position, candidate, extra)
+        if best is None:
+            return choice
+        _, position, candidate, extra = best
+        choice[position] = candidate
+        used += extra
+
+
+def apply_allocation(plan: Plan, units: list[Unit], choice: list[str]) -> dict:
+    """Put the chosen schemes into `plan` (in place); returns the manifest's record of the decisions."""
+    decisions = []
+    for unit, chosen in zip(units, choice):
+        for module in unit.modules:
+            fitted = unit.schemes[chosen][module]
+            plan.modules[module] = PlannedModule(fitted, fitted)
+        decisions.append({"modules": list(unit.modules), "chosen": chosen,
+                          "errors": {c: float(f"{e:.6g}") for c, e in unit.errors.items()}, "bytes": unit.bytes})
+    quantized_bytes = sum(unit.bytes[c] for unit, c in zip(units, choice))
+    params = sum(unit.params for unit in units)
+    return {"achieved_bits_per_weight": round(8 * quantized_bytes / params, 4), "units": decisions}

@@ -1,0 +1,58 @@
+"""The bit allocator: sensitivity per unit, a greedy knapsack that meets the budget, fused groups kept in one
+scheme, decisions in the manifest, and the quality gate."""
+
+import json
+
+import pytest
+
+from nanoq_plugin.cli import main
+from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.allocator import Unit, allocate
+from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
+from nanoq_plugin.quantizers.recipe import load_recipe
+
+
+def test_greedy_allocation_spends_the_budget_where_it_buys_most():
+    units = [Unit(("a",), 100, errors={"s": 10.0, "m": 1.0, "l": 0.9}, bytes={"s": 10, "m": 20, "l": 40}),
+             Unit(("b",), 100, errors={"s": 2.0, "m": 1.5, "l": 1.4}, bytes={"s": 10, "m": 20, "l": 40})]
+    assert allocate(units, 20) == ["s", "s"]
+    assert allocate(units, 30) == ["m", "s"]  # a gains 9 for 10 bytes, b only 0.5
+    assert allocate(units, 40) == ["m", "m"]
+    assert allocate(units, 1000) == ["l", "l"]
+    with pytest.raises(NanoqError, match="below what the smallest candidate gives"):
+        allocate(units, 19)
+
+
+def test_allocator_meets_the_target_and_records_decisions(tiny_llama_with_tokenizer, tmp_path, wikitext):
+    candidates = tuple(parse_scheme(n) for n in ("int2g32", "int4g32", "int8"))
+    bits = {}
+    for target in (3.0, 5.0):
+        out = tmp_path / f"alloc-{target}"
+        result = quantize_checkpoint(tiny_llama_with_tokenizer, out, load_recipe("w4g128"), calibration=str(wikitext),
+                                     progress=False, calib_seq_len=64,
+                                     allocation=AllocationRequest(candidates, target_bpw=target, windows=4))
+        record = result.manifest["provenance"]["allocation"]
+        assert record["achieved_bits_per_weight"] <= target
+        assert result.manifest["totals"]["quantized_bits_per_weight"] == pytest.approx(
+            record["achieved_bits_per_weight"], abs=1e-3)
+        assert len(record["units"]) == 2 * 4  # qkv, o, gate/up, down per block
+        for unit in record["units"]:
+            assert set(unit["errors"]) == {"int2g32", "int4g32", "int8"}
+            assert unit["errors"]["int2g32"] > unit["errors"]["int4g32"] > unit["errors"]["int8"] >= 0
+        schemes = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+        for index in range(2):
+            qkv = {schemes[f"model.layers.{index}.self_attn.{p}_proj"] for p in "qkv"}
+            assert len(qkv) == 1  # a fused group keeps one scheme
+        bits[target] = record["achieved_bits_per_weight"]
+    assert bits[3.0] < bits[5.0]
+
+
+def test_quality_gate_refuses_and_writes_nothing(tiny_llama_with_tokenizer, tmp_path, wikitext, capsys):
+    code = main(["quantize", str(tiny_llama_with_tokenizer), str(tmp_path / "out"), "--recipe", "w4g128",
+                 "--calib", str(wikitext), "--target-bpw", "2.6", "--candidates", "int2g32,int8",
+                 "--sensitivity-windows", "4", "--calib-seq-len", "64", "--max-ppl-ratio", "1.0001", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("nanoq: error: quality gate: perplexity ratio") and "nothing written" in err
+    assert not (tmp_path / "out").exists()
