@@ -26,7 +26,7 @@ from nanoq_plugin.eval.perplexity import evaluate_perplexity
 from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +42,21 @@ CONFIGS: dict[str, Recipe] = {
     "w3g128-awq-gptq": load_recipe("w3g128").with_method("awq-gptq"),
     "nvfp4": load_recipe("nvfp4"),
     "nvfp4-alpha2": load_recipe("nvfp4-alpha2"),
+    "cb2g64-gptq": load_recipe("cb2g64").with_method("gptq"),
+    "cb3g128-gptq": load_recipe("cb3g128").with_method("gptq"),
+    "alloc-3.0bpw-gptq": load_recipe("cb3g128").with_method("gptq"),
+    "alloc-4.0bpw-gptq": load_recipe("cb3g128").with_method("gptq"),
     "qkv-fp16": load_recipe("qkv-fp16"),
     # like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
     "int4g64": Recipe("int4g64", parse_scheme("int4g64")),
     "w2g64": load_recipe("w2g64"),
+}
+# the allocator's configs: candidates and bits per weight over the block linears
+ALLOCATIONS = {
+    "alloc-3.0bpw-gptq": AllocationRequest(tuple(parse_scheme(n) for n in ("cb2g64", "cb3g128", "cb4g128", "int8")),
+                                           target_bpw=3.0, windows=32),
+    "alloc-4.0bpw-gptq": AllocationRequest(tuple(parse_scheme(n) for n in ("cb2g64", "cb3g128", "cb4g128", "int8")),
+                                           target_bpw=4.0, windows=32),
 }
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
@@ -74,7 +85,7 @@ def main() -> None:
             calibrated = recipe.method != "rtn"
             result = quantize_checkpoint(base_dir, target, recipe, progress=True,
                                          calibration=args.calib if calibrated else None,
-                                         calib_windows=args.calib_windows)
+                                         calib_windows=args.calib_windows, allocation=ALLOCATIONS.get(preset))
             timing.write_text(json.dumps({"seconds": round(result.seconds, 2),
                                           "peak_rss_gib": round(result.peak_rss_bytes / 2**30, 2)}))
         quantize_seconds[preset] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
