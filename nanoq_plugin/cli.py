@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output folder (must not exist or be empty)")
     q.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML recipe file")
     q.add_argument("--method", choices=list(METHODS), help="algorithm, overriding the recipe's (default: rtn)")
-    q.add_argument("--calib", help="calibration text file (gptq, awq, awq-gptq need one; rtn does not read it)")
+    q.add_argument("--calib", help="calibration text file, or `self` for text sampled from the model "
+                   "(gptq, awq, awq-gptq and the allocator need it; rtn does not read it)")
     q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")

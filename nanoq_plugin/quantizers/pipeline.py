@@ -30,7 +30,7 @@ from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_pla
 from .allocator import allocate, apply_allocation, build_units, measure_group
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
-from .calibration import calibration_windows
+from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, gptq_quantize
@@ -239,7 +239,9 @@ class _CalibratedBlock:
 
 
 def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None, calib_info: dict | None) -> dict:
-    if calib_info is not None:
+    if calib_info is not None and calibration == SELF:
+        calibration_entry = {"file": None, "self_generated": True, "used": True, **calib_info}
+    elif calib_info is not None:
         calibration_entry = {"file": str(Path(calibration).resolve()), "used": True, **calib_info}
     elif calibration:
         calibration_entry = {"file": str(Path(calibration).resolve()), "used": False,
@@ -377,7 +379,7 @@ def quantize_checkpoint(
     num_layers = source.config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
-    if calibration is not None and not Path(calibration).is_file():
+    if calibration is not None and calibration != SELF and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
     if recipe.method in CALIBRATED_METHODS and calibration is None:
         raise NanoqError(f"method {recipe.method} needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")

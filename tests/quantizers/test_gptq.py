@@ -89,3 +89,15 @@ def test_hessian_accumulator_is_the_mean_outer_product_across_chunks():
     expected = 2.0 / x.shape[0] * x.t() @ x
     torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-5)
     assert accumulator.samples == 450
+
+
+def test_calib_self_samples_windows_from_the_model(tiny_llama_with_tokenizer, tmp_path):
+    from nanoq_plugin.quantizers.calibration import calibration_windows
+
+    first = calibration_windows(tiny_llama_with_tokenizer, "self", 3, 12)
+    assert first.shape == (3, 12) and first.dtype == torch.int64
+    assert torch.equal(first, calibration_windows(tiny_llama_with_tokenizer, "self", 3, 12))  # seeded
+    assert len(set(first[:, 1:].flatten().tolist())) > 5  # sampled, not a repeated token
+    out = quantize_checkpoint(tiny_llama_with_tokenizer, tmp_path / "self", load_recipe("w4g128").with_method("gptq"),
+                              calibration="self", progress=False, calib_windows=2, calib_seq_len=16)
+    assert out.manifest["provenance"]["calibration"]["self_generated"]
