@@ -103,12 +103,13 @@ class BlockRunner:
                 block.self_attn.o_proj = o_proj
             return mixed
 
-        normed = attention_inputs()
-        if visit(ATTENTION_INPUT, normed):
-            normed = attention_inputs()
-        mixed = attention_outputs(normed)
-        if visit(ATTENTION_OUTPUT, mixed):
-            mixed = attention_outputs(normed)
+        def visited(group, compute):
+            """The inputs of `group` after `visit` saw them (recomputed when it changed their producer)."""
+            inputs = compute()
+            return compute() if visit(group, inputs) else inputs
+
+        normed = visited(ATTENTION_INPUT, attention_inputs)
+        mixed = visited(ATTENTION_OUTPUT, lambda: attention_outputs(normed))
         del normed
         residual = [chunk + block.self_attn.o_proj(m) for chunk, m in zip(chunks, mixed)]
         del mixed, chunks
@@ -119,11 +120,7 @@ class BlockRunner:
         def mlp_hidden(normed):
             return [block.mlp.act_fn(block.mlp.gate_proj(n)) * block.mlp.up_proj(n) for n in normed]
 
-        normed = mlp_inputs()
-        if visit(MLP_INPUT, normed):
-            normed = mlp_inputs()
-        inner = mlp_hidden(normed)
-        if visit(MLP_OUTPUT, inner):
-            inner = mlp_hidden(normed)
+        normed = visited(MLP_INPUT, mlp_inputs)
+        inner = visited(MLP_OUTPUT, lambda: mlp_hidden(normed))
         del normed
         return torch.cat([r + block.mlp.down_proj(i) for r, i in zip(residual, inner)])

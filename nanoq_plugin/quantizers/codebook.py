@@ -24,7 +24,7 @@ from .gptq import GptqSettings, gptq_solve
 
 ROTATION_SEED = 0
 LLOYD_ITERATIONS = 30
-LLOYD_SAMPLES = 1 << 21  # normalized coordinates the codebook is fitted on (a seeded subsample beyond this)
+LLOYD_SAMPLES = 1 << 18  # normalized coordinates the codebook is fitted on (a seeded subsample beyond this)
 SCALE_REFITS = 2
 
 
