@@ -16,6 +16,7 @@ needs the scheme's scales; packing happens once at the end (`format.reference.co
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,17 @@ def _fake_quantize(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+@contextmanager
+def flush_denormals():
+    """Treat denormal floats as zero on the CPU inside the block (restored after)."""
+    flushing = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
 def check_hessian(weight: torch.Tensor, hessian: torch.Tensor, where: str) -> None:
     """NanoqError naming `where` unless `hessian` is `[K, K]` for `weight [N, K]`."""
     k = weight.shape[1]
@@ -114,16 +126,25 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, fake_quantize: Colum
     w = w[:, order]
     h = h[order][:, order]
     h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
-    try:
-        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
-                         "(raise it, or use more calibration data)") from None
-
-    original_index = order.tolist()
     quantized = torch.zeros_like(w)
-    for start in range(0, k, settings.block_size):
-        end = min(start + settings.block_size, k)
+    with flush_denormals():  # tiny inverse-Hessian entries (e.g. after AWQ scaling) are 100x slower as denormals
+        try:
+            h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        except torch.linalg.LinAlgError:
+            raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
+                             "(raise it, or use more calibration data)") from None
+        _gptq_loop(w, h_inv, quantized, order.tolist(), fake_quantize, settings.block_size)
+    restored = torch.empty_like(quantized)
+    restored[:, order] = quantized
+    return restored
+
+
+def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, quantized: torch.Tensor, original_index: list[int],
+               fake_quantize: ColumnQuantizer, block_size: int) -> None:
+    """The column loop of GPTQ with lazy block updates (section 3.2 of the paper); fills `quantized` [N, K]."""
+    k = w.shape[1]
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
         block = w[:, start:end].clone()
         errors = torch.zeros_like(block)
         h_block = h_inv[start:end, start:end]
@@ -135,9 +156,6 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, fake_quantize: Colum
             block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    restored = torch.empty_like(quantized)
-    restored[:, order] = quantized
-    return restored
 
 
 def gptq_quantize(

@@ -10,7 +10,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
 from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
-from .gptq import GptqSettings, HessianAccumulator, gptq_quantize
+from .gptq import GptqSettings, HessianAccumulator, flush_denormals, gptq_quantize
 from .rtn import quantize_rtn
 
 
@@ -144,6 +144,8 @@ def _module_record(reference: torch.Tensor, source_dtype: torch.dtype, tensors: 
 
 # AWQ folds a group's input scale into the op that produces the group's input (o_proj has none: with grouped
 # query attention its input channels do not map one to one onto v_proj's outputs).
+# GPTQ's own dampening after AWQ scaled a Hessian that was damped before scaling (numerical safety only)
+PREDAMPED = 1e-6
 AWQ_PRODUCERS = {ATTENTION_INPUT: "input_layernorm", MLP_INPUT: "post_attention_layernorm", MLP_OUTPUT: "mlp.up_proj"}
 
 
@@ -163,7 +165,8 @@ class _CalibratedBlock:
 
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors."""
-        return self.runner.walk(self.block, hidden, self.visit)
+        with flush_denormals():
+            return self.runner.walk(self.block, hidden, self.visit)
 
     def _planned(self, group: tuple[str, ...]) -> dict[str, PlannedModule]:
         entries = {name: self.plan.modules.get(f"{self.prefix}.{name}") for name in group}
@@ -215,20 +218,25 @@ class _CalibratedBlock:
                     linear.weight.data = linear.weight.data * scale
                     if name not in planned:
                         self._store_float(f"{name}.weight")
+                if self.use_gptq:  # damp in the unscaled input space, where damp · mean(diag H) means what it says
+                    h = h.clone()
+                    h.diagonal().add_(self.settings.damp * torch.mean(torch.diag(h)))
                 h = h / scale.unsqueeze(1) / scale.unsqueeze(0)
                 if group == MLP_OUTPUT:  # the inputs are up_proj's outputs: divide them instead of recomputing
                     for chunk in inputs:
                         chunk.div_(scale)
                 else:
                     inputs_changed = True  # a norm: cheap to recompute
+        awq_key = f"{self.prefix}.{AWQ_PRODUCERS.get(group, '')}"
         for name, entry in planned.items():
             module = f"{self.prefix}.{name}"
             linear = self.block.get_submodule(name)
             weight = linear.weight.data
+            settings = replace(self.settings, damp=PREDAMPED) if self.awq_ratios.get(awq_key, -1.0) >= 0 else self.settings
             if entry.scheme.kind is SchemeKind.CODEBOOK:
-                stored = quantize_codebook(weight, entry.scheme, h if self.use_gptq else None, self.settings, module)
+                stored = quantize_codebook(weight, entry.scheme, h if self.use_gptq else None, settings, module)
             elif self.use_gptq:
-                stored = gptq_quantize(weight, h, entry.scheme, self.settings, where=module)
+                stored = gptq_quantize(weight, h, entry.scheme, settings, where=module)
             else:
                 stored = quantize_rtn(weight, entry.scheme, clip_search=True)
             self.references[module] = weight

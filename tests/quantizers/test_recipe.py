@@ -74,7 +74,7 @@ def test_unknown_scheme_names_file_and_rule(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("default: int4g128\nbogus: 1\n", r"unknown recipe keys \['bogus'\]"),
     ("rules: []\n", "missing 'default' scheme"),
-    ("default: int4g128\nmethod: awq\n", "method 'awq' is not available"),
+    ("default: int4g128\nmethod: squeezellm\n", "method 'squeezellm' is not available"),
     ("default: int4g128\nrules:\n  - '(': int8\n", r"invalid regex '\('"),
     ("- a\n- b\n", "a recipe is a YAML mapping"),
     ("default: [\n", "not valid YAML"),
@@ -103,7 +103,7 @@ def test_unsupported_model_type():
 def test_recipe_round_trips_to_provenance_dict():
     assert load_recipe("w4g128").to_dict() == {
         "name": "w4g128", "method": "rtn", "default": "int4g128", "group_size_fallback": True, "rules": [],
-        "embeddings": "float", "lm_head": "float"}
+        "embeddings": "float", "lm_head": "float", "nvfp4_alpha": 1.0}
     assert parse_scheme(load_recipe("w8").default.name).name == "int8"
 
 
@@ -131,3 +131,19 @@ def test_embedding_scheme_must_fit_the_hidden_size(tmp_path):
     recipe = load_recipe(write(tmp_path, "default: int4g64\nembeddings: int4g128\n"))
     with pytest.raises(NanoqError, match=r"model.embed_tokens.weight: group size 128 does not divide input dim 96"):
         resolve_plan(recipe, ARCH, SHAPES, {"model.embed_tokens": (1000, 96)})
+
+
+def test_nvfp4_and_codebook_rules():
+    from nanoq_plugin.quantizers.architectures import architecture_for
+    from nanoq_plugin.quantizers.recipe import resolve_plan
+
+    arch = architecture_for({"model_type": "llama"}, "config.json")
+    shapes = {"model.layers.0.self_attn.q_proj": (96, 96)}
+    with pytest.raises(NanoqError, match="nvfp4 is quantized by rtn only"):
+        resolve_plan(load_recipe("nvfp4").with_method("gptq"), arch, shapes)
+    with pytest.raises(NanoqError, match="embeddings: cb3g128 is for linears"):
+        from dataclasses import replace
+        resolve_plan(replace(load_recipe("w4g128"), embeddings=load_recipe("cb3g128").default), arch, shapes,
+                     {"model.embed_tokens": (320, 96)})
+    plan = resolve_plan(load_recipe("cb3g128"), arch, shapes)
+    assert plan.modules["model.layers.0.self_attn.q_proj"].scheme.name == "cb3g32"  # 96: group-size fallback
