@@ -7,7 +7,12 @@ its weights replaced by the reference dequantization of the checkpoint (`format.
 the serving paths are tested equal to it), all over the same windows in one pass.
 Writes benchmarks/results/quality-smollm2.{json,md}.
 
-    python benchmarks/quality.py [--windows 64] [--calib-windows 32] [--only w8 w4g128-gptq ...]
+    python benchmarks/quality.py [--windows 64] [--calib-windows 128] [--only w8 w4g128-gptq ...]
+                                 [--merge earlier.json ...]
+
+Each model costs ~2 minutes of evaluation on 2 cores, so runs can be split with --only and their results
+merged with --merge (rows of earlier reports measured with the same protocol and base perplexity; this
+run's rows win).
 """
 
 from __future__ import annotations
@@ -61,6 +66,21 @@ ALLOCATIONS = {
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
 
+def merge_rows(rows: list[dict], reports: list[str], result, base_perplexity: float) -> list[dict]:
+    """`rows` plus the rows of earlier `reports` (same windows and base perplexity) not measured again, in
+    CONFIGS order."""
+    merged = {row["preset"]: row for row in rows}
+    for path in reports:
+        earlier = json.loads(Path(path).read_text())
+        same = (earlier["protocol"]["windows"] == result.windows and earlier["base_perplexity"] == base_perplexity)
+        if not same:
+            raise SystemExit(f"{path}: measured with another protocol or base perplexity; not merged")
+        for row in earlier["results"]:
+            merged.setdefault(row["preset"], row)
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    return sorted(merged.values(), key=lambda row: order.get(row["preset"], len(order)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64)
@@ -70,6 +90,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/quality-smollm2"))
+    parser.add_argument("--merge", nargs="*", default=[], help="earlier report JSONs whose rows to keep")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -117,6 +138,7 @@ def main() -> None:
             "stored_mib": round(totals["stored_bytes"] / 2**20, 1),
             "quantize_seconds": quantize_seconds.get(preset),
         })
+    rows = merge_rows(rows, args.merge, result, round(result.perplexity["base"], 4))
     report = {
         "benchmark": "quality-smollm2",
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -129,8 +151,9 @@ def main() -> None:
         "reference_numbers_from_issue": REFERENCE,
         "eval_seconds": round(seconds, 1),
         "versions": {"nanoq": nanoq_plugin.__version__, "torch": torch.__version__},
-        "note": "w4g128 falls back to group 64 on the 576-wide inputs (q/k/v/o, gate/up) and keeps 128 on down_proj; "
-                "not in this release: AWQ, codebooks, NVFP4, the bit allocator",
+        "note": "w4g128 / w3g128 / cb3g128 fall back to group 64 on the 576-wide inputs (q/k/v/o, gate/up) and keep "
+                "128 on down_proj (1536 wide); the embedding table (tied head) stays bf16 in every config but "
+                "qkv-fp16; calibrated methods use 128 windows x 512 tokens of WikiText-2 valid",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,15 +163,22 @@ def main() -> None:
         "",
         f"Base perplexity {report['base_perplexity']} (issue's reference: 21.54).",
         "",
-        "| config | method | perplexity | ratio to base | last-logit cosine | bits/weight (quantized) | bits/weight (all) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| config | method | perplexity | ratio to base | last-logit cosine | bits/weight (quantized) "
+        "| bits/weight (all) | quantize s (2 cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        entropy = f" (bytes' entropy {row['packed_entropy_bits']} bits)" if row.get("packed_entropy_bits") else ""
         lines.append(f"| {row['preset']} | {row['method']} | {row['perplexity']} | {row['ppl_ratio']} | "
-                     f"{row['last_logit_cosine']} | {row['bits_per_weight_quantized_modules']} | {row['bits_per_weight_all']} |")
-    lines += ["", "Reference (llm-compressor 0.14, same protocol): W8 g64 RTN 21.59, W4 g64 RTN 30.16.",
-              "GPTQ calibration: WikiText-2 valid split, seeded random windows of 512 tokens (count in the JSON).",
-              "Not in this release: AWQ, codebooks, NVFP4, the bit allocator.", ""]
+                     f"{row['last_logit_cosine']} | {row['bits_per_weight_quantized_modules']}{entropy} | "
+                     f"{row['bits_per_weight_all']} | {row.get('quantize_seconds') or ''} |")
+    lines += ["", "Targets (ratio to base): w8 <= 1.005, w4g128 <= 1.05, w3 <= 1.25, 2-bit <= 2.0.",
+              "What other tools reach on this model and protocol (from the issue): llm-compressor 0.14 W4 g64 RTN 1.40,",
+              "W4 g64 GPTQ 1.277, W2 g64 GPTQ 743x; AutoRound 0.16 W4 g128 1.133, W2 g64 5.56; plain rotation + "
+              "rounding at 2 bits 208x.",
+              "Calibration: WikiText-2 *valid* split, seeded random windows of 512 tokens (count in the JSON); the "
+              "allocator rows choose per unit among cb2g64 / cb3g128 / cb4g128 / int8 (decisions in each manifest).",
+              ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
