@@ -16,10 +16,8 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 def encode_e2m1(values: torch.Tensor) -> torch.Tensor:
     """Round float values (already divided by their scale, |v| beyond 6 saturates) to E2M1 codes, uint8."""
-    magnitude = values.abs()
-    index = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
-    for midpoint in _MIDPOINTS:
-        index += (magnitude >= midpoint).to(torch.uint8)
+    midpoints = torch.tensor(_MIDPOINTS, dtype=values.dtype, device=values.device)
+    index = torch.bucketize(values.abs().contiguous(), midpoints, right=True).to(torch.uint8)  # midpoints <= |v|
     return index | (torch.signbit(values).to(torch.uint8) << 3)
 
 
