@@ -74,15 +74,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         allocation = AllocationRequest(
             candidates=parse_candidates(args.candidates or ",".join(DEFAULT_CANDIDATES)), target_bpw=args.target_bpw,
             target_bytes=_parse_size(args.target_size) if args.target_size is not None else None,
-            windows=args.sensitivity_windows, max_ppl_ratio=args.max_ppl_ratio)
-    elif args.max_ppl_ratio is not None or args.candidates:
-        raise NanoqError("--max-ppl-ratio and --candidates go with --target-bpw or --target-size")
+            windows=args.sensitivity_windows)
+    elif args.candidates:
+        raise NanoqError("--candidates goes with --target-bpw or --target-size")
+    if args.max_ppl_ratio is not None and not args.calib:
+        raise NanoqError("--max-ppl-ratio measures perplexity on held-out windows of the --calib text: pass --calib")
     result = quantize_checkpoint(
         args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
         max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
         gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search),
         allocation=allocation,
     )
+    gate = None
+    if args.max_ppl_ratio is not None:
+        from .eval.quality_gate import check_quality_gate
+
+        gate = check_quality_gate(args.src, result.output, args.calib, args.max_ppl_ratio, args.calib_seq_len)
     print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
     print("\n".join(_scheme_table(result.manifest)))
     _print_totals(result.manifest["totals"])
@@ -91,10 +98,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     allocated = result.manifest["provenance"].get("allocation")
     if allocated:
         chosen = Counter(unit["chosen"] for unit in allocated["units"])
-        gate = allocated.get("quality_gate")
         print(f"allocator: {allocated['achieved_bits_per_weight']} bits/weight in the allocated linears ("
-              + ", ".join(f"{name} x{count}" for name, count in sorted(chosen.items())) + " units)"
-              + (f"; quality gate ppl ratio {gate['ppl_ratio']} <= {gate['max_ppl_ratio']}" if gate else ""))
+              + ", ".join(f"{name} x{count}" for name, count in sorted(chosen.items())) + " units)")
+    if gate:
+        print(f"quality gate: perplexity ratio {gate['ppl_ratio']} <= {gate['max_ppl_ratio']} "
+              f"on {gate['windows']} held-out windows")
     print(f"time {result.seconds:.1f} s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
     return 0
 
@@ -187,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", help="allocator: comma-separated schemes (default int2g64,int3g128,int4g128,int8)")
     q.add_argument("--sensitivity-windows", type=int, default=32, help="allocator: calibration windows measured")
     q.add_argument("--max-ppl-ratio", type=float,
-                   help="allocator: refuse the result if its perplexity exceeds the base's by this ratio on "
-                        "held-out calibration windows")
+                   help="quality gate: remove the result if its perplexity exceeds the base's by this ratio on "
+                        "16 held-out windows of the --calib text")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
     q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

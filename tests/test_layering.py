@@ -11,6 +11,7 @@ FORBIDDEN = {
     "kernels": {"quantizers", "engines", "eval", "cli", "example_model"},
     "quantizers": {"engines", "eval", "cli"},
     "engines": {"quantizers", "eval", "cli"},
+    "export": {"engines", "eval", "cli"},
 }
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import json
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -281,13 +279,10 @@ class AllocationRequest:
     target_bpw: float | None = None  # bits per weight over the allocated block linears
     target_bytes: int | None = None  # stored bytes of the whole checkpoint
     windows: int = 32  # calibration windows for the sensitivity pass
-    max_ppl_ratio: float | None = None  # gate: perplexity ratio to the base on held-out calibration windows
-    gate_windows: int = 16
 
     def describe(self) -> dict:
         return {"candidates": [c.name for c in self.candidates], "target_bpw": self.target_bpw,
-                "target_bytes": self.target_bytes, "sensitivity_windows": self.windows,
-                "max_ppl_ratio": self.max_ppl_ratio}
+                "target_bytes": self.target_bytes, "sensitivity_windows": self.windows}
 
 
 def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request: AllocationRequest, recipe: Recipe,
@@ -334,28 +329,6 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
     choice = allocate(units, budget)
     record = apply_allocation(plan, units, choice)
     return {**request.describe(), **record}
-
-
-def _quality_gate(source_dir: Path, output: Path, calibration: str, request: AllocationRequest, seq_len: int) -> dict:
-    """Perplexity ratio of the quantized model to its base on calibration windows not used for calibrating
-    (seed 1); removes `output` and raises NanoqError when it exceeds `request.max_ppl_ratio`."""
-    from transformers import AutoModelForCausalLM
-
-    from ..eval.perplexity import evaluate_perplexity
-    from ..eval.reference_model import dequantized_float_model
-
-    ids = calibration_windows(source_dir, calibration, request.gate_windows, seq_len, seed=1).reshape(-1)
-    models = {"base": AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(),
-              "quantized": dequantized_float_model(source_dir, output)}
-    result = evaluate_perplexity(models, ids, seq_len, seq_len, request.gate_windows, progress=False)
-    ratio = result.perplexity["quantized"] / result.perplexity["base"]
-    gate = {"ppl_ratio": round(ratio, 4), "max_ppl_ratio": request.max_ppl_ratio, "windows": result.windows}
-    if ratio > request.max_ppl_ratio:
-        shutil.rmtree(output)
-        raise NanoqError(f"quality gate: perplexity ratio {ratio:.4f} to the base exceeds --max-ppl-ratio "
-                         f"{request.max_ppl_ratio} on {result.windows} held-out calibration windows; nothing written "
-                         "(raise the size target or add candidates)")
-    return gate
 
 
 def quantize_checkpoint(
@@ -475,8 +448,4 @@ def quantize_checkpoint(
         manifest = build_manifest(records, float_specs, provenance)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
-    if allocation is not None and allocation.max_ppl_ratio is not None:
-        manifest["provenance"]["allocation"]["quality_gate"] = _quality_gate(
-            source.directory, output, calibration, allocation, calib_seq_len)
-        (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return QuantizeResult(output, manifest, time.perf_counter() - start, peak_rss_bytes())

@@ -20,7 +20,7 @@ def test_gather_matches_reference_rows(name):
     scheme, tensors, weight = stored_and_reference(name, vocab, hidden, 11)
     ids = torch.tensor([[0, 202, 5, 5], [17, 1, 200, 3]])
     bits, group_size = op_args(LinearConfig(scheme, vocab, hidden, torch.float32, "cpu"))
-    fmt = triton_weight_format(bits, group_size, not scheme.symmetric)
+    fmt = triton_weight_format(bits, group_size, tensors.get("zeros"))
     out = embedding_gather(ids, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, hidden,
                            torch.float32, block_t=4, block_h=64)
     assert out.shape == (2, 4, hidden)

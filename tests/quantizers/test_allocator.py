@@ -56,3 +56,11 @@ def test_quality_gate_refuses_and_writes_nothing(tiny_llama_with_tokenizer, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("nanoq: error: quality gate: perplexity ratio") and "nothing written" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_quality_gate_passes_and_is_recorded(tiny_llama_with_tokenizer, tmp_path, wikitext):
+    out = tmp_path / "w8"
+    assert main(["quantize", str(tiny_llama_with_tokenizer), str(out), "--recipe", "w8", "--calib", str(wikitext),
+                 "--calib-seq-len", "64", "--max-ppl-ratio", "1.05", "--quiet"]) == 0
+    gate = json.loads((out / "nano_manifest.json").read_text())["provenance"]["quality_gate"]
+    assert gate["ppl_ratio"] <= 1.05 and gate["windows"] == 16
