@@ -59,12 +59,12 @@ CONFIGS: dict[str, Recipe] = {
 # the allocator's configs: candidates and bits per weight over the block linears
 ALLOCATIONS = {
     "alloc-3.0bpw-gptq": AllocationRequest(tuple(parse_scheme(n) for n in ("cb2g64", "cb3g128", "cb4g128", "int8")),
-                                           target_bpw=3.0, windows=16),
+                                           target_bpw=3.0, windows=8),
     "alloc-4.0bpw-gptq": AllocationRequest(tuple(parse_scheme(n) for n in ("cb2g64", "cb3g128", "cb4g128", "int8")),
-                                           target_bpw=4.0, windows=16),
+                                           target_bpw=4.0, windows=8),
 }
 # calibration windows where a config uses fewer than --calib-windows (to fit the benchmark in CPU time)
-CALIB_WINDOWS = {"alloc-3.0bpw-gptq": 32, "alloc-4.0bpw-gptq": 32}
+CALIB_WINDOWS = {"cb3g128-gptq": 32, "alloc-3.0bpw-gptq": 16, "alloc-4.0bpw-gptq": 16}
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
 
