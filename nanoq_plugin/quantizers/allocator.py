@@ -23,7 +23,8 @@ from ..format.layout import param_specs, stored_bytes
 from ..format.schemes import Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 from .awq import output_error
-from .codebook import quantize_codebook
+from ..format.hadamard import random_signs, rotate_weight, unrotate_weight
+from .codebook import ROTATION_SEED, fit_codebook, restore_nearest
 from .gptq import HessianAccumulator
 from .recipe import Plan, PlannedModule, fit_group_size
 from .rtn import fake_quantize_rtn
@@ -50,12 +51,17 @@ def parse_candidates(text: str) -> tuple[Scheme, ...]:
     return schemes
 
 
+ESTIMATE_LLOYD_ITERATIONS = 3  # codebook levels for the estimate: close to the fit, 10x cheaper
+
+
 def restored_nearest(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """`weight [N, K]` after nearest rounding in `scheme` (float32): the error the allocator predicts."""
     if scheme.kind is SchemeKind.CODEBOOK:
-        from ..format.reference import dequantize
-
-        return dequantize(quantize_codebook(weight, scheme), scheme, *weight.shape).to(weight.device)
+        signs = random_signs(weight.shape[1], ROTATION_SEED).to(weight.device)
+        rotated = rotate_weight(weight, signs, scheme.group_size)
+        scales, levels = fit_codebook(rotated, scheme, ESTIMATE_LLOYD_ITERATIONS)
+        restored = restore_nearest(rotated, scales.to(weight.device), levels.to(weight.device), scheme.group_size)
+        return unrotate_weight(restored, signs, scheme.group_size)
     return fake_quantize_rtn(weight, scheme)
 
 

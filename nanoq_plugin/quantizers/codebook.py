@@ -14,6 +14,8 @@ Stored: codes packed like int_group, float16 scales, the float32 codebook, the i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..format.hadamard import random_signs, rotate_hessian, rotate_weight
@@ -28,6 +30,7 @@ LLOYD_SAMPLES = 1 << 18  # normalized coordinates the codebook is fitted on (a s
 SCALE_REFITS = 2
 
 
+@functools.lru_cache(maxsize=None)
 def gaussian_levels(bits: int) -> torch.Tensor:
     """Lloyd-Max levels `[2**bits]` float32 for the standard normal (fitted on its quantiles)."""
     count = 1 << 16
@@ -52,9 +55,10 @@ def lloyd_max(values: torch.Tensor, levels: torch.Tensor, iterations: int = LLOY
     return levels
 
 
-def fit_codebook(rotated: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_codebook(rotated: torch.Tensor, scheme: Scheme,
+                 iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales `[K/G, N]` float32 (float16-representable) and levels `[2**b]` float32 for the rotated weight
-    `rotated [N, K]`."""
+    `rotated [N, K]` (`iterations` of Lloyd's algorithm from the Gaussian levels)."""
     n, k = rotated.shape
     groups = rotated.to(torch.float32).view(n, k // scheme.group_size, scheme.group_size)
     rms = groups.pow(2).mean(dim=2).sqrt().clamp_min(1e-8)
@@ -62,7 +66,7 @@ def fit_codebook(rotated: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, t
     if normalized.numel() > LLOYD_SAMPLES:
         generator = torch.Generator().manual_seed(ROTATION_SEED)
         normalized = normalized[torch.randperm(normalized.numel(), generator=generator)[:LLOYD_SAMPLES]]
-    levels = lloyd_max(normalized, gaussian_levels(scheme.bits))
+    levels = lloyd_max(normalized, gaussian_levels(scheme.bits), iterations)
     scales = rms
     for _ in range(SCALE_REFITS):  # least-squares scale for the levels each coordinate takes
         chosen = levels[nearest_level(groups / scales.unsqueeze(-1), levels)]
