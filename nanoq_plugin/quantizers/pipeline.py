@@ -250,8 +250,9 @@ def _provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | Non
     elif calib_info is not None:
         calibration_entry = {"file": str(Path(calibration).resolve()), "used": True, **calib_info}
     elif calibration:
-        calibration_entry = {"file": str(Path(calibration).resolve()), "used": False,
-                             "note": f"{recipe.method} uses no calibration data"}
+        calibration_entry = {"file": None if calibration == SELF else str(Path(calibration).resolve()),
+                             "used": False, "note": f"{recipe.method} uses no calibration data "
+                                                    "(the allocator's sensitivity pass may have: see allocation)"}
     else:
         calibration_entry = None
     provenance = {
