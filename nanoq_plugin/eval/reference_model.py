@@ -19,6 +19,12 @@ def dequantized_float_model(source_dir: str | os.PathLike, nano_dir: str | os.Pa
 
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
     checkpoint = load_nano_checkpoint(nano_dir)
+    # the checkpoint's float tensors, which a quantizer may have changed (AWQ folds scales into norms)
+    state = model.state_dict()
+    float_names = [name for name in checkpoint.manifest.get("float_tensors", {}) if name in state]
+    with torch.no_grad():
+        for name, tensor in checkpoint.tensors.items(float_names):
+            state[name].copy_(tensor.to(torch.float32))
     for module_name, scheme in checkpoint.quant_config.modules.items():
         module = model.get_submodule(module_name)
         tensors = dict(checkpoint.tensors.items(
