@@ -23,8 +23,7 @@ from ..format.layout import param_specs, stored_bytes
 from ..format.schemes import Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 from .awq import output_error
-from ..format.hadamard import random_signs, rotate_weight, unrotate_weight
-from .codebook import ROTATION_SEED, fit_codebook, restore_nearest
+from .codebook import fake_quantize_codebook
 from .gptq import HessianAccumulator
 from .recipe import Plan, PlannedModule, fit_group_size
 from .rtn import fake_quantize_rtn
@@ -57,11 +56,7 @@ ESTIMATE_LLOYD_ITERATIONS = 3  # codebook levels for the estimate: close to the 
 def restored_nearest(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """`weight [N, K]` after nearest rounding in `scheme` (float32): the error the allocator predicts."""
     if scheme.kind is SchemeKind.CODEBOOK:
-        signs = random_signs(weight.shape[1], ROTATION_SEED).to(weight.device)
-        rotated = rotate_weight(weight, signs, scheme.group_size)
-        scales, levels = fit_codebook(rotated, scheme, ESTIMATE_LLOYD_ITERATIONS)
-        restored = restore_nearest(rotated, scales.to(weight.device), levels.to(weight.device), scheme.group_size)
-        return unrotate_weight(restored, signs, scheme.group_size)
+        return fake_quantize_codebook(weight, scheme, ESTIMATE_LLOYD_ITERATIONS)
     return fake_quantize_rtn(weight, scheme)
 
 

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from ..format.hadamard import random_signs, rotate_hessian, rotate_weight
+from ..format.hadamard import random_signs, rotate_hessian, rotate_weight, unrotate_weight
 from ..format.layout import SCALE_DTYPE
 from ..format.packing import pack_codes
 from ..format.schemes import Scheme
@@ -89,6 +89,16 @@ def compress_codebook(rotated: torch.Tensor, scheme: Scheme, scales: torch.Tenso
     codes = nearest_level(rotated.t().to(torch.float32) / per_row, levels).to(torch.uint8)
     return {"qweight": pack_codes(codes, scheme.bits), "scales": scales.to(SCALE_DTYPE).contiguous(),
             "codebook": levels.to(torch.float32).contiguous(), "signs": signs.to(torch.int8).contiguous()}
+
+
+def fake_quantize_codebook(weight: torch.Tensor, scheme: Scheme, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
+    """`weight [N, K]` after nearest-level rounding in `scheme`, back in the original space (float32), without
+    packing; `iterations` of Lloyd's algorithm fit the levels (fewer for a cheap estimate)."""
+    signs = random_signs(weight.shape[1], ROTATION_SEED).to(weight.device)
+    rotated = rotate_weight(weight, signs, scheme.group_size)
+    scales, levels = fit_codebook(rotated, scheme, iterations)
+    restored = restore_nearest(rotated, scales.to(weight.device), levels.to(weight.device), scheme.group_size)
+    return unrotate_weight(restored, signs, scheme.group_size)
 
 
 def quantize_codebook(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor | None = None,

@@ -128,11 +128,14 @@ def _nvfp4_global_scales(tensors: dict[str, torch.Tensor], plan: Plan, arch: Arc
 
 
 def _module_record(reference: torch.Tensor, source_dtype: torch.dtype, tensors: dict, scheme: Scheme,
-                   requested: Scheme) -> ModuleRecord:
+                   requested: Scheme, restored: torch.Tensor | None = None) -> ModuleRecord:
     """The manifest record of a module stored as `tensors`; `reference [N, K]` is the float weight they encode
-    (the source weight, times AWQ's scales where they were folded in)."""
+    (the source weight, times AWQ's scales where they were folded in); `restored` is their dequantization
+    when the caller has it already."""
     original = reference.to(torch.float32)
-    restored = dequantize(tensors, scheme, *original.shape).to(original.device)
+    if restored is None:
+        restored = dequantize(tensors, scheme, *original.shape)
+    restored = restored.to(device=original.device, dtype=torch.float32)
     rel_error = (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item()
     specs = param_specs(scheme, *original.shape)
     return ModuleRecord(scheme=scheme, requested_scheme=requested, shape=tuple(original.shape),
@@ -140,10 +143,10 @@ def _module_record(reference: torch.Tensor, source_dtype: torch.dtype, tensors: 
                         tensors=specs)
 
 
-# AWQ folds a group's input scale into the op that produces the group's input (o_proj has none: with grouped
-# query attention its input channels do not map one to one onto v_proj's outputs).
 # GPTQ's own dampening after AWQ scaled a Hessian that was damped before scaling (numerical safety only)
 PREDAMPED = 1e-6
+# AWQ folds a group's input scale into the op that produces the group's input (o_proj has none: with grouped
+# query attention its input channels do not map one to one onto v_proj's outputs).
 AWQ_PRODUCERS = {ATTENTION_INPUT: "input_layernorm", MLP_INPUT: "post_attention_layernorm", MLP_OUTPUT: "mlp.up_proj"}
 
 
@@ -184,9 +187,10 @@ class _CalibratedBlock:
             stored, record = self.results[key]
             stored["scales"] = (stored["scales"].to(torch.float32) / scale).to(stored["scales"].dtype)
             self.references[key] = self.references[key] / scale.unsqueeze(1)
+            restored = dequantize(stored, record.scheme, *module.weight.shape).to(module.weight.device)
             self.results[key] = (stored, _module_record(self.references[key], record.source_dtype, stored,
-                                                        record.scheme, record.requested_scheme))
-            module.weight.data = dequantize(stored, record.scheme, *module.weight.shape).to(module.weight.device)
+                                                        record.scheme, record.requested_scheme, restored))
+            module.weight.data = restored
             return
         weight = module.weight.data
         module.weight.data = weight / (scale if weight.dim() == 1 else scale.unsqueeze(1))
@@ -203,6 +207,7 @@ class _CalibratedBlock:
             hessian.add(chunk)
             abs_sum += chunk.abs().sum(dim=tuple(range(chunk.dim() - 1)))
         h = hessian.hessian
+        settings = self.settings
         inputs_changed = False
         integer = all(e.scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL) for e in planned.values())
         if self.use_awq and group in AWQ_PRODUCERS and integer:  # codebook schemes rotate instead
@@ -218,29 +223,29 @@ class _CalibratedBlock:
                         self._store_float(f"{name}.weight")
                 if self.use_gptq:  # damp in the unscaled input space, where damp · mean(diag H) means what it says
                     h = h.clone()
-                    h.diagonal().add_(self.settings.damp * torch.mean(torch.diag(h)))
+                    h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
+                    settings = replace(settings, damp=PREDAMPED)
                 h = h / scale.unsqueeze(1) / scale.unsqueeze(0)
                 if group == MLP_OUTPUT:  # the inputs are up_proj's outputs: divide them instead of recomputing
                     for chunk in inputs:
                         chunk.div_(scale)
                 else:
                     inputs_changed = True  # a norm: cheap to recompute
-        awq_key = f"{self.prefix}.{AWQ_PRODUCERS.get(group, '')}"
         for name, entry in planned.items():
             module = f"{self.prefix}.{name}"
             linear = self.block.get_submodule(name)
             weight = linear.weight.data
-            settings = replace(self.settings, damp=PREDAMPED) if self.awq_ratios.get(awq_key, -1.0) >= 0 else self.settings
             if entry.scheme.kind is SchemeKind.CODEBOOK:
                 stored = quantize_codebook(weight, entry.scheme, h if self.use_gptq else None, settings, module)
             elif self.use_gptq:
                 stored = gptq_quantize(weight, h, entry.scheme, settings, where=module)
             else:
                 stored = quantize_rtn(weight, entry.scheme, clip_search=True)
+            restored = dequantize(stored, entry.scheme, *weight.shape).to(self.runner.device)
             self.references[module] = weight
             self.results[module] = (stored, _module_record(weight, self.tensors[f"{module}.weight"].dtype, stored,
-                                                           entry.scheme, entry.requested))
-            linear.weight.data = dequantize(stored, entry.scheme, *weight.shape).to(self.runner.device)
+                                                           entry.scheme, entry.requested, restored))
+            linear.weight.data = restored
         return inputs_changed
 
 
@@ -307,10 +312,7 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
             if entry is not None and entry.scheme.is_quantized:
                 other += stored_bytes(param_specs(entry.scheme, *source.shape(name)))
             else:
-                count = 1
-                for dim in source.shape(name):
-                    count *= dim
-                other += count * source.dtype(name).itemsize
+                other += stored_bytes({name: TensorSpec(tuple(source.shape(name)), source.dtype(name))})
         budget = request.target_bytes - other
         if budget <= 0:
             raise NanoqError(f"--target-size {request.target_bytes}: the tensors kept outside the block linears "
