@@ -6,6 +6,7 @@ Every user-input problem is a NanoqError: printed on one line as `nanoq: error: 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -93,7 +94,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {result.output} ({recipe.name}, {len(result.manifest['modules'])} quantized modules)")
     print("\n".join(_scheme_table(result.manifest)))
     _print_totals(result.manifest["totals"])
-    if args.calib and recipe.method == "rtn" and allocation is None:
+    if args.calib and recipe.method == "rtn" and allocation is None and gate is None:
         print(f"note: {recipe.method} uses no calibration data; {args.calib} was not read")
     allocated = result.manifest["provenance"].get("allocation")
     if allocated:
@@ -165,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.compressed_tensors import export_compressed_tensors
 
     output = export_compressed_tensors(args.dir, args.out)
-    quant_format = __import__("json").loads((output / "config.json").read_text())["quantization_config"]["format"]
+    quant_format = json.loads((output / "config.json").read_text())["quantization_config"]["format"]
     print(f"wrote {output} (compressed-tensors {quant_format}; serve it with `vllm serve {output}`)")
     return 0
 
