@@ -49,6 +49,7 @@ CONFIGS: dict[str, Recipe] = {
     "nvfp4-alpha2": load_recipe("nvfp4-alpha2"),
     "cb2g64-gptq": load_recipe("cb2g64").with_method("gptq"),
     "cb3g128-gptq": load_recipe("cb3g128").with_method("gptq"),
+    "cb4g128-gptq": load_recipe("cb4g128").with_method("gptq"),
     "alloc-3.0bpw-gptq": load_recipe("w3g128").with_method("gptq"),
     "alloc-4.0bpw-gptq": load_recipe("w4g128").with_method("gptq"),
     "qkv-fp16": load_recipe("qkv-fp16"),
@@ -66,7 +67,7 @@ ALLOCATIONS = {
                                            target_bpw=4.0, windows=8),
 }
 # calibration windows where a config uses fewer than --calib-windows (to fit the benchmark in CPU time)
-CALIB_WINDOWS = {"cb3g128-gptq": 32, "alloc-3.0bpw-gptq": 16, "alloc-4.0bpw-gptq": 16}
+CALIB_WINDOWS = {"cb3g128-gptq": 32, "cb4g128-gptq": 32, "alloc-3.0bpw-gptq": 16, "alloc-4.0bpw-gptq": 16}
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
 

