@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from vllm_server import run_to_exit, vllm_python, vllm_server  # noqa: E402
-
-from nanoq_plugin.quantizers.pipeline import quantize_checkpoint  # noqa: E402
-from nanoq_plugin.quantizers.recipe import load_recipe  # noqa: E402
+from nanoq_plugin.loadtest.vllm_process import run_to_exit, vllm_python, vllm_server
+from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+from nanoq_plugin.quantizers.recipe import load_recipe
 
 pytestmark = [
     pytest.mark.slow,
@@ -108,7 +105,8 @@ def test_serves_completions_and_chat_matching_transformers(checkpoint, launch, r
     from openai import OpenAI
 
     model = request.getfixturevalue(checkpoint)
-    with vllm_server(model, state_dir, *launch.get("args", ()), config=launch.get("config")) as url:
+    with vllm_server(model, state_dir, *launch.get("args", ()), config=launch.get("config")) as server:
+        url = server.url
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         chat = client.chat.completions.create(
             model=str(model), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0)
@@ -150,10 +148,10 @@ def test_tensor_parallel_2_matches_tp_1(tiny_tp_model, state_dir):
     assert "model.layers.0.self_attn.q_proj" not in config["modules"]
     assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
     assert config["modules"]["model.embed_tokens"] == "int8" and config["tied_lm_head"] == "model.embed_tokens"
-    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano") as url:
-        tp1 = [complete_ids(url, tiny_tp_model, prompt) for prompt in PROMPTS]
-    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as url:
-        tp2 = [complete_ids(url, tiny_tp_model, prompt) for prompt in PROMPTS]
+    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano") as server:
+        tp1 = [complete_ids(server.url, tiny_tp_model, prompt) for prompt in PROMPTS]
+    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as server:
+        tp2 = [complete_ids(server.url, tiny_tp_model, prompt) for prompt in PROMPTS]
     reference = load_transformers(tiny_tp_model)
     identical = 0
     for (prompt_ids, one), (_, two) in zip(tp1, tp2):

