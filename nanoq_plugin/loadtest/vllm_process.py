@@ -42,15 +42,18 @@ def free_port() -> int:
 
 
 def omp_threads_bind(tensor_parallel: int, cores: int | None = None) -> str:
-    """`VLLM_CPU_OMP_THREADS_BIND` giving each of `tensor_parallel` ranks an equal run of this machine's cores,
-    e.g. "0-1" (one rank, 2 cores) or "0|1" (two ranks); "nobind" on a single core."""
+    """`VLLM_CPU_OMP_THREADS_BIND` for `tensor_parallel` ranks on this machine's cores: one core is left to
+    the API server and engine-core processes when there are more cores than ranks (vLLM's CPU guide advises
+    it: OpenMP threads spinning on every core starve the frontend), the rest split into equal runs, e.g.
+    "1" (one rank, 2 cores), "0|1" (two ranks, 2 cores), "1-15" (one rank, 16 cores); "nobind" on one core."""
     cores = cores or os.cpu_count() or 1
     if cores == 1:
         return "nobind"
     if cores < tensor_parallel:
         raise RuntimeError(f"tensor parallel {tensor_parallel} needs at least as many cores (this machine: {cores})")
-    per_rank = cores // tensor_parallel
-    runs = [(r * per_rank, (r + 1) * per_rank - 1) for r in range(tensor_parallel)]
+    first = 1 if cores > tensor_parallel else 0
+    per_rank = (cores - first) // tensor_parallel
+    runs = [(first + r * per_rank, first + (r + 1) * per_rank - 1) for r in range(tensor_parallel)]
     return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
