@@ -8,8 +8,6 @@ Needs a CUDA GPU, SGLang 0.5.23 and nanoq installed in the same environment (`pi
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +15,8 @@ import urllib.error
 import urllib.request
 
 from openai import OpenAI
+
+from nanoq_plugin.loadtest.vllm_process import stop_process_group
 
 
 def wait_until_healthy(server: subprocess.Popen, base: str, timeout: float) -> None:
@@ -59,12 +59,7 @@ def main() -> None:
         )
         print(f"{model}: {reply.choices[0].message.content}")
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server, grace_seconds=60)
 
 
 if __name__ == "__main__":

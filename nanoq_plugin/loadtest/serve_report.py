@@ -108,6 +108,27 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratio_axes(ax, ylabel: str, title: str, log2_x: bool = True) -> None:
+    """Axes of a ratio plot: the 1.0 line (equal to the baseline), labels, legend."""
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, prefix: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = prefix.with_name(f"{prefix.name}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: dict, prefix: Path) -> list[Path]:
     """Three PNGs beside `prefix`: throughput ratio vs concurrency, latency vs throughput, memory bars."""
     import matplotlib
@@ -117,61 +138,37 @@ def write_plots(report: dict, prefix: Path) -> list[Path]:
 
     baseline = report["baseline"]
     runs = [r for r in report["runs"] if r.get("levels")]
-    paths = []
+    label = lambda run: f"{run['config']} (run {run['run']})"  # noqa: E731
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         points = [(lv["concurrency"], lv["throughput_ratio"]) for lv in run["levels"] if lv["throughput_ratio"]]
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{run['config']} (run {run['run']})",
-                    linewidth=2.5 if run["config"] == baseline else 1.5)
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrency")
-    ax.set_ylabel(f"output tokens/s ÷ {baseline}")
-    ax.set_title(f"Throughput relative to {baseline} (same run), {report['device']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-throughput.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+            ax.plot(*zip(*points), marker="o", label=label(run), linewidth=2.5 if run["config"] == baseline else 1.5)
+    _ratio_axes(ax, f"output tokens/s ÷ {baseline}", f"Throughput relative to {baseline} (same run), "
+                f"{report['device']}")
+    throughput = _save(fig, prefix, "throughput")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for run in runs:
         levels = [lv for lv in run["levels"] if lv["tpot_ms_p50"]]
-        label = f"{run['config']} (run {run['run']})"
-        left.plot([lv[THROUGHPUT] for lv in levels], [lv["tpot_ms_p50"] for lv in levels], marker="o", label=label)
+        left.plot([lv[THROUGHPUT] for lv in levels], [lv["tpot_ms_p50"] for lv in levels], marker="o",
+                  label=label(run))
         ratios = [(lv["concurrency"], lv["tpot_p50_ratio"]) for lv in levels if lv["tpot_p50_ratio"]]
         if ratios:
-            right.plot(*zip(*ratios), marker="o", label=label)
+            right.plot(*zip(*ratios), marker="o", label=label(run))
     left.set_xlabel("output tokens/s")
     left.set_ylabel("TPOT p50 (ms)")
     left.set_title("Latency vs throughput (points: concurrency 1 → 64)")
-    right.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    right.set_xscale("log", base=2)
-    right.set_xlabel("concurrency")
-    right.set_ylabel(f"TPOT p50 ÷ {baseline}")
-    right.set_title("Per-token latency relative to the baseline")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-latency.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _ratio_axes(right, f"TPOT p50 ÷ {baseline}", "Per-token latency relative to the baseline")
+    latency = _save(fig, prefix, "latency")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = [f"{r['config']}\n(run {r['run']})" for r in report["runs"]]
-    x = range(len(names))
-    rss = [r.get("peak_rss_ratio") or 0 for r in report["runs"]]
-    weights = [r["weight_bytes_ratio"] for r in report["runs"]]
-    ax.bar([i - 0.2 for i in x], rss, width=0.4, label="peak RSS of the server processes")
-    ax.bar([i + 0.2 for i in x], weights, width=0.4, label="weight bytes")
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(list(x), names, fontsize=7)
-    ax.set_ylabel(f"÷ {baseline}")
-    ax.set_title("Memory relative to the baseline")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-memory.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    x = range(len(report["runs"]))
+    ax.bar([i - 0.2 for i in x], [r.get("peak_rss_ratio") or 0 for r in report["runs"]], width=0.4,
+           label="peak RSS of the server processes")
+    ax.bar([i + 0.2 for i in x], [r["weight_bytes_ratio"] for r in report["runs"]], width=0.4, label="weight bytes")
+    ax.set_xticks(list(x), [f"{r['config']}\n(run {r['run']})" for r in report["runs"]], fontsize=7)
+    _ratio_axes(ax, f"÷ {baseline}", "Memory relative to the baseline", log2_x=False)
+    memory = _save(fig, prefix, "memory")
+    return [throughput, latency, memory]

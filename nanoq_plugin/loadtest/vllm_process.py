@@ -94,11 +94,13 @@ def launch_command(python: str, model: Path, port: int, *extra: str, config: Pat
             "--max-num-seqs", "8", "--seed", "0", *extra]
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 30) -> None:
+    """SIGTERM the process group of `process` (started with `start_new_session=True`), SIGKILL it after
+    `grace_seconds`, and kill whatever of the group is left."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace_seconds)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
@@ -214,7 +216,7 @@ def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None =
             time.sleep(1)
         yield RunningServer(url, process, log_path, memory, time.monotonic() - started)
     finally:
-        _stop(process)
+        stop_process_group(process)
         memory.stop()
 
 
@@ -228,5 +230,5 @@ def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300)
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
-        _stop(process)
+        stop_process_group(process)
     return process.returncode, output
