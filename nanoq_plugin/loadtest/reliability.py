@@ -58,7 +58,7 @@ async def _reliability(base_url: str, model: str, spec: LoadSpec, vocab_size: in
 
 
 def reliability_check(base_url: str, model: str, vocab_size: int, max_model_len: int, requests: int = 1000,
-                      concurrency: int = 32, prompt_tokens: int = 32, output_tokens: int = 8,
+                      concurrency: int = 32, prompt_tokens: int = 8, output_tokens: int = 8,
                       timeout: float = 900) -> dict:
     """Run the check; returns the load summary, each malformed request's status, whether the server still
     serves, and `passed` (zero failed or incomplete requests, every malformed one refused with 4xx, serving
