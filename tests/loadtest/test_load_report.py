@@ -1,6 +1,8 @@
 """The load test's statistics and report on records built by hand (no server): percentiles, what counts as a
 failed request, ratios to the mean of the baseline's runs, the markdown table and the plots."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,18 @@ def test_ratios_are_to_the_mean_of_the_baseline_runs(tmp_path):
 def test_a_baseline_without_a_completed_run_is_an_error():
     with pytest.raises(ValueError, match="baseline base8 has no completed run"):
         add_ratios([{"config": "base8", "run": 1, "levels": [], "weight_bytes": 1}], "base8")
+
+
+def test_socket_folder_fits_a_unix_socket_address_for_any_state_folder(tmp_path):
+    from nanoq_plugin.loadtest.vllm_process import IPC_NAME_LENGTH, IPC_PATH_MAX, rpc_dir, server_env
+
+    assert rpc_dir(Path("/tmp/state")) == Path("/tmp/state/rpc")  # short enough: kept inside the state folder
+    short = tmp_path / "s"
+    deep = tmp_path / ("d" * 60) / "work" / "state"
+    for state in (short, deep):
+        sockets = rpc_dir(state)
+        assert len(str(sockets)) + IPC_NAME_LENGTH <= IPC_PATH_MAX
+        assert rpc_dir(state) == sockets  # the same state folder gets the same socket folder
+        env = server_env(state)
+        assert env["VLLM_RPC_BASE_PATH"] == str(sockets) and sockets.is_dir()
+    assert rpc_dir(deep) != deep / "rpc" and rpc_dir(deep) != rpc_dir(tmp_path / ("e" * 60) / "state")
