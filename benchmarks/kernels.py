@@ -3,6 +3,7 @@ runs it: cuBLAS on a GPU, oneDNN/MKL on the CPU), measured side by side in one r
 
     python benchmarks/kernels.py --device cuda      # fused Triton kernels vs cuBLAS bf16 (and our int8)
     python benchmarks/kernels.py --device cpu       # PyTorch weight-only CPU kernels after our repack
+    taskset -c 1 python benchmarks/kernels.py --device cpu --threads 1   # one core, as vLLM-CPU runs here
 
 For each scheme, M (tokens) and weight shape (K, N) it times `kernels.ops.apply_linear` on a prepared
 layer (the path vLLM and transformers run) and `torch.matmul` on the bf16 weight: medians of CUDA-event
@@ -31,7 +32,7 @@ from nanoq_plugin.quantizers.rtn import quantize_rtn
 REPO = Path(__file__).resolve().parents[1]
 GPU_M = (1, 4, 16, 64, 256, 2048)
 GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (2048, 6144))
-CPU_M = (1, 4, 16, 64, 256)
+CPU_M = (1, 4, 8, 16, 64, 256)  # 8 / 16 straddle cpu_dense.DENSE_MIN_ROWS
 CPU_SHAPES = ((2048, 2048), (2048, 6144), (4096, 4096))
 SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128")
 
@@ -84,8 +85,11 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}: a smoke run")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; vLLM-CPU here runs 1 per rank)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     on_gpu = device == "cuda"
     m_values = GPU_M if on_gpu else CPU_M

@@ -9,9 +9,17 @@ Our codes satisfy `W = (c - zero) * scale` (docs/FORMAT.md), so the repack once 
 which keeps `z = 0` for every symmetric scheme (2**(b-1) + shift = 8), so no precision is lost in z.
 Codes of fewer than 4 bits are held in 4 bits after the repack (0.5 byte per weight instead of b/8).
 The kernel needs N a multiple of 16.
+
+From `cpu_dense.INT4_DENSE_MIN_ROWS` activation rows on, when N is a multiple of 64, the packed rows are
+expanded into the activation dtype and multiplied by oneDNN's GEMM (`cpu_dense`). That reads PyTorch's
+packed layout, which depends on the CPU: with AVX-512 every block of 64 rows `[64, K]` is stored as bytes
+`[K, 32]` whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the block. The layout is checked
+once per process on a probe (`blocked64_layout`); where it differs the per-row kernel runs at every size.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -19,11 +27,36 @@ from ..format.packing import unpack_codes
 from ..format.reference import symmetric_zero
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
+from .cpu_dense import INT4_DENSE_MIN_ROWS, chunked_matmul, scratch
 
 # 16-bit activations only: measured here, their float32 path is 20-80x slower than MKL's float32 GEMM on the
 # dequantized weight at prefill sizes (the reference kernel), so float32 models use the reference.
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)
+BLOCK_ROWS = 64
+
+
+def unpack_blocked64(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """PyTorch's AVX-512 int4 packing of `rows` (a multiple of 64) weight rows, uint8 `[rows, K/2]` -> the
+    4-bit codes uint8 `[rows, K]` written into `out` (returned)."""
+    rows, k = out.shape
+    blocks = packed.view(rows // BLOCK_ROWS, k, BLOCK_ROWS // 2)
+    halves = out.view(rows // BLOCK_ROWS, 2, BLOCK_ROWS // 2, k)
+    halves[:, 0].copy_((blocks & 15).transpose(1, 2))
+    halves[:, 1].copy_((blocks >> 4).transpose(1, 2))
+    return out
+
+
+@functools.cache
+def blocked64_layout() -> bool:
+    """True if this process's `_convert_weight_to_int4pack_for_cpu` writes the layout `unpack_blocked64` reads."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return False
+    probe = torch.randint(0, 16, (2 * BLOCK_ROWS, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    if packed.shape != (probe.shape[0], probe.shape[1] // 2) or packed.dtype != torch.uint8:
+        return False
+    return torch.equal(unpack_blocked64(packed, torch.empty(probe.shape, dtype=torch.uint8)).to(torch.int32), probe)
 
 
 class CpuInt4GroupKernel:
@@ -71,5 +104,26 @@ class CpuInt4GroupKernel:
         if scale_zeros.dtype != x.dtype:
             scale_zeros = scale_zeros.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, prepared["packed"], config.scheme.group_size, scale_zeros)
+        if (flat.shape[0] >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0
+                and blocked64_layout()):
+            out = chunked_matmul(flat, config.out_features,
+                                 lambda n0, n1, buffer: self._expand(prepared["packed"], scale_zeros, config, n0, n1,
+                                                                     buffer),
+                                 row_multiple=BLOCK_ROWS)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, prepared["packed"], config.scheme.group_size,
+                                                             scale_zeros)
         return out.view(*x.shape[:-1], config.out_features)
+
+    @staticmethod
+    def _expand(packed: torch.Tensor, scale_zeros: torch.Tensor, config: LinearConfig, n0: int, n1: int,
+                buffer: torch.Tensor) -> torch.Tensor:
+        """Weight rows `[n0, n1)` (multiples of 64) as `(q - 8) * s + z` in buffer's dtype, into `buffer [n1-n0, K]`."""
+        rows, k, g = n1 - n0, config.in_features, config.scheme.group_size
+        codes = unpack_blocked64(packed[n0:n1], scratch(rows, k, torch.uint8))
+        grouped = buffer.view(rows, k // g, g)
+        grouped.copy_(codes.view(rows, k // g, g))
+        grouped.sub_(8).mul_(scale_zeros[:, n0:n1, 0].t().unsqueeze(-1))
+        if not config.scheme.symmetric:
+            grouped.add_(scale_zeros[:, n0:n1, 1].t().unsqueeze(-1))
+        return buffer

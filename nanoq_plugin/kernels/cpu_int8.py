@@ -2,6 +2,9 @@
 
 Repacked once: qweight int8 `[K, N]` -> `weight_nk` int8 `[N, K]` (contiguous; the stored copy is dropped),
 scales float16 `[N]` -> the activation dtype. The same `[N, K]` table serves embedding lookups (rows).
+From `cpu_dense.DENSE_MIN_ROWS` activation rows on (prefill, large batches) the int8 rows are converted to the
+activation dtype in a scratch buffer (exact: |q| <= 127) and multiplied by oneDNN's GEMM, the scales applied to
+the output: `x @ (q * s).T == (x @ q.T) * s`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
+from .cpu_dense import DENSE_MIN_ROWS, chunked_matmul
 
 # 16-bit activations only: measured here, their float32 path is 20-80x slower than MKL's float32 GEMM on the
 # dequantized weight at prefill sizes (the reference kernel), so float32 models use the reference.
@@ -45,8 +49,13 @@ class CpuInt8ChannelKernel:
         scales = prepared["scales"]
         if scales.dtype != x.dtype:
             scales = scales.to(x.dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), prepared["weight_nk"], scales)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        weight = prepared["weight_nk"]
+        if flat.shape[0] >= DENSE_MIN_ROWS:
+            out = chunked_matmul(flat, config.out_features, lambda n0, n1, buffer: buffer.copy_(weight[n0:n1]))
+            out.mul_(scales)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
         return out.view(*x.shape[:-1], config.out_features)
 
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,

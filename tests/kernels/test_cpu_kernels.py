@@ -7,6 +7,7 @@ from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.kernels import ops
 from nanoq_plugin.kernels.base import LinearConfig
+from nanoq_plugin.kernels.cpu_dense import DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS
 from nanoq_plugin.kernels.dispatch import select_kernel
 
 from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
@@ -19,17 +20,19 @@ EXPECTED_CPU_KERNEL = {
 
 @pytest.mark.parametrize("name", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_prepared_cpu_kernel_matches_reference(name, dtype):
-    n, k = 208, 384 if "g128" in name else 192
+@pytest.mark.parametrize("n", [208, 256])  # 256: whole 64-row blocks, so the 4-bit expanded path runs too
+def test_prepared_cpu_kernel_matches_reference(name, dtype, n):
+    k = 384 if "g128" in name else 192
     scheme, tensors, weight = stored_and_reference(name, n, k, 3)
     prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
     expected = EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack") if dtype != torch.float32 else "reference"
     assert prepared.kernel == expected
-    x = torch.randn(3, 5, k).to(dtype)
     bias = torch.randn(n)
-    out = ops.apply_linear(x, prepared, bias)
-    assert out.shape == (3, 5, n) and out.dtype == dtype
-    assert rel_error(out, x.float() @ weight.t() + bias) <= TOLERANCE[dtype]
+    for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS):
+        x = torch.randn(rows, 1, k).to(dtype)
+        out = ops.apply_linear(x, prepared, bias)
+        assert out.shape == (rows, 1, n) and out.dtype == dtype
+        assert rel_error(out, x.float() @ weight.t() + bias) <= TOLERANCE[dtype], rows
     direct = ops.quantized_linear(x, tensors, scheme, bias)
     assert rel_error(direct, x.float() @ weight.t() + bias) <= TOLERANCE[dtype]
 
@@ -76,3 +79,30 @@ def test_reference_ops_pass_opcheck():
     ids = torch.tensor([[1, 2, 47]])
     torch.library.opcheck(embedding, (ids, tensors["qweight"], tensors["scales"], tensors["zeros"], 3, 64, 128,
                                       torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("name, n, chunk_rows", [("int8", 208, 50), ("int4g64-asym", 320, 100)])
+def test_weights_larger_than_the_scratch_buffer_are_done_in_row_chunks(monkeypatch, name, n, chunk_rows):
+    from nanoq_plugin.kernels import cpu_dense
+
+    scheme, tensors, weight = stored_and_reference(name, n, 192, 7)
+    prepared = ops.prepare_linear(tensors, scheme, n, 192, torch.bfloat16, "cpu")
+    x = torch.randn(INT4_DENSE_MIN_ROWS + 3, 192, dtype=torch.bfloat16)
+    whole = ops.apply_linear(x, prepared)
+    # int8: chunks of 50 rows, the last of 8; int4: 100 rounded down to whole 64-row blocks, the last of 64
+    monkeypatch.setattr(cpu_dense, "SCRATCH_ELEMENTS", chunk_rows * 192)
+    chunked = ops.apply_linear(x, prepared)
+    assert torch.equal(chunked, whole)
+    assert rel_error(chunked, x.float() @ weight.t()) <= TOLERANCE[torch.bfloat16]
+
+
+def test_the_4bit_unpack_reads_this_cpus_packed_layout():
+    from nanoq_plugin.kernels.cpu_int4 import blocked64_layout, unpack_blocked64
+
+    if not blocked64_layout():
+        pytest.skip("this CPU's int4 packing is not the AVX-512 blocked layout: the per-row kernel runs at every size")
+    codes = torch.randint(0, 16, (192, 320), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(unpack_blocked64(packed, torch.empty(192, 320, dtype=torch.uint8)).to(torch.int32), codes)
+    assert torch.equal(unpack_blocked64(packed[64:128], torch.empty(64, 320, dtype=torch.uint8)).to(torch.int32),
+                       codes[64:128])  # a chunk of whole blocks unpacks on its own
