@@ -233,7 +233,8 @@ def cmd_surgery(args: argparse.Namespace) -> int:
     if best.get("holdout_ratio") is not None:
         line += f"; held-out ratio {best['holdout_ratio']:.4f}"
     print(line)
-    print(f"{report['evaluated']} candidates ({report['new_evaluations']} evaluations now, the rest cached in "
+    print(f"{report['evaluated']} candidates ({report['new_evaluations']} + {report['new_holdout_evaluations']} "
+          f"held-out evaluations now, the rest cached in "
           f"{report['cache']}); wrote {json_out}" + (f" and {report['output']}" if report.get("output") else "")
           + f" ({report['seconds']} s)")
     return 0

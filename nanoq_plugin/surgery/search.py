@@ -89,7 +89,8 @@ class _Evaluator:
                  cache: EvalCache) -> None:
         self.model, self.tokenizer, self.questions = model, tokenizer, questions
         self.search_ids, self.holdout_ids, self.settings, self.cache = search_ids, holdout_ids, settings, cache
-        self.new_evaluations = 0
+        self.new_evaluations = 0  # search-slice evaluations run now (not from the cache)
+        self.new_holdout_evaluations = 0
 
     def _perplexity(self, ids: torch.Tensor) -> tuple[float, int]:
         result = evaluate_perplexity({"m": self.model}, ids, self.settings.ctx, self.settings.ctx, progress=False)
@@ -117,7 +118,7 @@ class _Evaluator:
             return record
         with surgered(self.model, layer_map):
             ppl, tokens = self._perplexity(self.holdout_ids)
-        self.new_evaluations += 1
+        self.new_holdout_evaluations += 1
         return self.cache.put(kind, layer_map.label(), {"ppl": ppl, "scored_tokens": tokens})
 
     def influence(self) -> list[float]:
@@ -155,7 +156,8 @@ def run_search(source_dir: str, text_file: str, settings: SearchSettings, json_o
     """Run the search on `source_dir`; write the report to `json_out` (and the best model to `output_dir`).
 
     Returns the report: settings, protocol, baseline, proxy, ranked candidates, best, and how many
-    evaluations ran now (`new_evaluations`) versus came from the cache.
+    evaluations ran now (`new_evaluations` on the search slice, baseline included, and
+    `new_holdout_evaluations`) rather than coming from the cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,6 +232,7 @@ def run_search(source_dir: str, text_file: str, settings: SearchSettings, json_o
                                     and best["qa_correct"] >= baseline["qa_correct"]),
         "evaluated": len(rows),
         "new_evaluations": evaluator.new_evaluations,
+        "new_holdout_evaluations": evaluator.new_holdout_evaluations,
         "cache": str(cache_path.resolve()),
         "seconds": round(time.perf_counter() - start, 1),
     }
