@@ -5,7 +5,7 @@ awaited, warm-up requests, then the load at each concurrency (the `openai` clien
 a clean stop. The baseline runs first and last (A, B, ..., A): these machines are noisy, both A runs and
 their spread are reported, and every ratio is to the mean of the A runs of the same sweep.
 
-    python benchmarks/serve_load.py                       # the full CPU sweep (~35 min on 2 cores)
+    python benchmarks/serve_load.py                       # the full CPU sweep (~15-20 min on 2 cores)
     python benchmarks/serve_load.py --smoke --out /tmp/s  # a few requests per configuration (CI)
 
 Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq example-model`):
@@ -138,10 +138,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=ORDER, help="configurations after the baseline")
     parser.add_argument("--concurrency", nargs="+", type=int, help="levels (default 1 4 16 64)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="requests per level = max(--min-requests, min(rounds x concurrency, --max-requests))")
-    parser.add_argument("--min-requests", type=int, default=4)
-    parser.add_argument("--max-requests", type=int, default=64)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--max-requests", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--reliability", default="nano-w4g128", help="config that also gets the reliability check "
