@@ -150,6 +150,37 @@ def _row(layer_map: LayerMap, record: dict, stage: int) -> dict:
             **{k: record[k] for k in ("layers", "ppl", "scored_tokens", "qa_correct", "qa_total", "answers", "seconds")}}
 
 
+def _evaluate_stages(evaluator: _Evaluator, baseline: dict, influence: list[float], n: int,
+                     settings: SearchSettings, progress: bool) -> list[dict]:
+    """Evaluate the candidates of `settings.mode` within the budget, in proxy order; one row per candidate."""
+    first = swap_adjacent(n, influence) if settings.mode == "swap-adjacent" else drop_one(n, influence)
+    budget_first, budget_second = stage_budgets(settings.mode, settings.budget, len(first))
+    rows: list[dict] = []
+    with tqdm(total=min(budget_first, len(first)) + min(budget_second, n - 2), desc="surgery search",
+              unit="candidate", disable=not progress) as bar:
+        for layer_map in first[:budget_first]:
+            rows.append(_row(layer_map, evaluator.search(layer_map), stage=1))
+            bar.update()
+        if budget_second:
+            best_drop = rank_candidates(baseline, rows, settings.max_qa_loss)[0]["ops"]["drop"][0]
+            for layer_map in swap_adjacent(n, influence, dropped=best_drop)[:budget_second]:
+                rows.append(_row(layer_map, evaluator.search(layer_map), stage=2))
+                bar.update()
+    return rows
+
+
+def _protocol(text_path: Path, qa_path: Path, questions: int, search_ids, holdout_ids, settings: SearchSettings) -> dict:
+    search_end = int(search_ids.numel())
+    return {"text": str(text_path.resolve()), "qa": str(qa_path.resolve()), "qa_questions": questions,
+            "search_slice": {"tokens": [0, search_end], "windows": settings.windows, "ctx": settings.ctx,
+                             "stride": settings.ctx},
+            "holdout_slice": {"tokens": [search_end, search_end + int(holdout_ids.numel())],
+                              "windows": settings.holdout_windows},
+            "dtype": "float32", "nanoq": __version__,
+            "ranking": "eligible (QA accuracy >= baseline - max_qa_loss) first; then perplexity ratio to "
+                       "baseline on the search slice; then more QA correct; then label"}
+
+
 def run_search(source_dir: str, text_file: str, settings: SearchSettings, json_out: str | Path,
                cache_path: str | Path | None = None, qa_file: str | Path | None = None,
                output_dir: str | Path | None = None, progress: bool = True) -> dict:
@@ -189,40 +220,17 @@ def run_search(source_dir: str, text_file: str, settings: SearchSettings, json_o
     identity = build_layer_map(n)
     baseline = {"label": "baseline", **evaluator.search(identity)}
     influence = evaluator.influence()
-    first = drop_one(n, influence) if settings.mode != "swap-adjacent" else swap_adjacent(n, influence)
-    budget_first, budget_second = stage_budgets(settings.mode, settings.budget, len(first))
-    rows: list[dict] = []
-    bar = tqdm(total=min(budget_first, len(first)) + min(budget_second, n - 2), desc="surgery search",
-               unit="candidate", disable=not progress)
-    for layer_map in first[:budget_first]:
-        rows.append(_row(layer_map, evaluator.search(layer_map), stage=1))
-        bar.update()
-    if budget_second:
-        best_drop = rank_candidates(baseline, rows, settings.max_qa_loss)[0]
-        for layer_map in swap_adjacent(n, influence, dropped=best_drop["ops"]["drop"][0])[:budget_second]:
-            rows.append(_row(layer_map, evaluator.search(layer_map), stage=2))
-            bar.update()
-    bar.close()
-
-    ranked = rank_candidates(baseline, rows, settings.max_qa_loss)
+    ranked = rank_candidates(baseline, _evaluate_stages(evaluator, baseline, influence, n, settings, progress),
+                             settings.max_qa_loss)
     baseline_holdout = evaluator.holdout(identity) if settings.holdout_windows else None
     for row in ranked[: settings.confirm if baseline_holdout else 0]:
-        layer_map = _map_of(n, row)
-        held = evaluator.holdout(layer_map)
-        row["holdout_ppl"] = held["ppl"]
-        row["holdout_ratio"] = held["ppl"] / baseline_holdout["ppl"]
+        held = evaluator.holdout(_map_of(n, row))
+        row["holdout_ppl"], row["holdout_ratio"] = held["ppl"], held["ppl"] / baseline_holdout["ppl"]
     best = ranked[0]
     report = {
         "source": str(source.directory.resolve()),
         "settings": asdict(settings),
-        "protocol": {"text": str(text_path.resolve()), "qa": str(qa_path.resolve()), "qa_questions": len(questions),
-                     "search_slice": {"tokens": [0, int(search_ids.numel())], "windows": settings.windows,
-                                      "ctx": settings.ctx, "stride": settings.ctx},
-                     "holdout_slice": {"tokens": [int(search_ids.numel()), int(search_ids.numel() + holdout_ids.numel())],
-                                       "windows": settings.holdout_windows},
-                     "dtype": "float32", "nanoq": __version__,
-                     "ranking": "eligible (QA accuracy >= baseline - max_qa_loss) first; then perplexity ratio to "
-                                "baseline on the search slice; then more QA correct; then label"},
+        "protocol": _protocol(text_path, qa_path, len(questions), search_ids, holdout_ids, settings),
         "baseline": {**baseline, "holdout_ppl": baseline_holdout["ppl"] if baseline_holdout else None},
         "proxy": {"name": "block influence (1 - cos(h_in, h_out)) on the first search window",
                   "influence": influence},
@@ -230,7 +238,7 @@ def run_search(source_dir: str, text_file: str, settings: SearchSettings, json_o
         "best": best["label"],
         "best_beats_baseline": bool(best["eligible"] and best["ppl_ratio"] < 1
                                     and best["qa_correct"] >= baseline["qa_correct"]),
-        "evaluated": len(rows),
+        "evaluated": len(ranked),
         "new_evaluations": evaluator.new_evaluations,
         "new_holdout_evaluations": evaluator.new_holdout_evaluations,
         "cache": str(cache_path.resolve()),
