@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for sample in summary["samples"]:
         print(f"- {sample['prompt']!r} -> {sample['quantized']!r}")
     _print_totals(summary["storage"])
-    print(f"wrote {Path(args.dir) / 'eval_summary.json'} and README.md ({summary['seconds']} s)")
+    print(f"wrote {' and '.join(summary['written'])} ({summary['seconds']} s)")
     return 0
 
 
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity, similarity to a base model, samples; writes the model card")
-    e.add_argument("dir", help="nano checkpoint folder")
+    e.add_argument("dir", help="nano checkpoint folder, or a .gguf file (from `nanoq export gguf`)")
     e.add_argument("--base", help="base (float) model folder to compare with")
     e.add_argument("--text", help="text file for perplexity (e.g. WikiText-2 raw test)")
     e.add_argument("--ctx", type=int, default=512, help="window length in tokens")

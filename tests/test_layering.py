@@ -1,4 +1,4 @@
-"""Imports point one way: format <- kernels <- quantizers / engines <- eval / cli (docs: DESIGN layers)."""
+"""Imports point one way: format <- kernels <- quantizers / engines <- eval / surgery <- cli (docs: DESIGN layers)."""
 
 import ast
 from pathlib import Path
@@ -12,6 +12,7 @@ FORBIDDEN = {
     "quantizers": {"engines", "eval", "cli"},
     "engines": {"quantizers", "eval", "cli"},
     "export": {"engines", "eval", "cli"},
+    "surgery": {"engines", "cli"},
 }
 
 

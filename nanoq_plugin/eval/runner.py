@@ -10,6 +10,7 @@ import torch
 from ..errors import NanoqError
 from ..format.checkpoint import write_json
 from ..format.validate import load_nano_checkpoint
+from .gguf_model import gguf_storage, load_gguf
 from .model_card import render_model_card
 from .perplexity import evaluate_perplexity
 from .samples import greedy_samples
@@ -36,29 +37,39 @@ def run_eval(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> dict:
-    """Evaluate the nano checkpoint in `checkpoint_dir`; returns the summary also written to `eval_summary.json`."""
+    """Evaluate the nano checkpoint in `checkpoint_dir`, or a `.gguf` file; returns the summary, which is also
+    written to `eval_summary.json` with a model card `README.md` in the checkpoint (for a GGUF file: to
+    `NAME.eval_summary.json` beside it, no card)."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    checkpoint = load_nano_checkpoint(checkpoint_dir)
+    gguf_file = Path(checkpoint_dir) if Path(checkpoint_dir).suffix == ".gguf" else None
+    checkpoint = None if gguf_file else load_nano_checkpoint(checkpoint_dir)
     if text_file is not None and not Path(text_file).is_file():
         raise NanoqError(f"--text {text_file}: file not found")
     if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
         raise NanoqError(f"--base {base_dir}: no config.json (not a Hugging Face model folder)")
-    if not any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES):
-        raise NanoqError(f"{checkpoint.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
-                         "quantize from a folder that has its tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
-    models = {"quantized": _load_model(checkpoint.directory, dtype)}
+    if gguf_file is not None:
+        model, tokenizer = load_gguf(gguf_file, dtype)
+        models, storage = {"quantized": model}, gguf_storage(gguf_file)
+        summary_path = gguf_file.with_name(gguf_file.stem + "." + SUMMARY_NAME)
+    else:
+        if not any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES):
+            raise NanoqError(f"{checkpoint.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                             "quantize from a folder that has its tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
+        models, storage = {"quantized": _load_model(checkpoint.directory, dtype)}, checkpoint.manifest["totals"]
+        summary_path = checkpoint.directory / SUMMARY_NAME
     if base_dir is not None:
         models["base"] = _load_model(Path(base_dir), dtype)
 
     summary: dict = {
-        "checkpoint": str(checkpoint.directory.resolve()),
+        "checkpoint": str((gguf_file or checkpoint.directory).resolve()),
         "base": str(Path(base_dir).resolve()) if base_dir else None,
         "text": str(text_file) if text_file else None,
         "dtype": str(dtype).removeprefix("torch."),
-        "storage": checkpoint.manifest["totals"],
+        "storage": storage,
+        "written": [str(summary_path)] + ([] if gguf_file else [str(checkpoint.directory / "README.md")]),
     }
     if text_file is not None:
         token_ids = tokenizer(Path(text_file).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
@@ -82,11 +93,12 @@ def run_eval(
         summary["samples"].append(entry)
     summary["seconds"] = round(time.perf_counter() - start, 1)
 
-    write_json(checkpoint.directory / SUMMARY_NAME, summary)
-    card = render_model_card(checkpoint.manifest, summary)
-    card_tmp = checkpoint.directory / ".README.md.tmp"
-    card_tmp.write_text(card, encoding="utf-8")
-    card_tmp.replace(checkpoint.directory / "README.md")
+    write_json(summary_path, summary)
+    if checkpoint is not None:
+        card = render_model_card(checkpoint.manifest, summary)
+        card_tmp = checkpoint.directory / ".README.md.tmp"
+        card_tmp.write_text(card, encoding="utf-8")
+        card_tmp.replace(checkpoint.directory / "README.md")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(json_out), summary)

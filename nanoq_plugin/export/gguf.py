@@ -1,0 +1,235 @@
+"""`nanoq export gguf DIR OUT.gguf --type f16|q8_0|q4_0`: a float Hugging Face folder as one GGUF file for
+llama.cpp and Ollama, written with the `gguf` package's writer.
+
+| tensor                                   | f16  | q8_0 | q4_0 | note                                      |
+|------------------------------------------|------|------|------|-------------------------------------------|
+| 1-D (norms, biases, Qwen3 q/k norms)     | F32  | F32  | F32  | as llama.cpp keeps them                   |
+| output matrix (`output.weight`, or       | F16  | Q8_0 | Q8_0 | llama.cpp's Q4_0 gives it Q6_K, which     |
+| `token_embd.weight` when tied)           |      |      |      | gguf-py cannot write: the next finer type |
+| every other 2-D weight                   | F16  | Q8_0 | Q4_0 | a row not a multiple of 32 falls back to  |
+|                                          |      |      |      | F16, as in llama.cpp                      |
+
+Q8_0: blocks of 32 along the input dimension, int8 codes and one f16 scale (absmax / 127), 8.5 bits per
+weight. Q4_0: blocks of 32, 4-bit codes in [-8, 7] and one f16 scale, symmetric, 4.5 bits per weight.
+Quantization is gguf-py's (`gguf.quants.quantize`, numpy, the reference of llama.cpp's formats).
+
+Llama's q_proj and k_proj rows are permuted per head from Hugging Face's rotate-half layout to the
+interleaved pairs llama.cpp's rotary embedding uses (the permutation of llama.cpp's convert_hf_to_gguf,
+which transformers' GGUF loader reverses); Qwen2 and Qwen3 use the NeoX rotary embedding and are written
+unpermuted. The tokenizer and chat template go in the metadata (`gguf_vocab`).
+
+Tensors are streamed: the tensor table is written from the headers, then each tensor is loaded, converted,
+written and dropped; the file is written beside OUT under a temp name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import NanoqError
+from ..format.checkpoint import SourceCheckpoint
+from .gguf_vocab import read_vocab
+
+TYPES = ("f16", "q8_0", "q4_0")
+DEFAULT_TYPE = "f16"
+BLOCK = 32  # elements per Q8_0 / Q4_0 block
+
+
+@dataclass(frozen=True)
+class _Arch:
+    gguf_name: str
+    permute_qk: bool
+    head_dim_keys: bool  # writes attention.key_length / value_length (Qwen3, and Llama when head_dim is set)
+
+
+ARCHITECTURES = {
+    "llama": _Arch("llama", permute_qk=True, head_dim_keys=False),
+    "qwen2": _Arch("qwen2", permute_qk=False, head_dim_keys=False),
+    "qwen3": _Arch("qwen3", permute_qk=False, head_dim_keys=True),
+}
+
+
+@dataclass
+class GgufExport:
+    """What was written: the file, its size, its architecture and how many tensors got each GGML type."""
+
+    path: Path
+    file_bytes: int
+    architecture: str
+    tensor_types: dict[str, int]
+    params: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.file_bytes / self.params
+
+
+def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of q_proj / k_proj `[heads * head_dim, in]` from rotate-half to interleaved pairs: within each
+    head, output row 2i is input row i and row 2i+1 is input row i + head_dim/2 (llama.cpp's `permute`)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _check_config(config: dict, where: str) -> _Arch:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise NanoqError(f"{where}: model_type {model_type!r} has no GGUF export (supported: {', '.join(ARCHITECTURES)})")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method")
+        raise NanoqError(f"{where}: quantized (quant_method {method!r}); export the float model it was made from")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise NanoqError(f"{where}: rope_type {rope['rope_type']!r} is not exported (only the default rotary embedding)")
+    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise NanoqError(f"{where}: Llama with attention_bias/mlp_bias is not exported")
+    if config.get("use_sliding_window") and config.get("sliding_window") is not None:
+        raise NanoqError(f"{where}: sliding-window attention is not exported")
+    return ARCHITECTURES[model_type]
+
+
+def _write_hyperparameters(writer, config: dict, arch: _Arch, name: str, file_type: int) -> None:
+    import gguf
+
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    writer.add_name(name)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    if arch.gguf_name == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if arch.head_dim_keys or head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    source: str
+    name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+
+
+def _plan(source: SourceCheckpoint, arch: _Arch, requested: str) -> list[_Planned]:
+    import gguf
+
+    config = source.config
+    arch_enum = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch.gguf_name)
+    names = gguf.get_tensor_name_map(arch_enum, config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in source
+    wanted = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+              "q4_0": gguf.GGMLQuantizationType.Q4_0}[requested]
+    planned = []
+    for tensor in source.keys():
+        if tensor == "lm_head.weight" and tied:
+            continue  # llama.cpp reads the tied head from token_embd
+        name = names.get_name(tensor, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise NanoqError(f"{source.file_of(tensor)}: tensor '{tensor}' has no GGUF name for {arch.gguf_name}")
+        shape = source.shape(tensor)
+        if len(shape) == 1:
+            qtype = gguf.GGMLQuantizationType.F32
+        elif shape[-1] % BLOCK:
+            qtype = gguf.GGMLQuantizationType.F16
+        elif requested == "q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+            qtype = gguf.GGMLQuantizationType.Q8_0
+        else:
+            qtype = wanted
+        planned.append(_Planned(tensor, name, shape, qtype))
+    return sorted(planned, key=_write_order)
+
+
+def _write_order(item: _Planned) -> tuple[int, str]:
+    """token_embd, then blk.0.* ... blk.N.*, then output_norm and output (llama.cpp's order)."""
+    if item.name.startswith("blk."):
+        return int(item.name.split(".")[1]), item.name
+    return (-1 if item.name.startswith("token_embd") else 1 << 30), item.name
+
+
+def _tensor_data(source: SourceCheckpoint, item: _Planned, config: dict, arch: _Arch) -> np.ndarray:
+    import gguf
+
+    data = source.get(item.source).to(torch.float32).numpy()
+    if arch.permute_qk and item.name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config["num_attention_heads"] if "attn_q" in item.name else config.get("num_key_value_heads") or config["num_attention_heads"]
+        data = llama_permute(data, heads)
+    if item.qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if item.qtype == gguf.GGMLQuantizationType.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data), item.qtype)
+
+
+def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_type: str = DEFAULT_TYPE,
+                progress: bool = True) -> GgufExport:
+    """Write the float model in `model_dir` to the GGUF file `output` (must not exist) with 2-D weights of
+    `tensor_type` (see the module table); returns what was written."""
+    import gguf
+
+    if tensor_type not in TYPES:
+        raise NanoqError(f"--type {tensor_type!r}: expected one of {', '.join(TYPES)}")
+    source = SourceCheckpoint(model_dir)
+    where = str(source.directory / "config.json")
+    config = source.config
+    arch = _check_config(config, where)
+    output = Path(output).resolve()
+    if output.exists():
+        raise NanoqError(f"{output}: already exists (remove it or choose another OUT)")
+    if output.suffix != ".gguf":
+        raise NanoqError(f"{output}: the output of `nanoq export gguf` is a file named *.gguf")
+    vocab = read_vocab(source.directory, config["vocab_size"])
+    planned = _plan(source, arch, tensor_type)
+
+    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[tensor_type]
+    _write_hyperparameters(writer, config, arch, source.directory.name, file_type)
+    vocab.add_to(writer)
+    for item in planned:
+        if item.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if item.qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(item.name, item.shape, np.dtype(dtype), int(np.prod(item.shape)) * np.dtype(dtype).itemsize)
+        else:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(item.shape, item.qtype)
+            writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=item.qtype)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.nanoq-tmp-", dir=output.parent)
+    os.close(fd)
+    try:
+        writer.write_header_to_file(Path(temp))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for item in tqdm(planned, desc=f"gguf {tensor_type}", unit="tensor", disable=not progress):
+            writer.write_tensor_data(_tensor_data(source, item, config, arch))
+        writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, output)
+    except BaseException:
+        writer.close()
+        Path(temp).unlink(missing_ok=True)
+        raise
+    counts = Counter(item.qtype.name for item in planned)
+    params = sum(int(np.prod(item.shape)) for item in planned)
+    return GgufExport(output, output.stat().st_size, arch.gguf_name, dict(counts), params)
