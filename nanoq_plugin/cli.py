@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 from .errors import NanoqError
 

@@ -14,9 +14,6 @@ and 0.952. The bounds leave about twice those errors.
 """
 
 import json
-import shutil
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -29,57 +26,11 @@ from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.export.gguf import export_gguf
 from nanoq_plugin.export.gguf_vocab import PRE_TOKENIZERS, llama_cpp_pre_tokenizer
 
+from gguf_models import SAMPLE, tiny_model
+
 GGML = gguf.GGMLQuantizationType
 # type -> (max |logit error| / max |logit| against the unrounded source, minimum cosine of the logits)
 TOLERANCE = {"f16": (1e-3, 0.99999), "q8_0": (0.04, 0.999), "q4_0": (0.5, 0.90)}
-SAMPLE = "Hello world! 12345 tokens, café — naïve\n\tcode: x = f(y) <|im_start|>user\nHi<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory, smollm2_dir):
-    """A byte-level BPE of 320 tokens (trained here) with SmolLM2's special tokens and chat template: the
-    GGUF reader parses a 49152-token vocabulary in ~9 s per load, this one at once."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([SAMPLE, "The quick brown fox jumps over the lazy dog. " * 3] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = (smollm2_dir / "chat_template.jinja").read_text()
-    directory = tmp_path_factory.mktemp("small-tokenizer")
-    fast.save_pretrained(directory)
-    return directory
-
-
-def tiny_model(arch: str, directory, tokenizer_dir, tied: bool, vocab_size: int = 320):
-    """2 blocks, hidden 128 (4 heads), the tokenizer of `tokenizer_dir`; Qwen3 with head_dim 128, the value
-    transformers' GGUF reader assumes for Qwen3 (it does not read attention.key_length)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
-    extra = {"head_dim": 128} if arch == "qwen3" else {}
-    config = config_cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-                        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
-                        **extra)
-    torch.manual_seed(0)
-    model = model_cls(config).to(torch.bfloat16)
-    for name, param in model.named_parameters():  # norms and biases off their init, so their mapping shows
-        if param.dim() == 1:
-            param.data.uniform_(0.5, 1.5) if "norm" in name else param.data.normal_(0, 0.1)
-        else:
-            param.data.normal_(0, 0.05)
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, directory / name)
-    return directory
 
 
 CASES = [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True)]
@@ -270,9 +221,12 @@ def test_smollm2_q4_0_with_its_real_tokenizer(smollm2_dir, tmp_path):
     prompt = original_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                     tokenize=False, add_generation_prompt=True)
     assert tokenizer(prompt + SAMPLE).input_ids == original_tokenizer(prompt + SAMPLE).input_ids
-    ids = original_tokenizer(prompt, return_tensors="pt").input_ids
+    ids = original_tokenizer(prompt + "The capital of France is Paris, a city on the Seine.", return_tensors="pt").input_ids
     with torch.no_grad():
-        got, original = reloaded(ids).logits[0], load(smollm2_dir)(ids).logits[0]
-    cosine = torch.nn.functional.cosine_similarity(got, original, dim=-1)
-    assert cosine.min() >= 0.97
-    assert (got.argmax(-1) == original.argmax(-1)).float().mean() >= 0.7
+        got = reloaded(ids).logits[0]
+        exact = rounded_like_the_file(load(smollm2_dir), "q4_0", tied=True)(ids).logits[0]
+        original = load(smollm2_dir)(ids).logits[0]
+    assert (got - exact).abs().max() <= 1e-4 * original.abs().max()
+    # q4_0 costs this model real accuracy (benchmark, 8192 positions: mean cosine 0.867, top-1 0.693)
+    assert torch.nn.functional.cosine_similarity(got, original, dim=-1).mean() >= 0.75
+    assert (got.argmax(-1) == original.argmax(-1)).float().mean() >= 0.5
