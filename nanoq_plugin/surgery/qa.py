@@ -56,11 +56,12 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise NanoqError(f"{path}:{number}: not valid JSON ({err})") from None
+        question = record.get("question") if isinstance(record, dict) else None
         answers = record.get("answers") if isinstance(record, dict) else None
-        if (not isinstance(record.get("question"), str) or not record["question"].strip() or not isinstance(answers, list)
-                or not answers or not all(isinstance(a, str) and normalize(a) for a in answers)):
+        if (not isinstance(question, str) or not question.strip() or not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and normalize(a) for a in answers)):
             raise NanoqError(f"{path}:{number}: expected {{\"question\": str, \"answers\": [non-empty str, ...]}}")
-        questions.append(Question(record["question"].strip(), tuple(answers)))
+        questions.append(Question(question.strip(), tuple(answers)))
     if not questions:
         raise NanoqError(f"{path}: no questions")
     return questions
@@ -80,6 +81,7 @@ def normalize(text: str) -> str:
 
 
 def is_correct(prediction: str, question: Question) -> bool:
+    """Whether the normalised prediction equals one of the normalised accepted answers."""
     return normalize(prediction) in {normalize(answer) for answer in question.answers}
 
 

@@ -40,6 +40,7 @@ def test_normalize():
 
 @pytest.mark.parametrize("line, message", [
     ("not json", r":1: not valid JSON"),
+    ("[1, 2]", r":1: expected \{\"question\": str"),
     (json.dumps({"question": "Q?"}), r":1: expected \{\"question\": str, \"answers\""),
     (json.dumps({"question": "Q?", "answers": []}), r":1: expected"),
     (json.dumps({"question": "Q?", "answers": ["..."]}), r":1: expected"),  # normalises to nothing
