@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import NanoqError
+from ..format.checkpoint import SourceCheckpoint
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,19 @@ def architecture_for(config: dict, where: str) -> Architecture:
             f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
     return SUPPORTED_ARCHITECTURES[model_type]
+
+
+def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[SourceCheckpoint, Architecture]:
+    """The float checkpoint at `source_dir` and its architecture; NanoqError naming its config.json when the model
+    type is unsupported, the checkpoint is already quantized (`instead` says what to do), or `num_hidden_layers`
+    is missing."""
+    source = SourceCheckpoint(source_dir)
+    where = str(source.directory / "config.json")
+    arch = architecture_for(source.config, where)
+    if "quantization_config" in source.config:
+        method = source.config["quantization_config"].get("quant_method")
+        raise NanoqError(f"{where}: already quantized (quant_method {method!r}); {instead}")
+    layers = source.config.get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise NanoqError(f"{where}: missing or invalid num_hidden_layers")
+    return source, arch

@@ -23,7 +23,7 @@ from ..format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
 from ..format.quant_config import NanoQuantConfig
 from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, open_float_source
 from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
 from .allocator import allocate, apply_allocation, build_units, measure_group
 from .awq import search_scales
@@ -354,15 +354,8 @@ def quantize_checkpoint(
     """
     start = time.perf_counter()
     torch_device = _resolve_device(device)
-    source = SourceCheckpoint(source_dir)
-    arch = architecture_for(source.config, str(source.directory / "config.json"))
-    if "quantization_config" in source.config:
-        method = source.config["quantization_config"].get("quant_method")
-        raise NanoqError(f"{source.directory / 'config.json'}: already quantized (quant_method {method!r}); "
-                         "quantize from a float checkpoint")
-    num_layers = source.config.get("num_hidden_layers")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise NanoqError(f"{source.directory / 'config.json'}: missing or invalid num_hidden_layers")
+    source, arch = open_float_source(source_dir, instead="quantize from a float checkpoint")
+    num_layers = source.config["num_hidden_layers"]
     if calibration is not None and calibration != SELF and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
     if recipe.method in CALIBRATED_METHODS and calibration is None:

@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import NanoqError
 from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint
 from ..quantizers.architectures import architecture_for
+from ..quantizers.architectures import open_float_source as open_checked
 from .config import surgered_config
 from .plan import LayerMap
 
@@ -25,19 +26,9 @@ PROVENANCE_NAME = "nanoq_surgery.json"
 
 
 def open_float_source(source_dir: str | os.PathLike) -> SourceCheckpoint:
-    """The source checkpoint, checked to be a float model of a supported architecture with a valid
-    `num_hidden_layers`; NanoqError naming its config.json otherwise."""
-    source = SourceCheckpoint(source_dir)
-    where = str(source.directory / "config.json")
-    architecture_for(source.config, where)
-    if "quantization_config" in source.config:
-        method = source.config["quantization_config"].get("quant_method")
-        raise NanoqError(f"{where}: already quantized (quant_method {method!r}); operate on the float model, "
-                         "then quantize the result")
-    layers = source.config.get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise NanoqError(f"{where}: missing or invalid num_hidden_layers")
-    return source
+    """The source checkpoint of a surgery, checked to be a float model of a supported architecture with a
+    valid `num_hidden_layers`; NanoqError naming its config.json otherwise."""
+    return open_checked(source_dir, instead="operate on the float model, then quantize the result")[0]
 
 
 def output_tensor_names(source: SourceCheckpoint, layer_map: LayerMap) -> list[tuple[str, str]]:

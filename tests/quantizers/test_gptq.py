@@ -2,7 +2,6 @@
 calibrated pipeline end to end on a tiny Llama with a real tokenizer."""
 
 import json
-import shutil
 
 import pytest
 import torch
