@@ -17,8 +17,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import NanoqError
 from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint
-from ..quantizers.architectures import architecture_for
-from ..quantizers.architectures import open_float_source as open_checked
+from ..quantizers.architectures import architecture_for, open_float_source as open_checked
 from .config import surgered_config
 from .plan import LayerMap
 
