@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..errors import NanoqError
 
@@ -64,17 +65,20 @@ class BlockRunner:
             self._positions[length] = self.rotary(hidden[:1], ids)
         return self._positions[length]
 
+    def call(self, block: nn.Module, hidden: torch.Tensor,
+             overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`hidden [b, L, H]` float32 -> the block's output `[b, L, H]` in one call (autograd as the caller
+        has it); `overrides` maps parameter names to tensors used instead of the block's own."""
+        cos, sin = self._position_embeddings(hidden)
+        kwargs = {"attention_mask": None, "use_cache": False,
+                  "position_embeddings": (cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1))}
+        out = functional_call(block, overrides, (hidden,), kwargs) if overrides else block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     @torch.no_grad()
     def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches of `batch_size`."""
-        outputs = []
-        for start in range(0, hidden.shape[0], self.batch_size):
-            chunk = hidden[start:start + self.batch_size]
-            cos, sin = self._position_embeddings(chunk)
-            position_embeddings = (cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1))
-            out = block(chunk, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs)
+        return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch_size)])
 
     @torch.no_grad()
     def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit) -> torch.Tensor:

@@ -41,7 +41,7 @@ def gaussian_levels(bits: int) -> torch.Tensor:
 
 def nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index (int64, values' shape) of the nearest of the sorted `levels` for each value."""
-    return torch.bucketize(values, (levels[1:] + levels[:-1]) / 2)
+    return torch.bucketize(values.contiguous(), (levels[1:] + levels[:-1]) / 2)
 
 
 def lloyd_max(values: torch.Tensor, levels: torch.Tensor, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:

@@ -25,9 +25,10 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
 from .architectures import Architecture, open_float_source
 from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
-from .allocator import allocate, apply_allocation, build_units, measure_group
+from .allocator import allocate, apply_allocation, build_units, measure_group, stream_energy
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
+from .block_tuning import TUNABLE_KINDS, TunableLinear, TuneSettings, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
@@ -155,19 +156,47 @@ class _CalibratedBlock:
     walks it (true sequential): GPTQ, AWQ (scales + clip-searched RTN), or AWQ scales then GPTQ."""
 
     def __init__(self, runner: BlockRunner, arch: Architecture, plan: Plan, index: int,
-                 tensors: dict[str, torch.Tensor], method: str, settings: GptqSettings) -> None:
-        self.runner, self.plan, self.tensors, self.settings = runner, plan, tensors, settings
+                 tensors: dict[str, torch.Tensor], method: str, settings: GptqSettings,
+                 tune: TuneSettings = TuneSettings()) -> None:
+        self.runner, self.plan, self.tensors, self.settings, self.tune = runner, plan, tensors, settings, tune
         self.prefix = f"{arch.block_prefix}.{index}"
         self.block = runner.build(index, tensors, arch.block_prefix)
         self.use_awq, self.use_gptq = method in ("awq", "awq-gptq"), method in ("gptq", "awq-gptq")
         self.results: dict[str, tuple[dict, ModuleRecord]] = {}
         self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
         self.awq_ratios: dict[str, float] = {}
+        self.tuning: dict | None = None
 
-    def run(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors."""
+    def run(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors.
+        With `targets [B, L, H]` (the float model's block outputs) and tuning on, the quantized block's
+        scales, levels and norms are then fitted to them (quantizers.block_tuning)."""
         with flush_denormals():
-            return self.runner.walk(self.block, hidden, self.visit)
+            output = self.runner.walk(self.block, hidden, self.visit)
+            if targets is None or not self.tune.enabled:
+                return output
+            self._tune(hidden, targets)
+            return self.runner.forward(self.block, hidden) if self.tuning["kept"] else output
+
+    def _tune(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
+        """Fit the continuous parameters of the block's quantized linears and norms to `targets`."""
+        tunables = {}
+        for module, (stored, record) in self.results.items():
+            if record.scheme.kind in TUNABLE_KINDS:
+                tunables[module.removeprefix(f"{self.prefix}.")] = TunableLinear(stored, record.scheme, *record.shape,
+                                                                                 self.runner.device)
+        self.tuning = tune_block(self.block, self.runner.call, tunables, hidden, targets, self.tune)
+        if not self.tuning["kept"]:
+            return
+        for name, tunable in tunables.items():
+            module = f"{self.prefix}.{name}"
+            stored, record = tunable.stored(), self.results[module][1]
+            restored = dequantize(stored, record.scheme, *record.shape).to(self.runner.device)
+            self.results[module] = (stored, _module_record(self.references[module], record.source_dtype, stored,
+                                                           record.scheme, record.requested_scheme, restored))
+            self.block.get_submodule(name).weight.data = restored
+        for name in norm_weights(self.block):
+            self._store_float(name)
 
     def _planned(self, group: tuple[str, ...]) -> dict[str, PlannedModule]:
         entries = {name: self.plan.modules.get(f"{self.prefix}.{name}") for name in group}
@@ -326,8 +355,9 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
     for index in tqdm(range(num_layers), desc="sensitivity", unit="block", disable=not progress):
         block = runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)
         prefix = f"{arch.block_prefix}.{index}"
+        energy = stream_energy(hidden)
         hidden = runner.walk(block, hidden, lambda group, inputs: bool(
-            measure_group(unit_of, block, prefix, group, inputs)))
+            measure_group(unit_of, block, prefix, group, inputs, energy)))
         release_freed_memory()
     choice = allocate(units, budget)
     record = apply_allocation(plan, units, choice)
@@ -346,6 +376,7 @@ def quantize_checkpoint(
     calib_seq_len: int = 512,
     gptq: GptqSettings = GptqSettings(),
     allocation: AllocationRequest | None = None,
+    tune: TuneSettings = TuneSettings(),
 ) -> QuantizeResult:
     """Quantize the Hugging Face checkpoint in `source_dir` with `recipe` into `output_dir`.
 
@@ -358,6 +389,9 @@ def quantize_checkpoint(
     num_layers = source.config["num_hidden_layers"]
     if calibration is not None and calibration != SELF and not Path(calibration).is_file():
         raise NanoqError(f"--calib {calibration}: file not found")
+    if tune.enabled and recipe.method not in CALIBRATED_METHODS:
+        raise NanoqError(f"--tune-steps fits a calibrated block to the float model: method {recipe.method} is not "
+                         f"calibrated (use one of {', '.join(CALIBRATED_METHODS)})")
     if recipe.method in CALIBRATED_METHODS and calibration is None:
         raise NanoqError(f"method {recipe.method} needs calibration text: pass --calib FILE (e.g. WikiText-2 train)")
     tables = {m: tuple(source.shape(f"{m}.weight")) for m in (arch.embedding, arch.lm_head) if f"{m}.weight" in source}
@@ -406,7 +440,7 @@ def quantize_checkpoint(
                 records[module] = record
 
         outside = dict(source.items(by_block.get(None, [])))
-        hidden = runner = calib_info = None
+        hidden = float_hidden = runner = calib_info = None
         if recipe.method in CALIBRATED_METHODS:
             ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
             calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
@@ -414,6 +448,9 @@ def quantize_checkpoint(
                           "true_sequential": True}
             runner = BlockRunner(source.config, torch_device)
             hidden = outside[f"{arch.embedding}.weight"].to(device=torch_device, dtype=torch.float32)[ids.to(torch_device)]
+            if tune.enabled:
+                calib_info["tuning"] = {**tune.describe(), "blocks": []}
+                float_hidden = hidden.clone()
         write(outside)
         del outside
         bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
@@ -422,8 +459,12 @@ def quantize_checkpoint(
             done = None
             if runner is not None:
                 block_start = time.perf_counter()
-                calibrated = _CalibratedBlock(runner, arch, plan, index, block_tensors, recipe.method, gptq)
-                hidden = calibrated.run(hidden)
+                calibrated = _CalibratedBlock(runner, arch, plan, index, block_tensors, recipe.method, gptq, tune)
+                targets = None if float_hidden is None else runner.forward(calibrated.block, float_hidden)
+                hidden = calibrated.run(hidden, targets)
+                if targets is not None:
+                    float_hidden = targets
+                    calib_info["tuning"]["blocks"].append({"block": index, **calibrated.tuning})
                 done = calibrated.results
                 if calibrated.awq_ratios:
                     calib_info.setdefault("awq_ratios", {}).update(calibrated.awq_ratios)
