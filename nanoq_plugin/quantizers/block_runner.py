@@ -114,9 +114,11 @@ class BlockRunner:
 
         normed = visited(ATTENTION_INPUT, attention_inputs)
         mixed = visited(ATTENTION_OUTPUT, lambda: attention_outputs(normed))
-        del normed
+        # free what the closures above read once they have run (None, not del: a closure that runs later
+        # sees None and fails loudly instead of a NameError far from here)
+        normed = None
         residual = [chunk + block.self_attn.o_proj(m) for chunk, m in zip(chunks, mixed)]
-        del mixed, chunks
+        mixed = chunks = None
 
         def mlp_inputs():
             return [block.post_attention_layernorm(r) for r in residual]
@@ -126,5 +128,5 @@ class BlockRunner:
 
         normed = visited(MLP_INPUT, mlp_inputs)
         inner = visited(MLP_OUTPUT, lambda: mlp_hidden(normed))
-        del normed
+        normed = None
         return torch.cat([r + block.mlp.down_proj(i) for r, i in zip(residual, inner)])

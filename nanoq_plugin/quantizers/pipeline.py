@@ -468,8 +468,12 @@ def quantize_checkpoint(
                 done = calibrated.results
                 if calibrated.awq_ratios:
                     calib_info.setdefault("awq_ratios", {}).update(calibrated.awq_ratios)
+                tuned = {}
+                if calibrated.tuning:  # the block's held-out error after tuning, relative to GPTQ's
+                    t = calibrated.tuning
+                    tuned["tuned"] = f"{t['held_out_error_after'] / max(t['held_out_error_before'], 1e-30):.2f}x"
                 bar.set_postfix(block_s=f"{time.perf_counter() - block_start:.1f}",
-                                peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
+                                peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB", **tuned)
             write(block_tensors, done)
             del block_tensors, done
             release_freed_memory()

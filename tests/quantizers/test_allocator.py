@@ -4,11 +4,12 @@ scheme, decisions in the manifest, and the quality gate."""
 import json
 
 import pytest
+import torch
 
 from nanoq_plugin.cli import main
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.allocator import Unit, allocate
+from nanoq_plugin.quantizers.allocator import Unit, allocate, stream_energy
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
@@ -64,3 +65,31 @@ def test_quality_gate_passes_and_is_recorded(tiny_llama_with_tokenizer, tmp_path
                  "--calib-seq-len", "64", "--max-ppl-ratio", "1.05", "--quiet"]) == 0
     gate = json.loads((out / "nano_manifest.json").read_text())["provenance"]["quality_gate"]
     assert gate["ppl_ratio"] <= 1.05 and gate["windows"] == 16
+
+
+def test_stream_energy_is_the_median_token_and_scales_the_errors(tiny_llama):
+    hidden = torch.ones(2, 8, 4)
+    hidden[0, 0] = 1000.0  # a massive-activation token does not set the energy
+    assert stream_energy(hidden) == pytest.approx(1.0)
+    assert stream_energy(3 * hidden) == pytest.approx(9.0)
+
+    # the same rounding error counts 1/energy: a quiet stream makes a block's errors weigh more
+    from transformers import AutoModelForCausalLM
+
+    from nanoq_plugin.quantizers.allocator import build_units, measure_group
+    from nanoq_plugin.quantizers.architectures import SUPPORTED_ARCHITECTURES
+    from nanoq_plugin.quantizers.recipe import resolve_plan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    block = model.model.layers[0]
+    arch = SUPPORTED_ARCHITECTURES["llama"]
+    shapes = {m: tuple(model.get_submodule(m).weight.shape) for i in range(2) for m in arch.linears_of_block(i)}
+    plan = resolve_plan(load_recipe("w4g128"), arch, shapes, {}, False)
+    inputs = [torch.randn(2, 16, 96, generator=torch.Generator().manual_seed(0))]
+    errors = {}
+    for energy in (1.0, 4.0):
+        units = build_units(plan, arch, 2, shapes, (parse_scheme("int2g32"), parse_scheme("int8")), "w4g128")
+        unit_of = {m: unit for unit in units for m in unit.modules}
+        measure_group(unit_of, block, "model.layers.0", ("self_attn.o_proj",), inputs, energy)
+        errors[energy] = unit_of["model.layers.0.self_attn.o_proj"].errors["int2g32"]
+    assert errors[1.0] == pytest.approx(4 * errors[4.0])
