@@ -2,15 +2,14 @@
 choose one scheme per unit (a linear, or a fused q/k/v / gate/up group, which engines need in one scheme)
 to meet a size budget with the least predicted loss.
 
-Sensitivity of a linear `W [N, K]` to a scheme: the Hessian-weighted error `tr(ΔW H ΔWᵀ)` of its nearest
-rounding `ΔW = W - Q(W)`, with `H` the mean `2 xᵀx` of the linear's calibration inputs in the float model —
-the squared output error the rounding causes, averaged over the calibration tokens — divided by the energy
-of the residual stream entering the linear's block (`stream_energy`), because that error is added to the
-residual stream and every later block reads it through a norm: the same absolute error is a larger
-perturbation early, where the stream is small. SmolLM2's median token grows ~300x in mean square from block
-1 to block 29 (and a few "massive activation" tokens sit ~70x above the rest from block 12 on, hence the
-median); absolute errors sent every 2-bit choice to the first blocks, whose damage then propagated through
-all the others. The unit's cost is the sum over its linears.
+Sensitivity of a linear `W [N, K]` to a scheme: its expected loss change, estimated as the Hessian-weighted
+output error `tr(ΔW H ΔWᵀ)` of nearest rounding `ΔW = W - Q(W)` (`H` the mean `2 xᵀx` of the linear's
+calibration inputs in the float model: the squared error the rounding adds to the residual stream, averaged
+over tokens) times `f_l`, the mean squared gradient of the loss at the output of the linear's block
+(loss_weights.residual_fisher: the Fisher information of the residual stream, taken isotropic). Without that
+weight, output errors of different blocks are not comparable: SmolLM2's residual stream grows ~300x in mean
+square over its 30 blocks, and absolute errors sent every 2-bit choice to the first blocks, whose damage
+then propagated through all the others. The unit's cost is the sum over its linears.
 
 Choice: a multiple-choice knapsack solved greedily on the convex hull — start every unit at its smallest
 candidate, then repeatedly take the upgrade with the largest error reduction per extra byte until the next
@@ -88,9 +87,8 @@ def build_units(plan: Plan, arch: Architecture, num_layers: int, shapes: dict[st
 
 
 def measure_group(units_by_module: dict[str, Unit], block: torch.nn.Module, prefix: str, group: tuple[str, ...],
-                  inputs: list[torch.Tensor], stream_energy: float = 1.0) -> None:
-    """Add the errors of every candidate to the units of `group`'s linears, from their inputs `[b, L, K]`,
-    relative to `stream_energy` (see `stream_energy`)."""
+                  inputs: list[torch.Tensor]) -> None:
+    """Add the errors of every candidate to the units of `group`'s linears, from their inputs `[b, L, K]`."""
     members = {f"{prefix}.{name}": name for name in group if f"{prefix}.{name}" in units_by_module}
     if not members:
         return
@@ -103,14 +101,13 @@ def measure_group(units_by_module: dict[str, Unit], block: torch.nn.Module, pref
         weight = block.get_submodule(name).weight.data.to(torch.float32)
         for candidate, fitted in unit.schemes.items():
             restored = restored_nearest(weight, fitted[module])
-            error = output_error(weight, restored, h) / stream_energy
-            unit.errors[candidate] = unit.errors.get(candidate, 0.0) + error
+            unit.errors[candidate] = unit.errors.get(candidate, 0.0) + output_error(weight, restored, h)
 
 
-def stream_energy(hidden: torch.Tensor) -> float:
-    """The median over tokens of the mean square of the residual stream `hidden [B, L, H]` (the median, so
-    that the few massive-activation tokens do not set it)."""
-    return hidden.to(torch.float32).pow(2).mean(dim=-1).median().clamp_min(1e-12).item()
+def weigh_errors(units: list[Unit], weights: list[float]) -> None:
+    """Multiply every candidate's error of `units[i]` by `weights[i]` (the Fisher weight of its block)."""
+    for unit, weight in zip(units, weights):
+        unit.errors = {candidate: error * weight for candidate, error in unit.errors.items()}
 
 
 def allocate(units: list[Unit], budget_bytes: float) -> list[str]:

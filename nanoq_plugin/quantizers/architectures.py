@@ -18,6 +18,7 @@ class Architecture:
     fused_groups: tuple[tuple[str, ...], ...]
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+    final_norm: str = "model.norm"
 
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block that stores `tensor_name`, or None outside the blocks."""

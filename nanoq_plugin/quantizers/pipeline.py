@@ -25,7 +25,7 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
 from .architectures import Architecture, open_float_source
 from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
-from .allocator import allocate, apply_allocation, build_units, measure_group, stream_energy
+from .allocator import allocate, apply_allocation, build_units, measure_group, weigh_errors
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
 from .block_tuning import TUNABLE_KINDS, TunableLinear, TuneSettings, norm_weights, tune_block
@@ -33,6 +33,7 @@ from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, flush_denormals, gptq_quantize
+from .loss_weights import head_loss_gradient, residual_fisher
 from .rtn import quantize_rtn
 
 
@@ -320,6 +321,9 @@ class AllocationRequest:
                 "target_bytes": self.target_bytes, "sensitivity_windows": self.windows}
 
 
+FISHER_WINDOWS = 8  # sensitivity windows whose loss gradient weighs the errors (loss_weights)
+
+
 def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request: AllocationRequest, recipe: Recipe,
               shapes: dict[str, tuple[int, int]], num_layers: int, by_block: dict, calibration: str, calib_seq_len: int,
               device: torch.device, progress: bool) -> dict:
@@ -352,16 +356,29 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
     ids = calibration_windows(source.directory, calibration, request.windows, calib_seq_len)
     embedding = dict(source.items([f"{arch.embedding}.weight"]))[f"{arch.embedding}.weight"]
     hidden = embedding.to(device=device, dtype=torch.float32)[ids.to(device)]
+    def build_block(index: int) -> torch.nn.Module:
+        return runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)
+
+    block_inputs = []  # the first FISHER_WINDOWS windows' input of every block, for the backward pass
     for index in tqdm(range(num_layers), desc="sensitivity", unit="block", disable=not progress):
-        block = runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)
+        block = build_block(index)
         prefix = f"{arch.block_prefix}.{index}"
-        energy = stream_energy(hidden)
+        block_inputs.append(hidden[:FISHER_WINDOWS].to(torch.bfloat16))
         hidden = runner.walk(block, hidden, lambda group, inputs: bool(
-            measure_group(unit_of, block, prefix, group, inputs, energy)))
+            measure_group(unit_of, block, prefix, group, inputs)))
         release_freed_memory()
+    outside = dict(source.items([f"{arch.final_norm}.weight", f"{arch.lm_head}.weight"]
+                                if f"{arch.lm_head}.weight" in source else [f"{arch.final_norm}.weight"]))
+    head = outside.get(f"{arch.lm_head}.weight", embedding)
+    gradient = head_loss_gradient(hidden[:FISHER_WINDOWS], ids[:FISHER_WINDOWS].to(device),
+                                  outside[f"{arch.final_norm}.weight"].to(device),
+                                  float(source.config.get("rms_norm_eps", 1e-6)), head.to(device))
+    fisher = residual_fisher(runner, build_block, block_inputs, gradient)
+    weigh_errors(units, [fisher[arch.block_of(f"{unit.modules[0]}.weight")] for unit in units])
     choice = allocate(units, budget)
     record = apply_allocation(plan, units, choice)
-    return {**request.describe(), **record}
+    return {**request.describe(), "fisher_windows": min(FISHER_WINDOWS, request.windows),
+            "block_fisher": [float(f"{f:.4g}") for f in fisher], **record}
 
 
 def quantize_checkpoint(

@@ -9,7 +9,7 @@ import torch
 from nanoq_plugin.cli import main
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.allocator import Unit, allocate, stream_energy
+from nanoq_plugin.quantizers.allocator import Unit, allocate
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
@@ -67,29 +67,48 @@ def test_quality_gate_passes_and_is_recorded(tiny_llama_with_tokenizer, tmp_path
     assert gate["ppl_ratio"] <= 1.05 and gate["windows"] == 16
 
 
-def test_stream_energy_is_the_median_token_and_scales_the_errors(tiny_llama):
-    hidden = torch.ones(2, 8, 4)
-    hidden[0, 0] = 1000.0  # a massive-activation token does not set the energy
-    assert stream_energy(hidden) == pytest.approx(1.0)
-    assert stream_energy(3 * hidden) == pytest.approx(9.0)
-
-    # the same rounding error counts 1/energy: a quiet stream makes a block's errors weigh more
+def test_block_fisher_weights_are_the_full_model_gradients(make_tiny_model, tmp_path):
+    """The block-by-block backward pass gives the gradient the whole model's autograd gives at every block."""
     from transformers import AutoModelForCausalLM
 
-    from nanoq_plugin.quantizers.allocator import build_units, measure_group
-    from nanoq_plugin.quantizers.architectures import SUPPORTED_ARCHITECTURES
-    from nanoq_plugin.quantizers.recipe import resolve_plan
+    from nanoq_plugin.format.checkpoint import SourceCheckpoint
+    from nanoq_plugin.quantizers.block_runner import BlockRunner
+    from nanoq_plugin.quantizers.loss_weights import head_loss_gradient, residual_fisher
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    block = model.model.layers[0]
-    arch = SUPPORTED_ARCHITECTURES["llama"]
-    shapes = {m: tuple(model.get_submodule(m).weight.shape) for i in range(2) for m in arch.linears_of_block(i)}
-    plan = resolve_plan(load_recipe("w4g128"), arch, shapes, {}, False)
-    inputs = [torch.randn(2, 16, 96, generator=torch.Generator().manual_seed(0))]
-    errors = {}
-    for energy in (1.0, 4.0):
-        units = build_units(plan, arch, 2, shapes, (parse_scheme("int2g32"), parse_scheme("int8")), "w4g128")
-        unit_of = {m: unit for unit in units for m in unit.modules}
-        measure_group(unit_of, block, "model.layers.0", ("self_attn.o_proj",), inputs, energy)
-        errors[energy] = unit_of["model.layers.0.self_attn.o_proj"].errors["int2g32"]
-    assert errors[1.0] == pytest.approx(4 * errors[4.0])
+    directory = make_tiny_model("llama", tmp_path / "m", num_layers=3, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(0))
+    outputs = []
+
+    def keep(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        output.retain_grad()
+        outputs.append(output)
+
+    for layer in model.model.layers:
+        layer.register_forward_hook(keep)
+    model(ids, labels=ids).loss.backward()
+    expected = [o.grad.pow(2).mean().item() for o in outputs]
+
+    source = SourceCheckpoint(directory)
+    runner = BlockRunner(source.config, torch.device("cpu"), batch_size=2)
+    tensors = dict(source.items(source.keys()))
+    hidden, inputs = tensors["model.embed_tokens.weight"][ids], []
+    for index in range(3):
+        inputs.append(hidden)
+        hidden = runner.forward(runner.build(index, tensors, "model.layers"), hidden)
+    gradient = head_loss_gradient(hidden, ids, tensors["model.norm.weight"], source.config["rms_norm_eps"],
+                                  tensors["lm_head.weight"])
+    fisher = residual_fisher(runner, lambda i: runner.build(i, tensors, "model.layers"), inputs, gradient)
+    assert fisher == pytest.approx(expected, rel=1e-4)
+    assert fisher[0] != pytest.approx(fisher[2], rel=0.05)  # the weights do tell blocks apart
+
+
+def test_allocation_records_the_block_weights(tiny_llama_with_tokenizer, tmp_path, wikitext):
+    candidates = tuple(parse_scheme(n) for n in ("int2g32", "int8"))
+    result = quantize_checkpoint(tiny_llama_with_tokenizer, tmp_path / "out", load_recipe("w4g128"),
+                                 calibration=str(wikitext), progress=False, calib_seq_len=64,
+                                 allocation=AllocationRequest(candidates, target_bpw=5.0, windows=4))
+    record = result.manifest["provenance"]["allocation"]
+    assert record["fisher_windows"] == 4 and len(record["block_fisher"]) == 2
+    assert all(weight > 0 for weight in record["block_fisher"])
