@@ -190,14 +190,21 @@ class _CalibratedBlock:
         if not self.tuning["kept"]:
             return
         for name, tunable in tunables.items():
-            module = f"{self.prefix}.{name}"
-            stored, record = tunable.stored(), self.results[module][1]
-            restored = dequantize(stored, record.scheme, *record.shape).to(self.runner.device)
-            self.results[module] = (stored, _module_record(self.references[module], record.source_dtype, stored,
-                                                           record.scheme, record.requested_scheme, restored))
-            self.block.get_submodule(name).weight.data = restored
+            record = self.results[f"{self.prefix}.{name}"][1]
+            self._hold(name, tunable.stored(), record.scheme, record.requested_scheme, record.source_dtype)
         for name in norm_weights(self.block):
             self._store_float(name)
+
+    def _hold(self, name: str, stored: dict[str, torch.Tensor], scheme: Scheme, requested: Scheme,
+              source_dtype: torch.dtype) -> None:
+        """Take `stored` as linear `name`'s result (recorded against its float reference in `references`)
+        and run the block on its dequantization from here on."""
+        module = f"{self.prefix}.{name}"
+        linear = self.block.get_submodule(name)
+        restored = dequantize(stored, scheme, *linear.weight.shape).to(linear.weight.device)
+        self.results[module] = (stored, _module_record(self.references[module], source_dtype, stored, scheme,
+                                                       requested, restored))
+        linear.weight.data = restored
 
     def _planned(self, group: tuple[str, ...]) -> dict[str, PlannedModule]:
         entries = {name: self.plan.modules.get(f"{self.prefix}.{name}") for name in group}
@@ -217,10 +224,7 @@ class _CalibratedBlock:
             stored, record = self.results[key]
             stored["scales"] = (stored["scales"].to(torch.float32) / scale).to(stored["scales"].dtype)
             self.references[key] = self.references[key] / scale.unsqueeze(1)
-            restored = dequantize(stored, record.scheme, *module.weight.shape).to(module.weight.device)
-            self.results[key] = (stored, _module_record(self.references[key], record.source_dtype, stored,
-                                                        record.scheme, record.requested_scheme, restored))
-            module.weight.data = restored
+            self._hold(producer, stored, record.scheme, record.requested_scheme, record.source_dtype)
             return
         weight = module.weight.data
         module.weight.data = weight / (scale if weight.dim() == 1 else scale.unsqueeze(1))
@@ -271,11 +275,8 @@ class _CalibratedBlock:
                 stored = gptq_quantize(weight, h, entry.scheme, settings, where=module)
             else:
                 stored = quantize_rtn(weight, entry.scheme, clip_search=True)
-            restored = dequantize(stored, entry.scheme, *weight.shape).to(self.runner.device)
             self.references[module] = weight
-            self.results[module] = (stored, _module_record(weight, self.tensors[f"{module}.weight"].dtype, stored,
-                                                           entry.scheme, entry.requested, restored))
-            linear.weight.data = restored
+            self._hold(name, stored, entry.scheme, entry.requested, self.tensors[f"{module}.weight"].dtype)
         return inputs_changed
 
 
@@ -367,9 +368,9 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
         hidden = runner.walk(block, hidden, lambda group, inputs: bool(
             measure_group(unit_of, block, prefix, group, inputs)))
         release_freed_memory()
-    outside = dict(source.items([f"{arch.final_norm}.weight", f"{arch.lm_head}.weight"]
-                                if f"{arch.lm_head}.weight" in source else [f"{arch.final_norm}.weight"]))
-    head = outside.get(f"{arch.lm_head}.weight", embedding)
+    head_name = f"{arch.lm_head}.weight"
+    outside = dict(source.items([f"{arch.final_norm}.weight"] + ([head_name] if head_name in source else [])))
+    head = outside.get(head_name, embedding)  # tied: the embedding table
     gradient = head_loss_gradient(hidden[:FISHER_WINDOWS], ids[:FISHER_WINDOWS].to(device),
                                   outside[f"{arch.final_norm}.weight"].to(device),
                                   float(source.config.get("rms_norm_eps", 1e-6)), head.to(device))
