@@ -1,4 +1,4 @@
-"""The `nanoq` command: quantize, inspect, eval, export, surgery, example-model.
+"""The `nanoq` command: quantize, tune, inspect, eval, export, surgery, example-model.
 
 Every user-input problem is a NanoqError: printed on one line as `nanoq: error: ...`, exit status 2.
 """
@@ -61,6 +61,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from .quantizers.block_tuning import TuneSettings
     from .quantizers.gptq import GptqSettings
+    from .quantizers.model_tuning import ModelTuneSettings
 
     recipe = load_recipe(args.recipe)
     if args.method:
@@ -85,6 +86,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
         gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search),
         allocation=allocation, tune=TuneSettings(steps=args.tune_steps, lr=args.tune_lr),
+        e2e=ModelTuneSettings(steps=args.e2e_steps, lr=args.e2e_lr, windows=args.e2e_windows),
     )
     gate = None
     if args.max_ppl_ratio is not None:
@@ -104,7 +106,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if gate:
         print(f"quality gate: perplexity ratio {gate['ppl_ratio']} <= {gate['max_ppl_ratio']} "
               f"on {gate['windows']} held-out windows")
+    _print_e2e(result.manifest)
     print(f"time {result.seconds:.1f} s, peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
+    return 0
+
+
+def _print_e2e(manifest: dict) -> None:
+    record = manifest["provenance"].get("e2e_tuning")
+    if record:
+        verdict = "kept" if record["kept"] else "not kept: the checkpoint's values are unchanged"
+        print(f"end-to-end tuning: held-out KL to the float model {record['held_out_kl_before']} -> "
+              f"{record['held_out_kl_after']} ({verdict})")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .quantizers.model_tuning import ModelTuneSettings, tune_checkpoint
+
+    result = tune_checkpoint(args.src, args.dir, args.out, args.calib,
+                             ModelTuneSettings(steps=args.steps, lr=args.lr, windows=args.windows,
+                                               seq_len=args.calib_seq_len),
+                             device=args.device, progress=not args.quiet)
+    print(f"wrote {result.output}")
+    _print_e2e(result.manifest)
+    print(f"time {result.seconds:.1f} s")
     return 0
 
 
@@ -242,6 +266,7 @@ def cmd_surgery(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .quantizers.block_tuning import TuneSettings
+    from .quantizers.model_tuning import ModelTuneSettings
     from .quantizers.recipe import METHODS, PRESETS
     from .surgery.candidates import MODES
     from .surgery.search import SearchSettings
@@ -266,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after GPTQ/AWQ, Adam steps per block fitting its scales, codebook levels and norms to the "
                         "float model's block outputs (0: off; 128 is a good start, ~0.2 s a step on 2 cores)")
     q.add_argument("--tune-lr", type=float, default=TuneSettings.lr, help="block tuning: rate of relative change")
+    q.add_argument("--e2e-steps", type=int, default=0,
+                   help="after quantizing, Adam steps (one window each) tuning every scale, codebook level and norm of "
+                        "the model at once to the float model's next-token distributions (0: off; 256 is a good "
+                        "start; holds the whole quantized model; gptq or rtn)")
+    q.add_argument("--e2e-lr", type=float, default=ModelTuneSettings.lr, help="end-to-end tuning: peak rate")
+    q.add_argument("--e2e-windows", type=int, default=ModelTuneSettings.windows,
+                   help="end-to-end tuning: calibration windows trained on (4 more are held out)")
     q.add_argument("--target-bpw", type=float, help="allocator: bits per weight over the block linears "
                    "(each linear or fused group gets the candidate scheme that fits the budget with least predicted loss)")
     q.add_argument("--target-size", help="allocator: size of the whole checkpoint, e.g. 60MiB")
@@ -278,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("tune", help="tune a nano checkpoint's scales, codebook levels and norms end to end "
+                       "against the float model it came from")
+    t.add_argument("src", help="the float Hugging Face model folder the checkpoint was quantized from")
+    t.add_argument("dir", help="nano checkpoint folder (gptq or rtn)")
+    t.add_argument("out", help="output folder (must not exist or be empty)")
+    t.add_argument("--calib", required=True, help="calibration text file, or `self` for text sampled from the model")
+    t.add_argument("--steps", type=int, default=256, help="Adam steps, one window each")
+    t.add_argument("--lr", type=float, default=ModelTuneSettings.lr, help="peak rate of relative change")
+    t.add_argument("--windows", type=int, default=ModelTuneSettings.windows,
+                   help="calibration windows trained on (4 more are held out)")
+    t.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to tune")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
 
     i = sub.add_parser("inspect", help="per-module schemes and storage of a nano checkpoint")
     i.add_argument("dir")

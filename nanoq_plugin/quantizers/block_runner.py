@@ -42,6 +42,7 @@ class BlockRunner:
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         prefix = _HF_CLASS_PREFIX[model_type]
         self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
+        self.norm_cls = getattr(module, f"{prefix}RMSNorm")
         self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
         self.device = device
         self.batch_size = batch_size
@@ -57,6 +58,12 @@ class BlockRunner:
             raise NanoqError(f"block {index}: tensors do not match {self.layer_cls.__name__} "
                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         return block
+
+    def final_norm(self, weight: torch.Tensor) -> nn.Module:
+        """The model's final RMSNorm (transformers' class, float32 on the device) with `weight [H]`."""
+        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = weight.to(device=self.device, dtype=torch.float32)
+        return norm.to(self.device).eval()
 
     def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = hidden.shape[1]

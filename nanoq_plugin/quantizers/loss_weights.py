@@ -21,18 +21,17 @@ from torch import nn
 from .block_runner import BlockRunner
 
 
-def head_loss_gradient(final: torch.Tensor, ids: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+def head_loss_gradient(final: torch.Tensor, ids: torch.Tensor, norm: nn.Module,
                        head_weight: torch.Tensor) -> torch.Tensor:
     """∂loss/∂final `[B, L, H]` float32 of the mean next-token cross-entropy of `ids [B, L]`, from the last
-    block's output `final [B, L, H]` through the final RMSNorm (`norm_weight [H]`, `eps`) and the LM head
+    block's output `final [B, L, H]` through the final norm (`BlockRunner.final_norm`) and the LM head
     (`head_weight [V, H]`); one window at a time, so the logits of one window are the largest tensor."""
     gradient = torch.empty_like(final, dtype=torch.float32)
     count = ids[:, 1:].numel()
-    norm_weight, head_weight = norm_weight.to(torch.float32), head_weight.to(torch.float32)
+    head_weight = head_weight.to(torch.float32)
     for row in range(final.shape[0]):
         hidden = final[row:row + 1].detach().to(torch.float32).requires_grad_(True)
-        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
-        logits = normed[:, :-1] @ head_weight.t()
+        logits = norm(hidden)[:, :-1] @ head_weight.t()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[row:row + 1, 1:].reshape(-1),
                                            reduction="sum") / count
         loss.backward()

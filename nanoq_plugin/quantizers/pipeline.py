@@ -7,6 +7,7 @@ import ctypes
 import datetime
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import NanoqError
 from ..example_model import MARKER_NAME as EXAMPLE_MARKER_NAME
-from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint
+from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint, make_staging_dir
 from ..format.layout import TensorSpec, param_specs, stored_bytes
 from ..format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
 from ..format.quant_config import NanoQuantConfig
@@ -34,6 +35,7 @@ from .codebook import quantize_codebook
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, flush_denormals, gptq_quantize
 from .loss_weights import head_loss_gradient, residual_fisher
+from .model_tuning import ModelTuneSettings, tune_checkpoint
 from .rtn import quantize_rtn
 
 
@@ -372,8 +374,7 @@ def _allocate(source: SourceCheckpoint, arch: Architecture, plan: Plan, request:
     outside = dict(source.items([f"{arch.final_norm}.weight"] + ([head_name] if head_name in source else [])))
     head = outside.get(head_name, embedding)  # tied: the embedding table
     gradient = head_loss_gradient(hidden[:FISHER_WINDOWS], ids[:FISHER_WINDOWS].to(device),
-                                  outside[f"{arch.final_norm}.weight"].to(device),
-                                  float(source.config.get("rms_norm_eps", 1e-6)), head.to(device))
+                                  runner.final_norm(outside[f"{arch.final_norm}.weight"]), head.to(device))
     fisher = residual_fisher(runner, build_block, block_inputs, gradient)
     weigh_errors(units, [fisher[arch.block_of(f"{unit.modules[0]}.weight")] for unit in units])
     choice = allocate(units, budget)
@@ -395,13 +396,31 @@ def quantize_checkpoint(
     gptq: GptqSettings = GptqSettings(),
     allocation: AllocationRequest | None = None,
     tune: TuneSettings = TuneSettings(),
+    e2e: ModelTuneSettings = ModelTuneSettings(),
 ) -> QuantizeResult:
     """Quantize the Hugging Face checkpoint in `source_dir` with `recipe` into `output_dir`.
 
     Holds one decoder block's tensors (plus at most one output shard) in memory at a time. All checks on
     the source and the plan run before any tensor is quantized; the output appears only when complete.
+    With `e2e` enabled the result is then tuned end to end (quantizers.model_tuning), which holds the whole
+    quantized model.
     """
     start = time.perf_counter()
+    if e2e.enabled:
+        if calibration is None:
+            raise NanoqError("--e2e-steps tunes against the float model on calibration text: pass --calib FILE")
+        if recipe.method in ("awq", "awq-gptq"):
+            raise NanoqError(f"--e2e-steps: method {recipe.method} folds scales into the float weights; "
+                             "use gptq or rtn")
+        staging = make_staging_dir(Path(output_dir).resolve())
+        try:
+            quantize_checkpoint(source_dir, staging, recipe, device, calibration, progress, max_shard_bytes,
+                                calib_windows, calib_seq_len, gptq, allocation, tune)
+            tuned = tune_checkpoint(source_dir, staging, output_dir, calibration, replace(e2e, seq_len=calib_seq_len),
+                                    device, progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return QuantizeResult(tuned.output, tuned.manifest, time.perf_counter() - start, peak_rss_bytes())
     torch_device = _resolve_device(device)
     source, arch = open_float_source(source_dir, instead="quantize from a float checkpoint")
     num_layers = source.config["num_hidden_layers"]

@@ -97,7 +97,7 @@ def test_block_fisher_weights_are_the_full_model_gradients(make_tiny_model, tmp_
     for index in range(3):
         inputs.append(hidden)
         hidden = runner.forward(runner.build(index, tensors, "model.layers"), hidden)
-    gradient = head_loss_gradient(hidden, ids, tensors["model.norm.weight"], source.config["rms_norm_eps"],
+    gradient = head_loss_gradient(hidden, ids, runner.final_norm(tensors["model.norm.weight"]),
                                   tensors["lm_head.weight"])
     fisher = residual_fisher(runner, lambda i: runner.build(i, tensors, "model.layers"), inputs, gradient)
     assert fisher == pytest.approx(expected, rel=1e-4)
