@@ -32,6 +32,7 @@ from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.quantizers.block_tuning import TuneSettings
+from nanoq_plugin.quantizers.model_tuning import ModelTuneSettings, tune_checkpoint
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
 
@@ -56,8 +57,12 @@ CONFIGS: dict[str, Recipe] = {
     "cb3g128-gptq-tuned": load_recipe("cb3g128").with_method("gptq"),
     "cb2g64-gptq-tuned": load_recipe("cb2g64").with_method("gptq"),
     "cb4g128-gptq-tuned-long": load_recipe("cb4g128").with_method("gptq"),  # 128 windows, 128 steps
+    "w4g128-gptq-tuned-e2e": load_recipe("w4g128").with_method("gptq"),
+    "cb3g128-gptq-tuned-e2e": load_recipe("cb3g128").with_method("gptq"),
+    "cb2g64-gptq-tuned-e2e": load_recipe("cb2g64").with_method("gptq"),
     "alloc-3.0bpw-gptq": load_recipe("w3g128").with_method("gptq"),
     "alloc-4.0bpw-gptq": load_recipe("w4g128").with_method("gptq"),
+    "alloc-3.0bpw-gptq-e2e": load_recipe("w3g128").with_method("gptq"),
     "qkv-fp16": load_recipe("qkv-fp16"),
     # like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
     "int4g64": Recipe("int4g64", parse_scheme("int4g64")),
@@ -76,6 +81,11 @@ ALLOCATIONS = {
 TUNE_STEPS = 64
 TUNING = {preset: TuneSettings(steps=TUNE_STEPS) for preset in CONFIGS if preset.endswith("-tuned")}
 TUNING["cb4g128-gptq-tuned-long"] = TuneSettings(steps=2 * TUNE_STEPS)
+# end-to-end tuning (quantizers.model_tuning) of a `-tuned` row's checkpoint: the `-e2e` rows, made as
+# `nanoq quantize --e2e-steps` makes them (the first stage, then tune_checkpoint), reusing the first stage
+E2E_STEPS, E2E_WINDOWS = 128, 64
+E2E = {preset: (preset.removesuffix("-e2e"), ModelTuneSettings(steps=E2E_STEPS, windows=E2E_WINDOWS))
+       for preset in CONFIGS if preset.endswith("-e2e")}
 # calibration windows where a config uses fewer than --calib-windows (to fit the benchmark in CPU time)
 CALIB_WINDOWS = {"cb3g128-gptq": 32, "cb4g128-gptq": 32, "alloc-3.0bpw-gptq": 16, "alloc-4.0bpw-gptq": 16,
                  **{preset: 64 for preset in TUNING if preset.endswith("-tuned")}}
@@ -122,6 +132,14 @@ def main() -> None:
         recipe = CONFIGS[preset]
         target = work / f"smollm2-{preset}"
         timing = work / f"smollm2-{preset}.seconds.json"
+        if preset in E2E and not (target / "nano_manifest.json").is_file():
+            first, settings = E2E[preset]
+            first_dir = work / f"smollm2-{first}"
+            if not (first_dir / "nano_manifest.json").is_file():
+                raise SystemExit(f"{preset}: run --only {first} first (its checkpoint is the first stage)")
+            tuned = tune_checkpoint(base_dir, first_dir, target, args.calib, settings)
+            first_seconds = json.loads((work / f"smollm2-{first}.seconds.json").read_text())["seconds"]
+            timing.write_text(json.dumps({"seconds": round(first_seconds + tuned.seconds, 2)}))
         if not (target / "nano_manifest.json").is_file():
             calibrated = recipe.method != "rtn"
             result = quantize_checkpoint(base_dir, target, recipe, progress=True,
@@ -203,6 +221,10 @@ def main() -> None:
               "`-tuned` rows: GPTQ, then each block's scales, codebook levels and norms fitted to the float model's block",
               f"outputs ({TUNE_STEPS} Adam steps per block on 64 calibration windows, quantizers.block_tuning; "
               f"`-tuned-long`: {2 * TUNE_STEPS} steps on {args.calib_windows} windows).",
+              f"`-e2e` rows: the `-tuned` checkpoint, then every scale, codebook level and norm of the model tuned at "
+              f"once to the float model's next-token distributions ({E2E_STEPS} Adam steps of one window, "
+              f"{E2E_WINDOWS} windows + 4 held out; quantizers.model_tuning, `nanoq quantize --e2e-steps`); "
+              "its quantize time includes the first stage's.",
               ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))

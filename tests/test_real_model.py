@@ -90,3 +90,27 @@ def test_calibrated_methods_on_a_few_windows(smollm2_dir, wikitext, tmp_path):
     assert 1.1 < ratio["rtn"] < 1.9, ratio
     assert ratio["gptq"] < ratio["rtn"], ratio
     assert ratio["nvfp4"] < 1.5, ratio
+
+
+def test_end_to_end_tuning_recovers_perplexity(smollm2_dir, wikitext, tmp_path):
+    """w3g128 RTN (7.9x the base perplexity in the benchmark), then 16 steps of end-to-end tuning on 12
+    windows of 128 tokens of the valid split: the held-out KL and the test perplexity both drop a lot."""
+    from nanoq_plugin.eval.perplexity import evaluate_perplexity
+    from nanoq_plugin.eval.reference_model import dequantized_float_model
+    from nanoq_plugin.quantizers.model_tuning import ModelTuneSettings, tune_checkpoint
+    from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+    from nanoq_plugin.quantizers.recipe import load_recipe
+
+    calib = wikitext.parent.parent / "wikitext-2" / "wiki.valid.tokens"
+    quantize_checkpoint(smollm2_dir, tmp_path / "rtn", load_recipe("w3g128"), progress=False)
+    settings = ModelTuneSettings(steps=16, lr=5e-3, windows=8, seq_len=128)
+    record = tune_checkpoint(smollm2_dir, tmp_path / "rtn", tmp_path / "tuned", str(calib), settings,
+                             progress=False).manifest["provenance"]["e2e_tuning"]
+    assert record["kept"] and record["held_out_kl_after"] < 0.8 * record["held_out_kl_before"], record
+
+    models = {"base": AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval(),
+              **{name: dequantized_float_model(smollm2_dir, tmp_path / name) for name in ("rtn", "tuned")}}
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(wikitext.read_text(), return_tensors="pt").input_ids[0]
+    result = evaluate_perplexity(models, ids, 512, 256, 4, reference="base", progress=False)
+    ratio = {name: result.perplexity[name] / result.perplexity["base"] for name in ("rtn", "tuned")}
+    assert ratio["tuned"] < 0.8 * ratio["rtn"], ratio

@@ -27,6 +27,15 @@ WALK_GROUPS = (ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT)
 Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
 
 
+def resolve_device(device: str) -> torch.device:
+    """`cpu` or `cuda` as a torch device; NanoqError for anything else or CUDA on a machine without it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NanoqError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise NanoqError(f"--device {device!r}: choose cpu or cuda")
+    return torch.device(device)
+
+
 class BlockRunner:
     """Builds block `i` from its stored tensors and runs hidden states `[B, L, H]` through it."""
 

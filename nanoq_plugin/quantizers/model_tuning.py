@@ -33,7 +33,7 @@ from ..format.manifest import MANIFEST_NAME
 from ..format.reference import dequantize
 from ..format.validate import NanoCheckpoint, load_nano_checkpoint
 from .architectures import Architecture, open_float_source
-from .block_runner import BlockRunner
+from .block_runner import BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights
 from .calibration import calibration_windows
 from .gptq import flush_denormals
@@ -238,7 +238,7 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
     unchanged). The manifest's rel_error values are recomputed against the source weights and its provenance
     gains `e2e_tuning`."""
     start = time.perf_counter()
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     source, arch = open_float_source(source_dir, instead="tune against the float model it was quantized from")
     checkpoint = load_nano_checkpoint(nano_dir)
     manifest_path = Path(nano_dir) / MANIFEST_NAME

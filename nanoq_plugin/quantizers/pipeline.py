@@ -28,7 +28,7 @@ from .architectures import Architecture, open_float_source
 from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
 from .allocator import allocate, apply_allocation, build_units, measure_group, weigh_errors
 from .awq import search_scales
-from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner
+from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, TuneSettings, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
@@ -60,14 +60,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NanoqError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    if device not in ("cpu", "cuda"):
-        raise NanoqError(f"--device {device!r}: choose cpu or cuda")
-    return torch.device(device)
 
 
 def _block_linear_shapes(source: SourceCheckpoint, arch: Architecture, num_layers: int) -> dict[str, tuple[int, int]]:
@@ -421,7 +413,7 @@ def quantize_checkpoint(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return QuantizeResult(tuned.output, tuned.manifest, time.perf_counter() - start, peak_rss_bytes())
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     source, arch = open_float_source(source_dir, instead="quantize from a float checkpoint")
     num_layers = source.config["num_hidden_layers"]
     if calibration is not None and calibration != SELF and not Path(calibration).is_file():

@@ -16,7 +16,12 @@ from nanoq_plugin.format.checkpoint import SourceCheckpoint
 from nanoq_plugin.format.validate import load_nano_checkpoint
 from nanoq_plugin.quantizers.architectures import architecture_for
 from nanoq_plugin.quantizers.block_runner import BlockRunner
-from nanoq_plugin.quantizers.model_tuning import ModelTuneSettings, QuantizedModel, next_token_kl, tune_checkpoint
+from nanoq_plugin.quantizers.model_tuning import (
+    ModelTuneSettings,
+    QuantizedModel,
+    next_token_kl,
+    tune_checkpoint,
+)
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
