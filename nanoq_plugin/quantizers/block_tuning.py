@@ -53,7 +53,9 @@ class TuneSettings:
 
     def describe(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "batch": self.batch, "held_out_windows": HELD_OUT,
-                "target": "float block on the float model's hidden states"}
+                "target": "float block on the float model's hidden states",
+                "note": f"with fewer than {4 * HELD_OUT} calibration windows a quarter of them (at least 1) is "
+                        "held out: each block's record says how many"}
 
 
 class _LevelLookup(torch.autograd.Function):
@@ -189,4 +191,4 @@ def tune_block(block: nn.Module, call: BlockCall, tunables: dict[str, TunableLin
             for delta in deltas:
                 delta.zero_()
     return {"held_out_error_before": float(f"{before:.6g}"), "held_out_error_after": float(f"{after:.6g}"),
-            "kept": kept}
+            "held_out_windows": held_out, "kept": kept}

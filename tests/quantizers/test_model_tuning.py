@@ -96,6 +96,17 @@ def test_tuning_lowers_the_kl_on_unseen_text(tiny_llama_with_tokenizer, tmp_path
     assert kl["tuned"] < 0.85 * kl["noisy"], kl
 
 
+def test_tuning_is_deterministic(tiny_llama_with_tokenizer, tmp_path, wikitext):
+    source = tiny_llama_with_tokenizer
+    quantize_checkpoint(source, tmp_path / "q", load_recipe("cb3g128"), progress=False)
+    settings = ModelTuneSettings(steps=4, lr=1e-2, windows=4, seq_len=32)
+    for name in ("a", "b"):
+        tune_checkpoint(source, tmp_path / "q", tmp_path / name, str(wikitext), settings, progress=False)
+    a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], t) for n, t in load_file(tmp_path / "q/model.safetensors").items())
+
+
 def test_quantize_with_e2e_steps_writes_the_tuned_checkpoint(tiny_llama_with_tokenizer, tmp_path, wikitext, capsys):
     status = main(["quantize", str(tiny_llama_with_tokenizer), str(tmp_path / "out"), "--recipe", "w4g128",
                    "--calib", str(wikitext), "--calib-windows", "8", "--calib-seq-len", "64", "--e2e-steps", "6",
