@@ -9,6 +9,26 @@ def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MiB"
 
 
+def _calibration_lines(provenance: dict) -> list[str]:
+    """Calibration data, block tuning and end-to-end tuning, where the checkpoint used them."""
+    lines = []
+    calibration = provenance.get("calibration") or {}
+    if calibration.get("used"):
+        text = "text sampled from the model" if calibration.get("self_generated") else f"`{calibration.get('file')}`"
+        lines.append(f"- Calibration: {text}, {calibration.get('windows')} windows of {calibration.get('seq_len')} tokens")
+    tuning = calibration.get("tuning")
+    if tuning:
+        kept = sum(1 for block in tuning["blocks"] if block["kept"])
+        lines.append(f"- Block tuning: {tuning['steps']} steps per block, kept in {kept} of {len(tuning['blocks'])} blocks")
+    e2e = provenance.get("e2e_tuning")
+    if e2e:
+        verdict = "kept" if e2e["kept"] else "not kept"
+        lines.append(f"- End-to-end tuning: {e2e['steps']} steps on {e2e['windows']} windows; KL to the float model on "
+                     f"{e2e['held_out_windows']} held-out windows {e2e['held_out_kl_before']} -> "
+                     f"{e2e['held_out_kl_after']} ({verdict})")
+    return lines
+
+
 def render_model_card(manifest: dict, summary: dict) -> str:
     """Markdown text of the model card."""
     totals = manifest["totals"]
@@ -25,6 +45,7 @@ def render_model_card(manifest: dict, summary: dict) -> str:
         f"- Recipe: `{recipe.get('name')}` (method `{recipe.get('method')}`, default `{recipe.get('default')}`, "
         f"group-size fallback {'on' if recipe.get('group_size_fallback') else 'off'})",
         f"- Source: `{provenance.get('source')}`",
+        *_calibration_lines(provenance),
         "",
         "| scheme | modules | params |",
         "|---|---:|---:|",

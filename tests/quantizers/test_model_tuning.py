@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanoq_plugin.cli import main
 from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.eval.model_card import render_model_card
 from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.format.checkpoint import SourceCheckpoint
 from nanoq_plugin.format.validate import load_nano_checkpoint
@@ -76,6 +77,9 @@ def test_tuning_lowers_the_kl_on_unseen_text(tiny_llama_with_tokenizer, tmp_path
     record = result.manifest["provenance"]["e2e_tuning"]
     assert record["kept"] and record["held_out_kl_after"] < record["held_out_kl_before"]
     assert record["steps"] == 48 and record["windows"] == 8
+    card = render_model_card(result.manifest, {})
+    assert f"End-to-end tuning: 48 steps on 8 windows; KL to the float model on 4 held-out windows " \
+           f"{record['held_out_kl_before']} -> {record['held_out_kl_after']} (kept)" in card
     # codes are untouched; scales, codebook levels and norms moved; the manifest's sizes are unchanged
     before, after = load_file(tmp_path / "noisy/model.safetensors"), load_file(tmp_path / "tuned/model.safetensors")
     assert before.keys() == after.keys()
