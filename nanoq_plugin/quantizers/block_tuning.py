@@ -64,14 +64,15 @@ class _LevelLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(codes)
+        ctx.save_for_backward(codes)  # uint8: a quarter of the float weight's memory
         ctx.num_levels = levels.numel()
-        return levels[codes]
+        return levels[codes.long()]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (codes,) = ctx.saved_tensors
-        summed = torch.bincount(codes.reshape(-1), weights=grad.reshape(-1).to(torch.float64), minlength=ctx.num_levels)
+        summed = torch.bincount(codes.reshape(-1).long(), weights=grad.reshape(-1).to(torch.float64),
+                                minlength=ctx.num_levels)
         return summed.to(grad.dtype), None
 
 
@@ -89,14 +90,14 @@ class TunableLinear:
         self.scale_delta = torch.zeros_like(self.scales, requires_grad=True)
         self.deltas = [self.scale_delta]
         if scheme.kind is SchemeKind.CODEBOOK:
-            self.codes = unpack_codes(stored["qweight"], scheme.bits).long().to(device).t()  # [N, K]
+            self.codes = unpack_codes(stored["qweight"], scheme.bits).to(device).t().contiguous()  # [N, K] uint8
             self.levels = stored["codebook"].to(device=device, dtype=torch.float32)
             self.level_delta = torch.zeros_like(self.levels, requires_grad=True)
             self.signs = stored["signs"].to(device)
             self.deltas.append(self.level_delta)
-        else:  # the weight is linear in the scales: the codes (minus zeros) times one
+        else:  # the weight is linear in the scales: the codes minus zeros, integers in [-255, 255]
             unit = {**stored, "scales": torch.ones_like(stored["scales"])}
-            self.unit_weight = dequantize(unit, scheme, out_features, in_features).to(device)  # [N, K]
+            self.unit_weight = dequantize(unit, scheme, out_features, in_features).to(device, torch.int16)  # [N, K]
 
     def _tuned_scales(self) -> torch.Tensor:
         return self.scales * (1 + self.scale_delta)
@@ -108,12 +109,12 @@ class TunableLinear:
         """`[N, K]` float32, differentiable in the deltas."""
         scales = self._tuned_scales()
         if self.scheme.kind is SchemeKind.INT8_CHANNEL:
-            return self.unit_weight * scales.unsqueeze(1)
+            return self.unit_weight.to(torch.float32) * scales.unsqueeze(1)
         per_column = scales.repeat_interleave(self.scheme.group_size, dim=0).t()  # [N, K]
         if self.scheme.kind is SchemeKind.CODEBOOK:
             levels = _LevelLookup.apply(self._tuned_levels(), self.codes)
             return unrotate_weight(levels * per_column, self.signs, self.scheme.group_size)
-        return self.unit_weight * per_column
+        return self.unit_weight.to(torch.float32) * per_column
 
     @torch.no_grad()
     def stored(self) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ which trains the step sizes end to end; distilling from the float model instead 
 lets a few dozen windows fit ~1% of the parameters without learning the text). Only continuous stored
 values move, so the checkpoint keeps its format, size and kernels.
 
-Memory: the float model is walked one block at a time, once, to get its last hidden states `[W, L, H]`;
-the quantized model is then held whole (codes unpacked, one float32 weight per linear at a time in the
-forward pass): fine for models of a few billion parameters on a GPU, and the stage is opt-in.
+Memory: the float model is walked one block at a time, once, to get its last hidden states `[W, L, H]`
+float32. The quantized model is then held whole as codes (1 byte a weight for codebooks, 2 for integer
+schemes) plus its float tensors; with `recompute` (the default) each block's float32 weights and
+activations exist only while that block runs, forward and again backward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
@@ -49,6 +51,7 @@ class ModelTuneSettings:
     windows: int = 32
     held_out: int = 4
     seq_len: int = 512
+    recompute: bool = True  # QuantizedModel.final_hidden: memory of one block's activations, ~1.3x the time
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +59,7 @@ class ModelTuneSettings:
 
     def describe(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "windows": self.windows, "held_out_windows": self.held_out,
-                "seq_len": self.seq_len, "loss": "KL(float model || quantized model), next-token distributions"}
+                "seq_len": self.seq_len, "recompute": self.recompute, "loss": "KL(float model || quantized model), next-token distributions"}
 
 
 def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -88,8 +91,9 @@ class QuantizedModel:
     NVFP4 and float linears) is fixed at what the checkpoint stores.
     """
 
-    def __init__(self, checkpoint: NanoCheckpoint, arch: Architecture, runner: BlockRunner, num_layers: int) -> None:
-        self.checkpoint, self.arch, self.runner = checkpoint, arch, runner
+    def __init__(self, checkpoint: NanoCheckpoint, arch: Architecture, runner: BlockRunner, num_layers: int,
+                 recompute: bool = False) -> None:
+        self.checkpoint, self.arch, self.runner, self.recompute = checkpoint, arch, runner, recompute
         device = runner.device
         self.embedding = _checkpoint_weight(checkpoint, arch.embedding).to(device)  # [V, H]
         if checkpoint.quant_config.tied_lm_head is not None or (
@@ -139,13 +143,23 @@ class QuantizedModel:
         found += [d for deltas in self.norm_deltas for d in deltas.values()]
         return found + [self.final_norm_delta]
 
+    def block_output(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `index` on `hidden [b, L, H]` float32 with its tuned weights and norms."""
+        overrides = {f"{name}.weight": t.weight() for name, t in self.linears[index].items()}
+        overrides.update({name: self.norms[index][name] * (1 + delta) for name, delta in self.norm_deltas[index].items()})
+        return self.runner.call(self.blocks[index], hidden, overrides)
+
     def final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """`ids [b, L]` int64 -> the last block's output `[b, L, H]` float32 (differentiable in the deltas)."""
+        """`ids [b, L]` int64 -> the last block's output `[b, L, H]` float32 (differentiable in the deltas).
+
+        With `recompute`, each block keeps only its input for the backward pass and rebuilds its weights and
+        activations there (one more forward pass; memory: the stored codes plus one block's temporaries)."""
         hidden = self.embedding[ids.to(self.runner.device)]
-        for block, tunables, norms, deltas in zip(self.blocks, self.linears, self.norms, self.norm_deltas):
-            overrides = {f"{name}.weight": t.weight() for name, t in tunables.items()}
-            overrides.update({name: norms[name] * (1 + delta) for name, delta in deltas.items()})
-            hidden = self.runner.call(block, hidden, overrides)
+        for index in range(len(self.blocks)):
+            if self.recompute and torch.is_grad_enabled():
+                hidden = torch.utils.checkpoint.checkpoint(self.block_output, index, hidden, use_reentrant=False)
+            else:
+                hidden = self.block_output(index, hidden)
         return hidden
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -263,7 +277,7 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
         def teacher(hidden: torch.Tensor) -> torch.Tensor:
             return float_norm(hidden) @ head.t()
 
-        model = QuantizedModel(checkpoint, arch, runner, num_layers)
+        model = QuantizedModel(checkpoint, arch, runner, num_layers, settings.recompute)
         record = tune_model(model, teacher, final, ids.to(torch_device), settings, progress)
     tuned = model.tuned_tensors() if record["kept"] else {}
     manifest = dict(checkpoint.manifest)

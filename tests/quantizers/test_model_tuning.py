@@ -53,6 +53,18 @@ def test_quantized_model_is_the_reference_model(make_tiny_model, tmp_path, arch,
         torch.testing.assert_close(model.logits(ids), expected, rtol=1e-4, atol=1e-4)
     assert model.deltas() and all(d.requires_grad for d in model.deltas())
 
+    # recomputing each block in the backward pass gives the same gradients as keeping its activations
+    gradients = {}
+    for recompute in (False, True):
+        model.recompute = recompute
+        for delta in model.deltas():
+            delta.grad = None
+        next_token_kl(expected, model.logits(ids) * 1.1).backward()
+        gradients[recompute] = [delta.grad.clone() for delta in model.deltas()]
+    assert any(g.abs().sum() > 0 for g in gradients[True])
+    for kept, recomputed in zip(gradients[False], gradients[True]):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-7)
+
 
 def _held_out_kl(source, nano_dir, ids):
     with torch.no_grad():
