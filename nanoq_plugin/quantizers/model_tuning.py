@@ -51,7 +51,7 @@ class ModelTuneSettings:
     windows: int = 32
     held_out: int = 4
     seq_len: int = 512
-    recompute: bool = True  # QuantizedModel.final_hidden: memory of one block's activations, ~1.3x the time
+    recompute: bool = True  # QuantizedModel.final_hidden: one block's activations at a time, ~1.1x the time
 
     @property
     def enabled(self) -> bool:
