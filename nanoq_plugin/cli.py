@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir", help="nano checkpoint folder (gptq or rtn)")
     t.add_argument("out", help="output folder (must not exist or be empty)")
     t.add_argument("--calib", required=True, help="calibration text file, or `self` for text sampled from the model")
-    t.add_argument("--steps", type=int, default=256, help="Adam steps, one window each")
+    t.add_argument("--steps", type=int, required=True, help="Adam steps, one window each (128 is a good start)")
     t.add_argument("--lr", type=float, default=ModelTuneSettings.lr, help="peak rate of relative change")
     t.add_argument("--windows", type=int, default=ModelTuneSettings.windows,
                    help="calibration windows trained on (4 more are held out)")

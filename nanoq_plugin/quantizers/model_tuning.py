@@ -53,6 +53,11 @@ class ModelTuneSettings:
     seq_len: int = 512
     recompute: bool = True  # QuantizedModel.final_hidden: one block's activations at a time, ~1.1x the time
 
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.windows < 1 or self.held_out < 1 or not self.lr > 0:
+            raise NanoqError(f"end-to-end tuning: steps ({self.steps}) must be >= 0, windows ({self.windows}) and "
+                             f"held-out windows ({self.held_out}) >= 1, and the rate ({self.lr}) > 0")
+
     @property
     def enabled(self) -> bool:
         return self.steps > 0
@@ -201,8 +206,6 @@ def tune_model(model: QuantizedModel, teacher: nn.Module, final: torch.Tensor, i
     tuned values when the held-out KL drops, else resets them. Returns the record."""
     held_out = settings.held_out
     train = ids.shape[0] - held_out
-    if train < 1:
-        raise NanoqError(f"end-to-end tuning needs more than {held_out} calibration windows, got {ids.shape[0]}")
     deltas = model.deltas()
 
     def held_out_kl() -> float:

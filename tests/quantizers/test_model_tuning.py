@@ -152,8 +152,16 @@ def test_e2e_errors_are_one_line_and_write_nothing(tiny_llama, tmp_path, wikitex
     tensors = load_file(other / "model.safetensors")
     tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :128].clone()
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
-    status = main(["tune", str(other), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext)])
+    status = main(["tune", str(other), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext),
+                   "--steps", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
     assert "module 'model.layers.0.mlp.down_proj' [96, 256] does not match the float model" in err[0]
+    assert not (tmp_path / "tuned").exists()
+
+    status = main(["tune", str(tiny_llama), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext),
+                   "--steps", "4", "--windows", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["nanoq: error: end-to-end tuning: steps (4) must be >= 0, windows (0) and "
+                                   "held-out windows (4) >= 1, and the rate (0.002) > 0"]
     assert not (tmp_path / "tuned").exists()
