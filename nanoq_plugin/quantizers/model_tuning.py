@@ -37,7 +37,7 @@ from ..format.validate import NanoCheckpoint, load_nano_checkpoint
 from .architectures import Architecture, open_float_source
 from .block_runner import BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights
-from .calibration import calibration_windows
+from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
 
 
@@ -239,6 +239,23 @@ def tune_model(model: QuantizedModel, teacher: nn.Module, final: torch.Tensor, i
     return {"held_out_kl_before": float(f"{before:.6g}"), "held_out_kl_after": float(f"{after:.6g}"), "kept": kept}
 
 
+def _tuned_manifest(checkpoint: NanoCheckpoint, source: SourceCheckpoint, tuned: dict[str, torch.Tensor]) -> dict:
+    """The checkpoint's manifest with `rel_error` recomputed against the source weight for every module among
+    the `tuned` tensors (sizes and everything else unchanged: tuning changes values only)."""
+    manifest = {**checkpoint.manifest, "provenance": dict(checkpoint.manifest.get("provenance", {})),
+                "modules": {m: dict(r) for m, r in checkpoint.manifest["modules"].items()}}
+    for module in sorted({name.rsplit(".", 1)[0] for name in tuned if name.endswith(".scales")}):
+        shape = tuple(manifest["modules"][module]["shape"])
+        scheme = checkpoint.quant_config.modules[module]
+        stored = {**_module_tensors(checkpoint, module, scheme, shape),
+                  **{n.rsplit(".", 1)[1]: t for n, t in tuned.items() if n.rsplit(".", 1)[0] == module}}
+        original = source.get(f"{module}.weight").to(torch.float32)
+        restored = dequantize(stored, scheme, *shape)
+        manifest["modules"][module]["rel_error"] = round(
+            (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item(), 6)
+    return manifest
+
+
 @dataclass
 class TuneResult:
     """What `tune_checkpoint` made: the output folder, its manifest and the time taken."""
@@ -269,39 +286,29 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
                 f"{module}.weight" not in source or list(source.shape(f"{module}.weight")) != record["shape"]):
             raise NanoqError(f"{manifest_path}: module '{module}' {record['shape']} does not match the float "
                              f"model in {source.directory}")
-    runner = BlockRunner(source.config, torch_device, batch_size=4)
-    ids = calibration_windows(source.directory, calibration, settings.windows + settings.held_out, settings.seq_len)
-    with flush_denormals():
-        final = float_final_hidden(source, arch, runner, ids, progress)
-        head_name = f"{arch.lm_head}.weight"
-        head = source.get(head_name if head_name in source else f"{arch.embedding}.weight").to(torch_device, torch.float32)
-        float_norm = runner.final_norm(source.get(f"{arch.final_norm}.weight"))
+    with CheckpointWriter(output_dir) as writer:  # refuses a non-empty OUT before any work
+        runner = BlockRunner(source.config, torch_device, batch_size=4)
+        ids = calibration_windows(source.directory, calibration, settings.windows + settings.held_out, settings.seq_len)
+        with flush_denormals():
+            final = float_final_hidden(source, arch, runner, ids, progress)
+            head_name = f"{arch.lm_head}.weight"
+            head = source.get(head_name if head_name in source else f"{arch.embedding}.weight").to(torch_device,
+                                                                                                   torch.float32)
+            float_norm = runner.final_norm(source.get(f"{arch.final_norm}.weight"))
 
-        def teacher(hidden: torch.Tensor) -> torch.Tensor:
-            return float_norm(hidden) @ head.t()
+            def teacher(hidden: torch.Tensor) -> torch.Tensor:
+                return float_norm(hidden) @ head.t()
 
-        model = QuantizedModel(checkpoint, arch, runner, num_layers, settings.recompute)
-        record = tune_model(model, teacher, final, ids.to(torch_device), settings, progress)
-    tuned = model.tuned_tensors() if record["kept"] else {}
-    manifest = dict(checkpoint.manifest)
-    manifest["modules"] = {m: dict(r) for m, r in manifest["modules"].items()}
-    for module in {name.rsplit(".", 1)[0] for name in tuned if name.endswith(".scales")}:
-        shape = tuple(manifest["modules"][module]["shape"])
-        scheme = checkpoint.quant_config.modules[module]
-        stored = {**_module_tensors(checkpoint, module, scheme, shape),
-                  **{n.rsplit(".", 1)[1]: t for n, t in tuned.items() if n.rsplit(".", 1)[0] == module}}
-        original = source.get(f"{module}.weight").to(torch.float32)
-        restored = dequantize(stored, scheme, *shape)
-        manifest["modules"][module]["rel_error"] = round(
-            (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item(), 6)
-    seconds = time.perf_counter() - start
-    manifest["provenance"] = {**manifest.get("provenance", {}), "e2e_tuning": {
-        **settings.describe(), "calibration": str(Path(calibration).resolve()) if calibration != "self" else "self",
-        **record, "tuned_tensors": len(tuned), "seconds": round(seconds, 1)}}
-    config = dict(checkpoint.tensors.config)
-    with CheckpointWriter(output_dir) as writer:
+            model = QuantizedModel(checkpoint, arch, runner, num_layers, settings.recompute)
+            record = tune_model(model, teacher, final, ids.to(torch_device), settings, progress)
+        tuned = model.tuned_tensors() if record["kept"] else {}
+        manifest = _tuned_manifest(checkpoint, source, tuned)
+        seconds = time.perf_counter() - start
+        manifest["provenance"]["e2e_tuning"] = {
+            **settings.describe(), "calibration": calibration if calibration == SELF else str(Path(calibration).resolve()),
+            **record, "tuned_tensors": len(tuned), "seconds": round(seconds, 1)}
         for name in checkpoint.tensors.keys():
             writer.add(name, tuned.get(name, checkpoint.tensors.get(name)))
         copies = [checkpoint.directory / f for f in SIDE_FILES if (checkpoint.directory / f).is_file()]
-        output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
+        output = writer.commit({"config.json": dict(checkpoint.tensors.config), MANIFEST_NAME: manifest}, copies)
     return TuneResult(output, manifest, seconds)

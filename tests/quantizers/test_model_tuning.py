@@ -159,9 +159,18 @@ def test_e2e_errors_are_one_line_and_write_nothing(tiny_llama, tmp_path, wikitex
     assert "module 'model.layers.0.mlp.down_proj' [96, 256] does not match the float model" in err[0]
     assert not (tmp_path / "tuned").exists()
 
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("user data")
+    status = main(["tune", str(tiny_llama), str(tmp_path / "rtn"), str(tmp_path / "taken"), "--calib", str(wikitext),
+                   "--steps", "400"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "already exists and is not empty" in err[0]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
     status = main(["tune", str(tiny_llama), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext),
                    "--steps", "4", "--windows", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err == ["nanoq: error: end-to-end tuning: steps (4) must be >= 0, windows (0) and "
                                    "held-out windows (4) >= 1, and the rate (0.002) > 0"]
     assert not (tmp_path / "tuned").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
