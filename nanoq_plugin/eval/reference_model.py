@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from ..format.layout import param_specs
 from ..format.reference import dequantize
 from ..format.validate import load_nano_checkpoint
 
@@ -27,10 +26,7 @@ def dequantized_float_model(source_dir: str | os.PathLike, nano_dir: str | os.Pa
             state[name].copy_(tensor.to(torch.float32))
     for module_name, scheme in checkpoint.quant_config.modules.items():
         module = model.get_submodule(module_name)
-        tensors = dict(checkpoint.tensors.items(
-            [f"{module_name}.{name}" for name in param_specs(scheme, *module.weight.shape)]))
-        tensors = {name.rsplit(".", 1)[1]: tensor for name, tensor in tensors.items()}
-        module.weight.data = dequantize(tensors, scheme, *module.weight.shape)
+        module.weight.data = dequantize(checkpoint.module_tensors(module_name), scheme, *module.weight.shape)
     if checkpoint.quant_config.tied_lm_head is not None:
         model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
     return model.eval()

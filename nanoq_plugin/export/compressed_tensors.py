@@ -29,7 +29,6 @@ import torch
 from ..errors import NanoqError
 from ..format.checkpoint import SIDE_FILES, CheckpointWriter
 from ..format.fp4 import pack_fp4, unpack_fp4
-from ..format.layout import param_specs
 from ..format.packing import unpack_codes
 from ..format.reference import dequantize, symmetric_zero
 from ..format.schemes import Scheme, SchemeKind
@@ -164,10 +163,9 @@ def export_compressed_tensors(nano_dir: str | os.PathLike, output_dir: str | os.
     with CheckpointWriter(output_dir) as writer:
         handled: set[str] = set()
         for module, module_scheme in modules.items():
-            shape = checkpoint.manifest["modules"][module]["shape"]
-            names = [f"{module}.{n}" for n in param_specs(module_scheme, *shape)]
-            stored = {n.rsplit(".", 1)[1]: t for n, t in checkpoint.tensors.items(names)}
-            handled.update(names)
+            shape = checkpoint.module_shape(module)
+            stored = checkpoint.module_tensors(module)
+            handled.update(f"{module}.{name}" for name in stored)
             if module in tables:
                 writer.add(f"{module}.weight", dequantize(stored, module_scheme, *shape, dtype=dtype))
             elif kind == "nvfp4":

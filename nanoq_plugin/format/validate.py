@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import NanoqError
 from .checkpoint import SourceCheckpoint, read_json
 from .layout import check_shape_fits, param_specs
@@ -21,6 +23,17 @@ class NanoCheckpoint:
     quant_config: NanoQuantConfig
     manifest: dict
     tensors: SourceCheckpoint
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """`[out, in]` of quantized `module`, from the manifest."""
+        out_features, in_features = self.manifest["modules"][module]["shape"]
+        return int(out_features), int(in_features)
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of quantized `module` by their short names (`qweight`, `scales`, ...)."""
+        scheme = self.quant_config.modules[module]
+        names = [f"{module}.{name}" for name in param_specs(scheme, *self.module_shape(module))]
+        return {name.rsplit(".", 1)[1]: tensor for name, tensor in self.tensors.items(names)}
 
 
 def _describe(dtype_str: str, shape) -> str:

@@ -126,6 +126,12 @@ class TunableLinear:
         return tuned
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The optimizer's rate decayed from its initial value to zero over `steps` (half a cosine); step it after
+    every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def norm_weights(block: nn.Module) -> dict[str, torch.Tensor]:
     """Parameter name -> weight `[H]` of every RMSNorm of the block (input, post-attention, Qwen3's q/k norms)."""
     return {f"{name}.weight": module.weight for name, module in block.named_modules()
@@ -167,12 +173,11 @@ def tune_block(block: nn.Module, call: BlockCall, tunables: dict[str, TunableLin
 
     before = held_out_error()
     optimizer = torch.optim.Adam(deltas, lr=settings.lr)
+    schedule = cosine_schedule(optimizer, settings.steps)
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(train_x.shape[0], generator=generator)
     cursor = 0
-    for step in range(settings.steps):
-        for group in optimizer.param_groups:  # cosine decay to zero
-            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+    for _ in range(settings.steps):
         if cursor + settings.batch > order.numel():
             order, cursor = torch.randperm(train_x.shape[0], generator=generator), 0
         picked = order[cursor:cursor + settings.batch]
@@ -181,6 +186,7 @@ def tune_block(block: nn.Module, call: BlockCall, tunables: dict[str, TunableLin
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     after = held_out_error()
     kept = after < before
     if kept:

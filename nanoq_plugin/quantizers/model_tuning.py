@@ -18,7 +18,6 @@ activations exist only while that block runs, forward and again backward.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,15 @@ from tqdm import tqdm
 
 from ..errors import NanoqError
 from ..format.checkpoint import SIDE_FILES, CheckpointWriter, SourceCheckpoint
-from ..format.layout import param_specs
 from ..format.manifest import MANIFEST_NAME
 from ..format.reference import dequantize
 from ..format.validate import NanoCheckpoint, load_nano_checkpoint
 from .architectures import Architecture, open_float_source
 from .block_runner import BlockRunner, resolve_device
-from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights
+from .block_tuning import TUNABLE_KINDS, TunableLinear, cosine_schedule, norm_weights
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
+from .recipe import AWQ_METHODS
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,12 @@ def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
-def _module_tensors(checkpoint: NanoCheckpoint, module: str, scheme, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    names = [f"{module}.{name}" for name in param_specs(scheme, *shape)]
-    return {name.rsplit(".", 1)[1]: tensor for name, tensor in checkpoint.tensors.items(names)}
-
-
 def _checkpoint_weight(checkpoint: NanoCheckpoint, module: str) -> torch.Tensor:
     """`module`'s weight `[N, K]` float32 as the checkpoint stores it (dequantized when quantized)."""
     scheme = checkpoint.quant_config.modules.get(module)
     if scheme is None:
         return checkpoint.tensors.get(f"{module}.weight").to(torch.float32)
-    shape = tuple(checkpoint.manifest["modules"][module]["shape"])
-    return dequantize(_module_tensors(checkpoint, module, scheme, shape), scheme, *shape)
+    return dequantize(checkpoint.module_tensors(module), scheme, *checkpoint.module_shape(module))
 
 
 class QuantizedModel:
@@ -119,8 +112,8 @@ class QuantizedModel:
                 scheme = checkpoint.quant_config.modules.get(module)
                 if scheme is None:
                     continue
-                shape = tuple(checkpoint.manifest["modules"][module]["shape"])
-                stored = _module_tensors(checkpoint, module, scheme, shape)
+                shape = checkpoint.module_shape(module)
+                stored = checkpoint.module_tensors(module)
                 if scheme.kind in TUNABLE_KINDS:
                     tunables[module.removeprefix(f"{prefix}.")] = TunableLinear(stored, scheme, *shape, device)
                     tensors[f"{module}.weight"] = torch.zeros(shape)
@@ -215,12 +208,11 @@ def tune_model(model: QuantizedModel, teacher: nn.Module, final: torch.Tensor, i
 
     before = held_out_kl()
     optimizer = torch.optim.Adam(deltas, lr=settings.lr)
+    schedule = cosine_schedule(optimizer, settings.steps)
     order = torch.randperm(train, generator=torch.Generator().manual_seed(0))
     bar = tqdm(range(settings.steps), desc="end-to-end tuning", unit="step", disable=not progress)
     smoothed = None
     for step in bar:
-        for group in optimizer.param_groups:  # cosine decay to zero
-            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         window = order[step % train].item()
         with torch.no_grad():
             target = teacher(final[window:window + 1])
@@ -228,6 +220,7 @@ def tune_model(model: QuantizedModel, teacher: nn.Module, final: torch.Tensor, i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
         bar.set_postfix(kl=f"{smoothed:.4f}", held_out_before=f"{before:.4f}")
     after = held_out_kl()
@@ -245,9 +238,9 @@ def _tuned_manifest(checkpoint: NanoCheckpoint, source: SourceCheckpoint, tuned:
     manifest = {**checkpoint.manifest, "provenance": dict(checkpoint.manifest.get("provenance", {})),
                 "modules": {m: dict(r) for m, r in checkpoint.manifest["modules"].items()}}
     for module in sorted({name.rsplit(".", 1)[0] for name in tuned if name.endswith(".scales")}):
-        shape = tuple(manifest["modules"][module]["shape"])
+        shape = checkpoint.module_shape(module)
         scheme = checkpoint.quant_config.modules[module]
-        stored = {**_module_tensors(checkpoint, module, scheme, shape),
+        stored = {**checkpoint.module_tensors(module),
                   **{n.rsplit(".", 1)[1]: t for n, t in tuned.items() if n.rsplit(".", 1)[0] == module}}
         original = source.get(f"{module}.weight").to(torch.float32)
         restored = dequantize(stored, scheme, *shape)
@@ -277,7 +270,7 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
     checkpoint = load_nano_checkpoint(nano_dir)
     manifest_path = Path(nano_dir) / MANIFEST_NAME
     method = checkpoint.manifest.get("provenance", {}).get("recipe", {}).get("method")
-    if method in ("awq", "awq-gptq"):
+    if method in AWQ_METHODS:
         raise NanoqError(f"{manifest_path}: method {method} folded scales into the float weights, so its linears no "
                          f"longer encode the source weights; tune a gptq or rtn checkpoint")
     num_layers = source.config["num_hidden_layers"]

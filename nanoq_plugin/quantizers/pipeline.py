@@ -25,7 +25,7 @@ from ..format.quant_config import NanoQuantConfig
 from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
 from .architectures import Architecture, open_float_source
-from .recipe import CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
+from .recipe import AWQ_METHODS, CALIBRATED_METHODS, Plan, PlannedModule, Recipe, resolve_plan
 from .allocator import allocate, apply_allocation, build_units, measure_group, weigh_errors
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner, resolve_device
@@ -156,7 +156,7 @@ class _CalibratedBlock:
         self.runner, self.plan, self.tensors, self.settings, self.tune = runner, plan, tensors, settings, tune
         self.prefix = f"{arch.block_prefix}.{index}"
         self.block = runner.build(index, tensors, arch.block_prefix)
-        self.use_awq, self.use_gptq = method in ("awq", "awq-gptq"), method in ("gptq", "awq-gptq")
+        self.use_awq, self.use_gptq = method in AWQ_METHODS, method in ("gptq", "awq-gptq")
         self.results: dict[str, tuple[dict, ModuleRecord]] = {}
         self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
         self.awq_ratios: dict[str, float] = {}
@@ -401,7 +401,7 @@ def quantize_checkpoint(
     if e2e.enabled:
         if calibration is None:
             raise NanoqError("--e2e-steps tunes against the float model on calibration text: pass --calib FILE")
-        if recipe.method in ("awq", "awq-gptq"):
+        if recipe.method in AWQ_METHODS:
             raise NanoqError(f"--e2e-steps: method {recipe.method} folds scales into the float weights; "
                              "use gptq or rtn")
         staging = make_staging_dir(Path(output_dir).resolve())

@@ -33,6 +33,7 @@ from .architectures import Architecture
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")  # these need --calib text
+AWQ_METHODS = ("awq", "awq-gptq")  # these fold scales into the float weights (norms, producers)
 
 
 @dataclass(frozen=True)
