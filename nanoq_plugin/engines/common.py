@@ -9,6 +9,13 @@ Roles (docs/FORMAT.md, "Tensor-parallel sharding"), for a linear of `N` outputs 
 | qweight (int_group/int8) | `[K*b/32, N]` / `[K, N]`  | WEIGHT        | 0         | 1          |
 | scales, zeros (group)    | `[K/G, N]`                | GROUP_SCALE   | 0         | 1          |
 | scales (int8)            | `[N]`                     | CHANNEL_SCALE | replicated| 0          |
+| codebook                 | `[parts, 2**b]`           | PART_TABLE    | replicated| replicated |
+| signs (codebook)         | `[K]`                     | INPUT_VECTOR  | 0         | replicated |
+
+A codebook module stores one table of levels `[2**b]` per checkpoint module; an engine layer that fuses q/k/v
+or gate/up loads each part's table into its row of `codebook` (by the loader's shard id), so one fused layer
+serves parts whose tables differ (`kernels.ops.PreparedParts`). The parts' `signs` must be identical: they
+rotate the one input the parts share.
 """
 
 from __future__ import annotations
@@ -32,6 +39,41 @@ class ParamRole(str, Enum):
     WEIGHT = "weight"
     GROUP_SCALE = "group_scale"
     CHANNEL_SCALE = "channel_scale"
+    PART_TABLE = "part_table"
+    INPUT_VECTOR = "input_vector"
+
+
+QKV_PART_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+def part_table_parameter(base: type) -> type:
+    """A parameter class for `codebook [parts, 2**b]` derived from an engine's `BasevLLMParameter` (vLLM and
+    SGLang both name it so and call the same four load methods): part `i`'s `[2**b]` table, given with the
+    shard id of a fused layer (`q`/`k`/`v`, or `0`/`1` for gate/up) or none for an unfused one, is copied
+    into row `i`, whole on every tensor-parallel rank."""
+
+    class PartTableParameter(base):
+        def _load_part(self, loaded_weight: torch.Tensor, shard_id: str | int = 0) -> None:
+            index = QKV_PART_INDEX.get(shard_id, shard_id)
+            if tuple(loaded_weight.shape) != tuple(self.data.shape[1:]):
+                raise NanoqError(f"tensor '{getattr(self, 'nano_name', 'codebook')}' has shape "
+                                 f"{list(loaded_weight.shape)}, expected {list(self.data.shape[1:])}")
+            self.data[index].copy_(loaded_weight)
+
+        def load_column_parallel_weight(self, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+            self._load_part(loaded_weight)
+
+        def load_row_parallel_weight(self, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+            self._load_part(loaded_weight)
+
+        def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
+            self._load_part(loaded_weight, kwargs["shard_id"])
+
+        def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
+            self._load_part(loaded_weight, kwargs["shard_id"])
+
+    PartTableParameter.__qualname__ = PartTableParameter.__name__ = f"NanoPartTable{base.__name__}"
+    return PartTableParameter
 
 
 @dataclass(frozen=True)
@@ -64,18 +106,18 @@ def fused_scheme(
     if schemes[0] is not None and schemes[0].kind is SchemeKind.NVFP4:
         raise NanoqError(f"config.json: {prefix} is nvfp4, which {engine} serves natively: convert the checkpoint with "
                          "`nanoq export compressed-tensors DIR OUT` and serve OUT")
-    if schemes[0] is not None and schemes[0].kind is SchemeKind.CODEBOOK:
-        raise NanoqError(f"config.json: {prefix} is {schemes[0].name}: the {engine} adapter does not serve codebook "
-                         "schemes yet (transformers does: AutoModelForCausalLM.from_pretrained)")
     return schemes[0]
 
 
-def layer_params(scheme: Scheme, prefix: str, out_features: int, in_features: int, input_size: int) -> list[LayerParam]:
-    """The tensors of one rank's `[out_features, in_features]` slice of a linear whose full input dim is `input_size`.
+def layer_params(scheme: Scheme, prefix: str, out_features: int, in_features: int, input_size: int,
+                 parts: int = 1) -> list[LayerParam]:
+    """The tensors of one rank's `[out_features, in_features]` slice of a linear whose full input dim is `input_size`
+    (`parts`: the checkpoint modules an engine layer fuses, each with its own codebook).
 
     Raises NanoqError naming `prefix` when a tensor-parallel split of the input dim cuts a group.
     """
-    if scheme.kind is SchemeKind.INT_GROUP and in_features != input_size and in_features % scheme.group_size:
+    grouped = scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK)
+    if grouped and in_features != input_size and in_features % scheme.group_size:
         raise NanoqError(
             f"{prefix}: input features per tensor-parallel rank ({in_features} of {input_size}) must be a multiple "
             f"of the group size {scheme.group_size}: use a smaller tensor-parallel size"
@@ -87,6 +129,10 @@ def layer_params(scheme: Scheme, prefix: str, out_features: int, in_features: in
             role = ParamRole.WEIGHT
         elif name == "scales" and scheme.kind is SchemeKind.INT8_CHANNEL:
             role = ParamRole.CHANNEL_SCALE
+        elif name == "codebook":
+            role, spec = ParamRole.PART_TABLE, TensorSpec((parts, *spec.shape), spec.dtype)
+        elif name == "signs":
+            role = ParamRole.INPUT_VECTOR
         else:
             role = ParamRole.GROUP_SCALE
         params.append(LayerParam(name, spec, role))
@@ -104,12 +150,18 @@ class LoadCounter:
         self.prefix, self.scheme, self.parts = prefix, scheme, parts
         self.counts = {name: 0 for name in names}
 
-    def wrap(self, name: str, loader: Callable) -> Callable:
-        """`loader` that also counts a call for tensor `name`."""
+    def wrap(self, name: str, loader: Callable, parts_agree: bool = False) -> Callable:
+        """`loader` that also counts a call for tensor `name`; with `parts_agree`, every part must load the same
+        values (a codebook's `signs`), else NanoqError names the layer and tensor."""
 
         def counting_loader(param, *args, **kwargs):
+            before = param.data.clone() if parts_agree and self.counts[name] else None
             self.counts[name] += 1
-            return loader(param, *args, **kwargs)
+            result = loader(param, *args, **kwargs)
+            if before is not None and not torch.equal(before, param.data):
+                raise NanoqError(f"{self.prefix}: tensor '{name}' differs between the parts this engine layer fuses "
+                                 "(they share one input, so they must share its rotation)")
+            return result
 
         return counting_loader
 
@@ -124,23 +176,33 @@ class LoadCounter:
 
 
 def register_stored_params(
-    layer: torch.nn.Module, scheme: Scheme, prefix: str, out_features: int, in_features: int, input_size: int,
-    parts: int, loader: Callable, params_dtype: torch.dtype, param_classes: Mapping[ParamRole, type],
+    layer: torch.nn.Module, scheme: Scheme, prefix: str, part_sizes: Sequence[int], in_features: int,
+    input_size: int, loader: Callable, params_dtype: torch.dtype, param_classes: Mapping[ParamRole, type],
 ) -> None:
-    """Register the stored tensors of one rank's `[out_features, in_features]` slice as the engine's parameter
-    objects (`param_classes`: its ModelWeightParameter / GroupQuantScaleParameter / ChannelQuantScaleParameter,
-    which vLLM and SGLang construct alike), each with a loader that `LoadCounter` counts (`parts` calls each)."""
-    params = layer_params(scheme, prefix, out_features, in_features, input_size)
+    """Register the stored tensors of one rank's `[sum(part_sizes), in_features]` slice (`part_sizes`: the output
+    widths of the checkpoint modules the layer fuses) as the engine's parameter objects (`param_classes`: its
+    ModelWeightParameter / GroupQuantScaleParameter / ChannelQuantScaleParameter / RowvLLMParameter and
+    `part_table_parameter(BasevLLMParameter)`, which vLLM and SGLang construct alike), each with a loader that
+    `LoadCounter` counts (one call per part)."""
+    parts = len(part_sizes)
+    out_features = sum(part_sizes)
+    params = layer_params(scheme, prefix, out_features, in_features, input_size, parts)
     layer.nano_counter = LoadCounter(prefix, scheme, [p.name for p in params], parts)
     layer.nano_param_names = [p.name for p in params]
     layer.nano_shape = (out_features, in_features)
+    layer.nano_part_sizes = list(part_sizes)
     layer.nano_act_dtype = params_dtype
     for entry in params:
         data = torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
-        counting_loader = layer.nano_counter.wrap(entry.name, loader)
+        counting_loader = layer.nano_counter.wrap(entry.name, loader,
+                                                  parts_agree=entry.role is ParamRole.INPUT_VECTOR)
         param_class = param_classes[entry.role]
         if entry.role is ParamRole.CHANNEL_SCALE:
             param = param_class(data=data, output_dim=0, weight_loader=counting_loader)
+        elif entry.role is ParamRole.PART_TABLE:
+            param = param_class(data=data, weight_loader=counting_loader)
+        elif entry.role is ParamRole.INPUT_VECTOR:
+            param = param_class(data=data, input_dim=0, weight_loader=counting_loader)
         else:
             param = param_class(data=data, input_dim=0, output_dim=1, weight_loader=counting_loader)
         param.nano_name = entry.name
@@ -153,7 +215,7 @@ def swap_in_prepared(layer: torch.nn.Module, scheme: Scheme, prefix: str, is_emb
     layer.nano_counter.check()
     stored = {name: getattr(layer, name).data for name in layer.nano_param_names}
     prepared = prepare_linear(stored, scheme, *layer.nano_shape, layer.nano_act_dtype, is_embedding=is_embedding,
-                              where=prefix)
+                              where=prefix, part_sizes=layer.nano_part_sizes)
     for name in layer.nano_param_names:
         delattr(layer, name)
     for name, tensor in prepared.tensors.items():

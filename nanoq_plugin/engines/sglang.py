@@ -5,7 +5,8 @@ before it parses server arguments, and again in the scheduler and every other pr
 Weights are created as SGLang parameter objects (`sglang.srt.layers.parameter`), so SGLang's own
 `weight_loader_v2` shards them: `qweight`/`scales`/`zeros` have the input dim on dim 0 and the output
 dim on dim 1 (docs/FORMAT.md); column-parallel, QKV and merged gate/up layers slice dim 1, row-parallel
-layers slice dim 0 (whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated.
+layers slice dim 0 (whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated;
+a codebook layer holds one table per fused part and the rotation's `signs` (see `common`).
 After loading each layer is repacked for its kernel (`kernels.ops`); float modules get SGLang's `UnquantizedLinearMethod`.
 """
 
@@ -15,7 +16,13 @@ from pathlib import Path
 
 import torch
 from sglang.srt.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
-from sglang.srt.layers.parameter import ChannelQuantScaleParameter, GroupQuantScaleParameter, ModelWeightParameter
+from sglang.srt.layers.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    RowvLLMParameter,
+)
 from sglang.srt.layers.quantization.base_config import LinearMethodBase, QuantizationConfig, QuantizeMethodBase
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
@@ -24,10 +31,11 @@ from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
 from ..kernels.ops import apply_linear
-from .common import ParamRole, fused_scheme, register_stored_params, swap_in_prepared
+from .common import ParamRole, fused_scheme, part_table_parameter, register_stored_params, swap_in_prepared
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
-                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter}
+                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
+                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter)}
 
 # SGLang's Llama/Qwen classes declare no packed_modules_mapping; its own quantization utils fall back to these.
 FALLBACK_FUSED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -109,9 +117,8 @@ class NanoSglangLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]` slice."""
-        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
-                               input_size, len(output_partition_sizes), extra_weight_attrs["weight_loader"],
-                               params_dtype, PARAM_CLASSES)
+        register_stored_params(layer, self.scheme, self.prefix, output_partition_sizes, input_size_per_partition,
+                               input_size, extra_weight_attrs["weight_loader"], params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Refuse to serve with a tensor the checkpoint did not provide (SGLang does not check quantized layers),

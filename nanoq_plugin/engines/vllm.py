@@ -4,7 +4,9 @@ point `vllm.general_plugins: nano = nanoq_plugin.engines.vllm:register` (vLLM ca
 Weights are created as vLLM parameter objects, so vLLM's own loaders shard them:
 `qweight`/`scales`/`zeros` have the input dim on dim 0 and the output dim on dim 1 (docs/FORMAT.md):
 column-parallel, QKV and merged gate/up layers slice dim 1; row-parallel layers slice dim 0 (which
-needs whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated.
+needs whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated. A codebook
+layer holds one table per fused part (`[parts, 2**b]`, loaded by shard id) and the rotation's `signs [K]`
+(sliced like K on row-parallel layers), see `common`.
 A quantized embedding table is stored like a linear with N = vocab; each rank loads its vocab slice.
 After loading, every layer is repacked once for its kernel (`kernels.ops.prepare_linear`: PyTorch's
 int8 / int4 weight-only kernels on the CPU, Triton on CUDA) and the stored copies are freed.
@@ -27,13 +29,15 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.parameter import (
+    BasevLLMParameter,
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     ModelWeightParameter,
+    RowvLLMParameter,
 )
 
 from ..errors import NanoqError
-from .common import ParamRole, fused_scheme, register_stored_params, swap_in_prepared
+from .common import ParamRole, fused_scheme, part_table_parameter, register_stored_params, swap_in_prepared
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
@@ -102,7 +106,8 @@ class NanoVllmConfig(QuantizationConfig):
 
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
-                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter}
+                 ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
+                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter)}
 
 
 @register_weight_loader_v2_supported_method
@@ -124,9 +129,8 @@ class NanoLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]`."""
-        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
-                               input_size, len(output_partition_sizes), extra_weight_attrs["weight_loader"],
-                               params_dtype, PARAM_CLASSES)
+        register_stored_params(layer, self.scheme, self.prefix, output_partition_sizes, input_size_per_partition,
+                               input_size, extra_weight_attrs["weight_loader"], params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         swap_in_prepared(layer, self.scheme, self.prefix)
@@ -168,8 +172,8 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
             param.data.zero_()
             param.data.narrow(vocab_dim, 0, size).copy_(loaded.narrow(vocab_dim, start, size))
 
-        register_stored_params(layer, self.scheme, self.prefix, sum(output_partition_sizes), input_size_per_partition,
-                               input_size, 1, vocab_slice_loader, params_dtype, PARAM_CLASSES)
+        register_stored_params(layer, self.scheme, self.prefix, [sum(output_partition_sizes)],
+                               input_size_per_partition, input_size, vocab_slice_loader, params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.tied_to is None:

@@ -24,6 +24,7 @@ class LinearConfig:
     in_features: int
     act_dtype: torch.dtype
     device_type: str  # "cpu" or "cuda"
+    rotated_inputs: bool = False  # codebook only: the caller passes `R x` (kernels.ops.PreparedParts rotates once)
 
 
 class LinearKernel(Protocol):

@@ -8,16 +8,22 @@
 int4 kernels where the scheme fits, the reference (dequantize, then matmul) otherwise. Engines keep
 `prepared.tensors` as the layer's parameters (the stored tensors they replace can be freed).
 `quantized_linear` runs directly on stored tensors (no repack): Triton on CUDA, the reference elsewhere.
+
+A fused engine layer (q/k/v, gate/up) of a codebook scheme loads one table of levels per part, `codebook
+[parts, 2**b]`, with `part_sizes` its parts' output widths: where the tables differ, `prepare_linear` returns
+`PreparedParts` (the input is rotated once, then each part's columns run as their own linear).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..format.schemes import Scheme
+from ..errors import NanoqError
+from ..format.hadamard import rotate_inputs
+from ..format.schemes import Scheme, SchemeKind
 from .base import LinearConfig
 from .dispatch import KERNELS, select_kernel
 from .reference_linear import ReferenceKernel
@@ -33,6 +39,25 @@ class PreparedLinear:
     tensors: dict[str, torch.Tensor]
 
 
+@dataclass
+class PreparedParts:
+    """A fused codebook layer whose parts keep their own tables of levels: the parts share the rotation
+    (`signs [K]`, group size `group_size`), so `R x` is computed once and each part's columns are one
+    `PreparedLinear` on it (`config.rotated_inputs`); their outputs are concatenated in order."""
+
+    signs: torch.Tensor
+    group_size: int
+    parts: list[PreparedLinear]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the parts read, by a unique name (engines keep them as the layer's parameters)."""
+        named = {"signs": self.signs}
+        for index, part in enumerate(self.parts):
+            named.update({f"part{index}_{name}": tensor for name, tensor in part.tensors.items()})
+        return named
+
+
 def prepare_linear(
     tensors: Mapping[str, torch.Tensor],
     scheme: Scheme,
@@ -42,17 +67,52 @@ def prepare_linear(
     device_type: str | None = None,
     is_embedding: bool = False,
     where: str = "layer",
-) -> PreparedLinear:
-    """Choose the kernel for stored `tensors` (format.layout names) and repack them once for it."""
+    part_sizes: Sequence[int] | None = None,
+) -> PreparedLinear | PreparedParts:
+    """Choose the kernel for stored `tensors` (format.layout names) and repack them once for it.
+
+    A codebook `[parts, 2**b]` (a fused engine layer, `part_sizes` its parts' output widths summing to
+    `out_features`) gives one linear where all parts' tables are equal, else `PreparedParts`.
+    """
     device_type = device_type or tensors["qweight"].device.type
     config = LinearConfig(scheme, out_features, in_features, act_dtype, device_type)
+    tables = tensors.get("codebook") if scheme.kind is SchemeKind.CODEBOOK else None
+    if tables is not None and tables.dim() == 2:
+        if part_sizes is None or len(part_sizes) != tables.shape[0] or sum(part_sizes) != out_features:
+            raise NanoqError(f"{where}: {tables.shape[0]} codebooks need the output widths of as many parts "
+                             f"(got {part_sizes} for {out_features} outputs)")
+        if bool((tables == tables[:1]).all()):
+            return prepare_linear({**tensors, "codebook": tables[0]}, scheme, out_features, in_features, act_dtype,
+                                  device_type, is_embedding, where)
+        return _prepare_parts(tensors, config, part_sizes, where)
     kernel = select_kernel(config, needs_gather=is_embedding, where=where)
     return PreparedLinear(kernel.name, config, kernel.prepare(dict(tensors), config))
 
 
-def apply_linear(x: torch.Tensor, prepared: PreparedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _prepare_parts(tensors: Mapping[str, torch.Tensor], config: LinearConfig, part_sizes: Sequence[int],
+                   where: str) -> PreparedParts:
+    """Split a fused codebook layer's stored tensors `[.., N]` into its parts' columns, each with its own table."""
+    parts, start = [], 0
+    for index, size in enumerate(part_sizes):
+        part_config = replace(config, out_features=size, rotated_inputs=True)
+        stored = {"qweight": tensors["qweight"][:, start:start + size].contiguous(),
+                  "scales": tensors["scales"][:, start:start + size].contiguous(),
+                  "codebook": tensors["codebook"][index].contiguous()}
+        kernel = select_kernel(part_config, where=f"{where} (part {index})")
+        parts.append(PreparedLinear(kernel.name, part_config, kernel.prepare(stored, part_config)))
+        start += size
+    return PreparedParts(tensors["signs"], config.scheme.group_size, parts)
+
+
+def apply_linear(x: torch.Tensor, prepared: PreparedLinear | PreparedParts,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [..., K]` -> `[..., N]` in x.dtype (+ bias)."""
-    out = KERNELS[prepared.kernel].apply(x, prepared.tensors, prepared.config)
+    if isinstance(prepared, PreparedParts):
+        rotated = rotate_inputs(x, prepared.signs, prepared.group_size)
+        out = torch.cat([KERNELS[part.kernel].apply(rotated, part.tensors, part.config) for part in prepared.parts],
+                        dim=-1)
+    else:
+        out = KERNELS[prepared.kernel].apply(x, prepared.tensors, prepared.config)
     return out if bias is None else out + bias.to(out.dtype)
 
 

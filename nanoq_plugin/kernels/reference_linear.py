@@ -32,7 +32,7 @@ class StoredTensorKernel:
 
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
         bits, group_size = op_args(config)
-        if config.scheme.kind is SchemeKind.CODEBOOK:  # the codes describe W' = W Rᵀ: multiply R x by it
+        if config.scheme.kind is SchemeKind.CODEBOOK and not config.rotated_inputs:  # codes describe W' = W Rᵀ
             x = rotate_inputs(x, prepared["signs"], group_size)
         return self.linear_op(x, prepared["qweight"], prepared["scales"], third_tensor(prepared),
                               bits, group_size, config.out_features)

@@ -32,10 +32,12 @@ from nanoq_plugin.engines.sglang import NanoSglangConfig, NanoSglangLinearMethod
 from nanoq_plugin.errors import NanoqError  # noqa: E402
 from nanoq_plugin.format.quant_config import NanoQuantConfig  # noqa: E402
 from nanoq_plugin.format.reference import compress, dequantize  # noqa: E402
-from nanoq_plugin.format.schemes import parse_scheme  # noqa: E402
+from nanoq_plugin.format.schemes import SchemeKind, parse_scheme  # noqa: E402
+from nanoq_plugin.kernels.ops import PreparedParts  # noqa: E402
+from nanoq_plugin.quantizers.codebook import quantize_codebook  # noqa: E402
 from nanoq_plugin.quantizers.rtn import rtn_scales  # noqa: E402
 
-SCHEMES = ("int4g128", "int4g64-asym", "int3g128", "int8")
+SCHEMES = ("int4g128", "int4g64-asym", "int3g128", "int8", "cb4g64", "cb2g128")
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE = 256, 32, 4, 2, 384
 ATTN, MLP = "model.layers.0.self_attn", "model.layers.0.mlp"
 
@@ -84,8 +86,10 @@ def checkpoint_module(out_features: int, in_features: int, scheme_name: str, see
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
     scheme = parse_scheme(scheme_name)
-    scales, zeros = rtn_scales(weight, scheme)
-    tensors = compress(weight, scheme, scales, zeros)
+    if scheme.kind is SchemeKind.CODEBOOK:  # one Lloyd-Max table per module: the parts of a fused layer differ
+        tensors = quantize_codebook(weight, scheme)
+    else:
+        tensors = compress(weight, scheme, *rtn_scales(weight, scheme))
     return tensors, dequantize(tensors, scheme, out_features, in_features)
 
 
@@ -142,6 +146,7 @@ def test_qkv_parallel(scheme):
         load(layer, tensors, shard)
         weights.append(weight)
     check_output(layer, torch.cat(weights), HIDDEN)
+    assert isinstance(layer.nano_prepared, PreparedParts) == scheme.startswith("cb")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -284,3 +289,15 @@ def test_tp2_split_that_cuts_a_group_is_refused():
                                                        r"\(192 of 384\) must be a multiple of the group size 128"):
         RowParallelLinear(INTERMEDIATE, HIDDEN, bias=False, params_dtype=torch.float32,
                           quant_config=make_config({prefix: "int4g128"}), prefix=prefix)
+
+
+def test_fused_codebook_parts_with_different_rotations_are_refused():
+    config = make_config({f"{MLP}.gate_proj": "cb3g64", f"{MLP}.up_proj": "cb3g64"})
+    layer = MergedColumnParallelLinear(HIDDEN, [INTERMEDIATE, INTERMEDIATE], bias=False, params_dtype=torch.float32,
+                                       quant_config=config, prefix=f"{MLP}.gate_up_proj")
+    gate, _ = checkpoint_module(INTERMEDIATE, HIDDEN, "cb3g64", seed=0)
+    load(layer, gate, 0)
+    up, _ = checkpoint_module(INTERMEDIATE, HIDDEN, "cb3g64", seed=1)
+    up["signs"] = -up["signs"]
+    with pytest.raises(NanoqError, match=r"gate_up_proj: tensor 'signs' differs between the parts"):
+        load(layer, up, 1)

@@ -119,13 +119,12 @@ def test_serves_completions_and_chat_matching_transformers(checkpoint, launch, r
 
 
 @pytest.fixture(scope="module")
-def tiny_tp_model(smollm2_dir, tmp_path_factory) -> Path:
+def tiny_float_model(smollm2_dir, tmp_path_factory) -> Path:
     """A Llama with 4 heads, hidden 256, intermediate 512 and SmolLM2's tokenizer: row-parallel halves keep
-    whole groups of 128 at TP=2. Mixed schemes: q/k/v float, the rest int4 g128, the embedding int8 with the
-    LM head tied over the quantized table."""
+    whole groups of 128 at TP=2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("tiny-tp")
+    root = tmp_path_factory.mktemp("tiny-tp") / "float"
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -134,25 +133,41 @@ def tiny_tp_model(smollm2_dir, tmp_path_factory) -> Path:
     for name, param in model.named_parameters():  # larger weights so that greedy choices are not near-ties
         if param.dim() == 2:
             param.data.normal_(0, 0.08)
-    model.save_pretrained(root / "float")
+    model.save_pretrained(root)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(smollm2_dir / name, root / "float" / name)
-    recipe = root / "mixed.yaml"
-    recipe.write_text("default: int4g128\nembeddings: int8\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n")
-    quantize_checkpoint(root / "float", root / "nano", load_recipe(str(recipe)), progress=False)
-    return root / "nano"
+        shutil.copy(smollm2_dir / name, root / name)
+    return root
 
 
-def test_tensor_parallel_2_matches_tp_1(tiny_tp_model, state_dir):
-    config = json.loads((tiny_tp_model / "config.json").read_text())["quantization_config"]
-    assert "model.layers.0.self_attn.q_proj" not in config["modules"]
-    assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
+# Both embed the table in int8 with the LM head tied over it. "int4-mixed": q/k/v float, the rest int4 g128.
+# "codebook": every linear 3-bit codebook g128, so each of q/k/v and gate/up has its own table of levels.
+TINY_RECIPES = {
+    "int4-mixed": "default: int4g128\nembeddings: int8\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n",
+    "codebook": "default: cb3g128\nembeddings: int8\n",
+}
+
+
+@pytest.mark.parametrize("recipe", list(TINY_RECIPES))
+def test_tensor_parallel_2_matches_tp_1(recipe, tiny_float_model, state_dir, tmp_path):
+    recipe_file = tmp_path / f"{recipe}.yaml"
+    recipe_file.write_text(TINY_RECIPES[recipe])
+    model = tmp_path / "nano"
+    quantize_checkpoint(tiny_float_model, model, load_recipe(str(recipe_file)), progress=False)
+    config = json.loads((model / "config.json").read_text())["quantization_config"]
     assert config["modules"]["model.embed_tokens"] == "int8" and config["tied_lm_head"] == "model.embed_tokens"
-    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano") as server:
-        tp1 = [complete_ids(server.url, tiny_tp_model, prompt) for prompt in PROMPTS]
-    with vllm_server(tiny_tp_model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as server:
-        tp2 = [complete_ids(server.url, tiny_tp_model, prompt) for prompt in PROMPTS]
-    reference = load_transformers(tiny_tp_model)
+    if recipe == "int4-mixed":
+        assert "model.layers.0.self_attn.q_proj" not in config["modules"]
+        assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
+    else:
+        tensors = load_file(str(model / "model.safetensors"))
+        attention = "model.layers.0.self_attn"
+        assert config["modules"][f"{attention}.q_proj"] == "cb3g128"
+        assert not torch.equal(tensors[f"{attention}.q_proj.codebook"], tensors[f"{attention}.k_proj.codebook"])
+    with vllm_server(model, state_dir, "--quantization", "nano") as server:
+        tp1 = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
+    with vllm_server(model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as server:
+        tp2 = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
+    reference = load_transformers(model)
     identical = 0
     for (prompt_ids, one), (_, two) in zip(tp1, tp2):
         assert len(one) == len(two) == NEW_TOKENS

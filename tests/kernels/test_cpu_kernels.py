@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.kernels import ops
 from nanoq_plugin.kernels.base import LinearConfig
 from nanoq_plugin.kernels.cpu_dense import DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS
 from nanoq_plugin.kernels.dispatch import select_kernel
+from nanoq_plugin.quantizers.codebook import quantize_codebook
 
 from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
 
@@ -106,3 +108,55 @@ def test_the_4bit_unpack_reads_this_cpus_packed_layout():
     assert torch.equal(unpack_blocked64(packed, torch.empty(192, 320, dtype=torch.uint8)).to(torch.int32), codes)
     assert torch.equal(unpack_blocked64(packed[64:128], torch.empty(64, 320, dtype=torch.uint8)).to(torch.int32),
                        codes[64:128])  # a chunk of whole blocks unpacks on its own
+
+
+def fused_codebook_parts(name: str, part_sizes: list[int], in_features: int):
+    """Stored tensors of a fused engine layer (q/k/v-like) whose parts are codebook modules quantized one by one
+    (so each has its own table): columns concatenated, tables stacked `[parts, 2**b]`; and the parts' weights."""
+    scheme = parse_scheme(name)
+    generator = torch.Generator().manual_seed(11)
+    stored, weights = [], []
+    for size in part_sizes:
+        weight = torch.randn(size, in_features, generator=generator) * torch.rand(1, generator=generator)
+        tensors = quantize_codebook(weight, scheme)
+        stored.append(tensors)
+        weights.append(dequantize(tensors, scheme, size, in_features))
+    fused = {"qweight": torch.cat([t["qweight"] for t in stored], 1), "scales": torch.cat([t["scales"] for t in stored], 1),
+             "codebook": torch.stack([t["codebook"] for t in stored]), "signs": stored[0]["signs"]}
+    return scheme, fused, torch.cat(weights)
+
+
+@pytest.mark.parametrize("name", ["cb2g64", "cb3g128", "cb4g32"])
+def test_fused_codebook_parts_with_their_own_tables(name):
+    part_sizes, k = [96, 32, 32], 256
+    scheme, fused, weight = fused_codebook_parts(name, part_sizes, k)
+    assert not torch.equal(fused["codebook"][0], fused["codebook"][1])
+    prepared = ops.prepare_linear(fused, scheme, sum(part_sizes), k, torch.bfloat16, "cpu", part_sizes=part_sizes)
+    assert isinstance(prepared, ops.PreparedParts) and len(prepared.parts) == 3
+    assert all(part.config.rotated_inputs for part in prepared.parts)
+    assert "signs" in prepared.tensors and "part2_codebook" in prepared.tensors
+    bias = torch.randn(sum(part_sizes))
+    for rows in (1, 17):
+        x = torch.randn(rows, k)
+        out = ops.apply_linear(x.to(torch.bfloat16), prepared, bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, sum(part_sizes))
+        assert rel_error(out, x @ weight.t() + bias) <= TOLERANCE[torch.bfloat16]
+        exact = ops.apply_linear(x, ops.prepare_linear(fused, scheme, sum(part_sizes), k, torch.float32, "cpu",
+                                                        part_sizes=part_sizes))
+        assert rel_error(exact, x @ weight.t()) <= TOLERANCE[torch.float32]
+
+
+def test_fused_codebook_parts_with_one_table_are_one_linear():
+    scheme, fused, weight = fused_codebook_parts("cb3g64", [64, 64], 128)
+    fused["codebook"] = fused["codebook"][:1].expand(2, -1)  # the parts' tables are equal
+    weight = dequantize({**fused, "codebook": fused["codebook"][0]}, scheme, 128, 128)
+    prepared = ops.prepare_linear(fused, scheme, 128, 128, torch.float32, "cpu", part_sizes=[64, 64])
+    assert isinstance(prepared, ops.PreparedLinear) and prepared.tensors["codebook"].shape == (8,)
+    x = torch.randn(3, 128)
+    assert rel_error(ops.apply_linear(x, prepared), x @ weight.t()) <= 1e-5
+
+
+def test_fused_codebook_tables_need_the_part_sizes():
+    scheme, fused, _ = fused_codebook_parts("cb2g64", [64, 64], 128)
+    with pytest.raises(NanoqError, match=r"model.qkv_proj: 2 codebooks need the output widths of as many parts"):
+        ops.prepare_linear(fused, scheme, 128, 128, torch.float32, "cpu", where="model.qkv_proj", part_sizes=[128])
