@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import NanoqError
 from .base import LinearConfig, LinearKernel
+from .cpu_codebook import CpuCodebookKernel
 from .cpu_int4 import CpuInt4GroupKernel
 from .cpu_int8 import CpuInt8ChannelKernel
 from .reference_linear import ReferenceKernel
@@ -11,7 +12,7 @@ from .triton_linear import TritonKernel
 
 PRIORITY: dict[str, tuple[LinearKernel, ...]] = {
     "cuda": (TritonKernel(), ReferenceKernel()),
-    "cpu": (CpuInt8ChannelKernel(), CpuInt4GroupKernel(), ReferenceKernel()),
+    "cpu": (CpuInt8ChannelKernel(), CpuInt4GroupKernel(), CpuCodebookKernel(), ReferenceKernel()),
 }
 KERNELS: dict[str, LinearKernel] = {k.name: k for kernels in PRIORITY.values() for k in kernels}
 

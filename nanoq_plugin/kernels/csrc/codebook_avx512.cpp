@@ -1,0 +1,142 @@
+// Codebook GEMM and dequantization on x86 CPUs with AVX-512 (F + BW), compiled on first use by
+// nanoq_plugin/kernels/cpu_codebook.py (torch.utils.cpp_extension) and registered as `nano_cpu::` ops.
+//
+// Weight layout (made by cpu_codebook.repack_codes): codes `[N, K/2]` uint8, row n = output n; every block
+// of 32 inputs k0..k0+31 takes 16 bytes, byte j = code[k0 + j] | code[k0 + 16 + j] << 4. So one 16-byte load
+// widened to 16 int32 lanes gives, masked, the codes of inputs k0..k0+15 and, shifted, those of k0+16..k0+31:
+// both index the table of levels (16 floats, one register) with a permute, no gather.
+// Scales `[N, K/G]` float16 (one per output and group), table `[16]` float32 (levels, zero-padded).
+//
+//   y[m, n] = sum_g s[n, g] * sum_{k in g} table[code[n, k]] * x[m, k]      (x already rotated, float32)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per 16-byte block of codes
+
+inline void decode_block(const uint8_t* bytes, const __m512 table, __m512& low, __m512& high) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  low = _mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0xF)), table);
+  high = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+}
+
+// ROWS activation rows (1..4) against outputs n0..n1: the codes are decoded once per block for all rows.
+template <int ROWS>
+void gemm_rows(const float* x, const uint8_t* codes, const at::Half* scales, const __m512 table, float* out,
+               int64_t n0, int64_t n1, int64_t N, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * (K / 2);
+    const at::Half* row_scales = scales + n * groups;
+    __m512 total[ROWS];
+    for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += kBlock) {
+        __m512 low, high;
+        decode_block(row + k0 / 2, table, low, high);
+        for (int r = 0; r < ROWS; ++r) {
+          const float* xr = x + r * K + k0;
+          acc[r] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xr), acc[r]);
+          acc[r] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xr + 16), acc[r]);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(static_cast<float>(row_scales[g]));
+      for (int r = 0; r < ROWS; ++r) total[r] = _mm512_fmadd_ps(acc[r], scale, total[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) out[r * N + n] = _mm512_reduce_add_ps(total[r]);
+  }
+}
+
+void check_inputs(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& table, int64_t K,
+                  int64_t G) {
+  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 2 && codes.is_contiguous(), "codes: uint8 [N, K/2]");
+  TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous() && scales.size(0) == codes.size(0),
+              "scales: float16 [N, K/G]");
+  TORCH_CHECK(table.dtype() == at::kFloat && table.numel() == 16 && table.is_contiguous(), "table: float32 [16]");
+  TORCH_CHECK(G % kBlock == 0 && K % G == 0 && codes.size(1) * 2 == K && scales.size(1) == K / G,
+              "shapes: K a multiple of G, G a multiple of 32");
+}
+
+// x float32 [M, K] (rotated) -> y float32 [M, N].
+at::Tensor codebook_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const at::Tensor& table, int64_t group_size) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: float32 [M, K] contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  check_inputs(codes, scales, table, K, group_size);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const __m512 levels = _mm512_loadu_ps(table.data_ptr<float>());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = xp + m * K;
+      float* om = op + m * N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 4: gemm_rows<4>(xm, cp, sp, levels, om, n0, n1, N, K, group_size); break;
+        case 3: gemm_rows<3>(xm, cp, sp, levels, om, n0, n1, N, K, group_size); break;
+        case 2: gemm_rows<2>(xm, cp, sp, levels, om, n0, n1, N, K, group_size); break;
+        default: gemm_rows<1>(xm, cp, sp, levels, om, n0, n1, N, K, group_size); break;
+      }
+    }
+  });
+  return out;
+}
+
+// Rows n0..n1 of the rotated weight W' [N, K], written into `out` [n1 - n0, K] (float32 or bfloat16).
+void codebook_dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& table,
+                         int64_t group_size, int64_t n0, int64_t n1, const at::Tensor& out) {
+  const int64_t K = codes.size(1) * 2;
+  check_inputs(codes, scales, table, K, group_size);
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == n1 - n0 && out.size(1) == K &&
+                  (out.dtype() == at::kFloat || out.dtype() == at::kBFloat16),
+              "out: float32 or bfloat16 [n1 - n0, K] contiguous");
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const __m512 levels = _mm512_loadu_ps(table.data_ptr<float>());
+  const bool bf16 = out.dtype() == at::kBFloat16;
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t groups = K / group_size;
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+        __m512 low, high;
+        decode_block(cp + n * (K / 2) + k0 / 2, levels, low, high);
+        const __m512 scale = _mm512_set1_ps(static_cast<float>(sp[n * groups + k0 / group_size]));
+        __m512 values[2] = {_mm512_mul_ps(low, scale), _mm512_mul_ps(high, scale)};
+        for (int half = 0; half < 2; ++half) {
+          const int64_t offset = (n - n0) * K + k0 + 16 * half;
+          if (bf16) {  // round to nearest even, as at::BFloat16 does
+            const __m512i bits = _mm512_castps_si512(values[half]);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(base + offset * 2),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+          } else {
+            _mm512_storeu_ps(reinterpret_cast<float*>(base) + offset, values[half]);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nano_cpu, m) {
+  m.def("codebook_gemm(Tensor x, Tensor codes, Tensor scales, Tensor table, int group_size) -> Tensor");
+  m.def("codebook_dequantize(Tensor codes, Tensor scales, Tensor table, int group_size, int n0, int n1, "
+        "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(nano_cpu, CPU, m) {
+  m.impl("codebook_gemm", codebook_gemm);
+  m.impl("codebook_dequantize", codebook_dequantize);
+}
