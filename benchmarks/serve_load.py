@@ -17,6 +17,7 @@ Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq
   w4a16-native  compressed-tensors W4A16 from nano-w4g128 (`nanoq export compressed-tensors`)
   nano-qkv-fp16 q/k/v bf16, the rest int4, the embedding int8 with the head tied over it
   nano-alloc-3.0bpw  the allocator at 3 bits per weight (int2g64 / int3g128 / int4g128 / int8 per unit)
+  nano-cb3g128  3-bit codebook g128 (rotation + table lookup; RTN-fitted levels, the speed is the scheme's)
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from nanoq_plugin.loadtest.vllm_process import vllm_python, vllm_server  # noqa:
 SERVING = REPO / "serving_configs"
 CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 BASELINE = "w8a8-native"
-ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w4g128", "w4a16-native", "nano-qkv-fp16", "nano-alloc-3.0bpw")
+ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w4g128", "w4a16-native", "nano-qkv-fp16", "nano-alloc-3.0bpw",
+         "nano-cb3g128")
 SMOKE_ORDER = ("w8a8-native", "nano-w4g128")
 CONCURRENCY = (1, 4, 16, 64)
 MAX_MODEL_LEN = 2048

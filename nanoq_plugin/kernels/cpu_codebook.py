@@ -6,8 +6,9 @@ after loading into 4-bit nibbles per output row (`repack_codes`; 2- and 3-bit co
 as in the int4 kernel), and the table of `2**b` levels sits in one AVX-512 register: a 16-byte load gives
 32 codes, two permutes give their levels, and fused multiply-adds with the rotated activations accumulate
 per group before the group's scale is applied. Up to `cpu_dense.DENSE_MIN_ROWS` activation rows the kernel
-multiplies directly (four rows per pass over the codes); from there on, rows of `W'` are expanded into the
-per-thread scratch buffer in the activation dtype and multiplied by oneDNN's GEMM (`cpu_dense`).
+multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'` at a time
+are expanded in bf16 (float32 for other activations) and multiplied by ATen's GEMM. The rotation (a fast
+Walsh-Hadamard transform per group) runs in the same C++ call: one op per layer, `nano_cpu::codebook_linear`.
 
 Needs a C++ compiler and ninja at first use (the build is cached by torch in `TORCH_EXTENSIONS_DIR`); where
 the build fails or the CPU has no AVX-512, `can_implement` says why and the reference runs instead.
@@ -20,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..format.hadamard import rotate_inputs
 from ..format.packing import unpack_codes
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .cpu_dense import DENSE_MIN_ROWS, chunked_matmul
+from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
 
 SOURCE = Path(__file__).parent / "csrc" / "codebook_avx512.cpp"
 BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
@@ -44,6 +44,7 @@ def load_extension() -> str:
         load(name="nanoq_cpu_codebook", sources=[str(SOURCE)], extra_cflags=BUILD_FLAGS, is_python_module=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the reference still runs
         return f"its C++ extension did not build ({type(error).__name__}: {str(error).strip().splitlines()[-1]})"
+    torch.library.register_fake("nano_cpu::codebook_linear")(_fake_codebook_linear)
     return ""
 
 
@@ -82,33 +83,17 @@ class CpuCodebookKernel:
         return prepared
 
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        """`x [..., K]` -> `[..., N]` in x.dtype."""
-        if not config.rotated_inputs:
-            x = rotate_inputs(x, prepared["signs"], config.scheme.group_size)
-        return cpu_codebook_linear(x, prepared["codes"], prepared["scales"], prepared["table"],
-                                   config.scheme.group_size)
+        """`x [..., K]` -> `[..., N]` in x.dtype (rotated here unless `config.rotated_inputs`)."""
+        signs = prepared.get("signs", NO_SIGNS)
+        out = torch.ops.nano_cpu.codebook_linear(x.reshape(-1, config.in_features), signs, prepared["codes"],
+                                                 prepared["scales"], prepared["table"], config.scheme.group_size,
+                                                 DENSE_MIN_ROWS, SCRATCH_ELEMENTS)
+        return out.view(*x.shape[:-1], config.out_features)
 
 
-@torch.library.custom_op("nano::cpu_codebook_linear", mutates_args=())
-def cpu_codebook_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
-    """Rotated `x [..., K]` times `W'` of repacked codes `[N, K/2]` -> `[..., N]` in x.dtype (one opaque op for
-    torch.compile, as the `nano::` ops in custom_ops)."""
-    flat = x.reshape(-1, x.shape[-1])
-    out_features = codes.shape[0]
-    if flat.shape[0] < DENSE_MIN_ROWS:
-        out = torch.ops.nano_cpu.codebook_gemm(flat.to(torch.float32).contiguous(), codes, scales, table, group_size)
-    else:
-        dense = flat if x.dtype in (torch.bfloat16, torch.float32) else flat.to(torch.float32)
-
-        def expand(n0: int, n1: int, buffer: torch.Tensor) -> torch.Tensor:
-            torch.ops.nano_cpu.codebook_dequantize(codes, scales, table, group_size, n0, n1, buffer)
-            return buffer
-
-        out = chunked_matmul(dense.contiguous(), out_features, expand)
-    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+NO_SIGNS = torch.empty(0, dtype=torch.int8)  # `signs` of a part whose caller has rotated x (kernels.ops.PreparedParts)
 
 
-@cpu_codebook_linear.register_fake
-def _(x, codes, scales, table, group_size):
-    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+def _fake_codebook_linear(x, signs, codes, scales, table, group_size, dense_min_rows, chunk_elements):
+    """Shape and dtype of `nano_cpu::codebook_linear` for torch.compile (the op is opaque to it)."""
+    return x.new_empty((x.shape[0], codes.shape[0]))

@@ -200,12 +200,14 @@ def test_cpu_codebook_repack_puts_inputs_k_and_k_plus_16_in_one_byte():
 
 
 def test_cpu_codebook_op_passes_opcheck():
-    from nanoq_plugin.kernels.cpu_codebook import cpu_codebook_linear, load_extension
+    from nanoq_plugin.kernels.cpu_codebook import NO_SIGNS, load_extension
 
     if load_extension():
         pytest.skip(load_extension())
     scheme = parse_scheme("cb2g64")
     prepared = ops.prepare_linear(quantize_codebook(torch.randn(32, 128), scheme), scheme, 32, 128, torch.float32, "cpu")
     tensors = prepared.tensors
-    torch.library.opcheck(cpu_codebook_linear, (torch.randn(3, 128), tensors["codes"], tensors["scales"],
-                                                tensors["table"], 64), test_utils=("test_schema", "test_faketensor"))
+    for rows, signs in ((3, tensors["signs"]), (20, tensors["signs"]), (3, NO_SIGNS)):
+        torch.library.opcheck(torch.ops.nano_cpu.codebook_linear.default,
+                              (torch.randn(rows, 128), signs, tensors["codes"], tensors["scales"], tensors["table"],
+                               64, 12, 1 << 22), test_utils=("test_schema", "test_faketensor"))

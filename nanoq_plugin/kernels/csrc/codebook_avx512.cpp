@@ -1,4 +1,4 @@
-// Codebook GEMM and dequantization on x86 CPUs with AVX-512 (F + BW), compiled on first use by
+// Codebook linear layers on x86 CPUs with AVX-512 (F + BW), compiled on first use by
 // nanoq_plugin/kernels/cpu_codebook.py (torch.utils.cpp_extension) and registered as `nano_cpu::` ops.
 //
 // Weight layout (made by cpu_codebook.repack_codes): codes `[N, K/2]` uint8, row n = output n; every block
@@ -7,7 +7,15 @@
 // both index the table of levels (16 floats, one register) with a permute, no gather.
 // Scales `[N, K/G]` float16 (one per output and group), table `[16]` float32 (levels, zero-padded).
 //
-//   y[m, n] = sum_g s[n, g] * sum_{k in g} table[code[n, k]] * x[m, k]      (x already rotated, float32)
+//   x' = R x (per group of G inputs: signs, then a fast Walsh-Hadamard transform, / sqrt(G); format.hadamard)
+//   y[m, n] = sum_g s[n, g] * sum_{k in g} table[code[n, k]] * x'[m, k]
+//
+// `codebook_linear` does all of it in one call (an op dispatched from Python costs ~30 us, as much as the
+// GEMV of a small layer): below `dense_min_rows` rows directly (four rows per pass over the codes), from there
+// on by expanding rows of W' in chunks and multiplying with ATen's GEMM (oneDNN).
+
+#include <algorithm>
+#include <cmath>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -64,11 +72,9 @@ void check_inputs(const at::Tensor& codes, const at::Tensor& scales, const at::T
 }
 
 // x float32 [M, K] (rotated) -> y float32 [M, N].
-at::Tensor codebook_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                         const at::Tensor& table, int64_t group_size) {
-  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: float32 [M, K] contiguous");
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& table,
+                int64_t group_size) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  check_inputs(codes, scales, table, K, group_size);
   at::Tensor out = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
@@ -88,6 +94,31 @@ at::Tensor codebook_gemm(const at::Tensor& x, const at::Tensor& codes, const at:
     }
   });
   return out;
+}
+
+// x [M, K] (any float dtype) -> R x, float32 [M, K] (a new tensor).
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& signs, int64_t group_size) {
+  TORCH_CHECK(signs.dtype() == at::kChar && signs.numel() == x.size(1), "signs: int8 [K]");
+  at::Tensor rotated = (x.to(at::kFloat) * signs.to(at::kFloat)).contiguous();
+  float* data = rotated.data_ptr<float>();
+  const float norm = 1.0f / std::sqrt(static_cast<float>(group_size));
+  const int64_t groups = rotated.numel() / group_size;
+  at::parallel_for(0, groups, 64, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      float* v = data + g * group_size;
+      for (int64_t h = 1; h < group_size; h <<= 1) {  // Sylvester order: v <- H v
+        for (int64_t i = 0; i < group_size; i += 2 * h) {
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = v[j], b = v[j + h];
+            v[j] = a + b;
+            v[j + h] = a - b;
+          }
+        }
+      }
+      for (int64_t j = 0; j < group_size; ++j) v[j] *= norm;
+    }
+  });
+  return rotated;
 }
 
 // Rows n0..n1 of the rotated weight W' [N, K], written into `out` [n1 - n0, K] (float32 or bfloat16).
@@ -128,15 +159,36 @@ void codebook_dequantize(const at::Tensor& codes, const at::Tensor& scales, cons
   });
 }
 
+// x [M, K] (float32 / bfloat16 / float16) -> y [M, N] in x's dtype; `signs` empty when x is already rotated.
+at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const at::Tensor& codes,
+                           const at::Tensor& scales, const at::Tensor& table, int64_t group_size,
+                           int64_t dense_min_rows, int64_t chunk_elements) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  check_inputs(codes, scales, table, K, group_size);
+  at::Tensor rotated = signs.numel() ? rotate(x, signs, group_size) : x.to(at::kFloat).contiguous();
+  if (M < dense_min_rows) return gemm(rotated, codes, scales, table, group_size).to(x.scalar_type());
+  const auto dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;  // oneDNN's fast GEMMs
+  const at::Tensor lhs = rotated.to(dtype);
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(N, chunk_elements / K));
+  at::Tensor out = at::empty({M, N}, x.options().dtype(dtype));
+  at::Tensor weight = at::empty({std::min(step, N), K}, x.options().dtype(dtype));
+  for (int64_t n0 = 0; n0 < N; n0 += step) {
+    const int64_t n1 = std::min(N, n0 + step);
+    at::Tensor rows = weight.narrow(0, 0, n1 - n0);
+    codebook_dequantize(codes, scales, table, group_size, n0, n1, rows);
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(lhs, rows.t()));
+  }
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nano_cpu, m) {
-  m.def("codebook_gemm(Tensor x, Tensor codes, Tensor scales, Tensor table, int group_size) -> Tensor");
-  m.def("codebook_dequantize(Tensor codes, Tensor scales, Tensor table, int group_size, int n0, int n1, "
-        "Tensor(a!) out) -> ()");
+  m.def("codebook_linear(Tensor x, Tensor signs, Tensor codes, Tensor scales, Tensor table, int group_size, "
+        "int dense_min_rows, int chunk_elements) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nano_cpu, CPU, m) {
-  m.impl("codebook_gemm", codebook_gemm);
-  m.impl("codebook_dequantize", codebook_dequantize);
+  m.impl("codebook_linear", codebook_linear);
 }
