@@ -64,6 +64,8 @@ CONFIGS: dict[str, Recipe] = {
     "alloc-4.0bpw-gptq": load_recipe("w4g128").with_method("gptq"),
     "cb2g64-gptq-tuned-e2e-long": load_recipe("cb2g64").with_method("gptq"),  # 256 steps on 128 windows
     "alloc-3.0bpw-gptq-e2e": load_recipe("w3g128").with_method("gptq"),
+    "alloc-3.0bpw-gptq-tuned": load_recipe("w3g128").with_method("gptq"),
+    "alloc-3.0bpw-gptq-tuned-e2e": load_recipe("w3g128").with_method("gptq"),
     "qkv-fp16": load_recipe("qkv-fp16"),
     # like-for-like with llm-compressor's W4 g64 RTN: group 64 on every module (w4g128 keeps 128 on down_proj)
     "int4g64": Recipe("int4g64", parse_scheme("int4g64")),
@@ -78,6 +80,7 @@ ALLOCATIONS = {
     "alloc-4.0bpw-gptq": AllocationRequest(tuple(parse_scheme(n) for n in ALLOCATOR_CANDIDATES),
                                            target_bpw=4.0, windows=8),
 }
+ALLOCATIONS["alloc-3.0bpw-gptq-tuned"] = ALLOCATIONS["alloc-3.0bpw-gptq"]
 # block-output tuning after GPTQ (quantizers.block_tuning): the `-tuned` rows
 TUNE_STEPS = 64
 TUNING = {preset: TuneSettings(steps=TUNE_STEPS) for preset in CONFIGS if preset.endswith("-tuned")}
@@ -225,7 +228,7 @@ def main() -> None:
               "`-tuned` rows: GPTQ, then each block's scales, codebook levels and norms fitted to the float model's block",
               f"outputs ({TUNE_STEPS} Adam steps per block on 64 calibration windows, quantizers.block_tuning; "
               f"`-tuned-long`: {2 * TUNE_STEPS} steps on {args.calib_windows} windows).",
-              f"`-e2e` rows: the `-tuned` checkpoint, then every scale, codebook level and norm of the model tuned at "
+              f"`-e2e` rows: the checkpoint of the row without `-e2e`, then every scale, codebook level and norm of the model tuned at "
               f"once to the float model's next-token distributions ({E2E_STEPS} Adam steps of one window, "
               f"{E2E_WINDOWS} windows + 4 held out; quantizers.model_tuning, `nanoq quantize --e2e-steps`); "
               f"its quantize time includes the first stage's (`-e2e-long`: {2 * E2E_STEPS} steps on {2 * E2E_WINDOWS} windows).",
