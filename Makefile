@@ -47,7 +47,7 @@ $(SGLANG_VENV)/.installed: pyproject.toml
 	$(SGLANG_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(SGLANG_VENV)/bin/pip install --quiet --no-deps sglang==0.5.23
 	$(SGLANG_VENV)/bin/pip install --quiet $(SGLANG_PINS) numpy orjson psutil pybase64 requests packaging pillow triton \
-	    starlette msgspec pydantic pyzmq tqdm IPython aiohttp dill sentencepiece gguf partial_json_parser uvicorn fastapi
+	    starlette msgspec pydantic pyzmq tqdm IPython aiohttp dill sentencepiece gguf partial_json_parser uvicorn fastapi ninja
 	$(SGLANG_VENV)/bin/pip install --quiet --no-deps -e .
 	$(SGLANG_VENV)/bin/pip install --quiet $(SGLANG_PINS) pytest safetensors pyyaml accelerate
 	touch $@

@@ -60,6 +60,7 @@ CONFIGS: dict[str, Recipe] = {
     "w4g128-gptq-tuned-e2e": load_recipe("w4g128").with_method("gptq"),
     "cb3g128-gptq-tuned-e2e": load_recipe("cb3g128").with_method("gptq"),
     "cb2g64-gptq-tuned-e2e": load_recipe("cb2g64").with_method("gptq"),
+    "cb4g128-gptq-tuned-long-e2e": load_recipe("cb4g128").with_method("gptq"),
     "alloc-3.0bpw-gptq": load_recipe("w3g128").with_method("gptq"),
     "alloc-4.0bpw-gptq": load_recipe("w4g128").with_method("gptq"),
     "cb2g64-gptq-tuned-e2e-long": load_recipe("cb2g64").with_method("gptq"),  # 256 steps on 128 windows
