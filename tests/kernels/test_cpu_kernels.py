@@ -211,3 +211,20 @@ def test_cpu_codebook_op_passes_opcheck():
         torch.library.opcheck(torch.ops.nano_cpu.codebook_linear.default,
                               (torch.randn(rows, 128), signs, tensors["codes"], tensors["scales"], tensors["table"],
                                64, 12, 1 << 22), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_codebook_weights_larger_than_one_chunk_are_done_in_row_chunks():
+    from nanoq_plugin.kernels.cpu_codebook import load_extension
+
+    if load_extension():
+        pytest.skip(load_extension())
+    scheme = parse_scheme("cb3g64")
+    tensors = quantize_codebook(torch.randn(208, 128, generator=torch.Generator().manual_seed(5)), scheme)
+    prepared = ops.prepare_linear(tensors, scheme, 208, 128, torch.bfloat16, "cpu").tensors
+    x = torch.randn(20, 128, dtype=torch.bfloat16)
+    args = (x, prepared["signs"], prepared["codes"], prepared["scales"], prepared["table"], 64, 12)
+    whole = torch.ops.nano_cpu.codebook_linear(*args, 1 << 22)
+    chunked = torch.ops.nano_cpu.codebook_linear(*args, 50 * 128)  # chunks of 50 rows, the last of 8
+    assert torch.equal(chunked, whole)
+    weight = dequantize(tensors, scheme, 208, 128)
+    assert rel_error(whole, x.float() @ weight.t()) <= TOLERANCE[torch.bfloat16]

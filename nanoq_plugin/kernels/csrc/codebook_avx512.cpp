@@ -166,13 +166,19 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const a
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   check_inputs(codes, scales, table, K, group_size);
-  at::Tensor rotated = signs.numel() ? rotate(x, signs, group_size) : x.to(at::kFloat).contiguous();
-  if (M < dense_min_rows) return gemm(rotated, codes, scales, table, group_size).to(x.scalar_type());
+  if (M < dense_min_rows) {
+    const at::Tensor rotated = signs.numel() ? rotate(x, signs, group_size) : x.to(at::kFloat).contiguous();
+    return gemm(rotated, codes, scales, table, group_size).to(x.scalar_type());
+  }
   const auto dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;  // oneDNN's fast GEMMs
-  const at::Tensor lhs = rotated.to(dtype);
+  const at::Tensor lhs = (signs.numel() ? rotate(x, signs, group_size) : x).to(dtype);
   const int64_t step = std::max<int64_t>(1, std::min<int64_t>(N, chunk_elements / K));
+  at::Tensor weight = at::empty({step, K}, x.options().dtype(dtype));
+  if (step == N) {  // the whole weight in one chunk (every linear of a small model): no output copy
+    codebook_dequantize(codes, scales, table, group_size, 0, N, weight);
+    return at::mm(lhs, weight.t()).to(x.scalar_type());
+  }
   at::Tensor out = at::empty({M, N}, x.options().dtype(dtype));
-  at::Tensor weight = at::empty({std::min(step, N), K}, x.options().dtype(dtype));
   for (int64_t n0 = 0; n0 < N; n0 += step) {
     const int64_t n1 = std::min(N, n0 + step);
     at::Tensor rows = weight.narrow(0, 0, n1 - n0);
