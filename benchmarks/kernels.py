@@ -25,8 +25,9 @@ import torch
 
 from nanoq_plugin.format.layout import param_specs, stored_bytes
 from nanoq_plugin.format.reference import dequantize
-from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.format.schemes import SchemeKind, parse_scheme
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
+from nanoq_plugin.quantizers.codebook import quantize_codebook
 from nanoq_plugin.quantizers.rtn import quantize_rtn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ GPU_M = (1, 4, 16, 64, 256, 2048)
 GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (2048, 6144))
 CPU_M = (1, 4, 8, 16, 64, 256)  # 8 / 16 straddle cpu_dense.DENSE_MIN_ROWS
 CPU_SHAPES = ((2048, 2048), (2048, 6144), (4096, 4096))
-SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128")
+SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128", "cb4g128", "cb3g128")
+MAX_REL_ERROR = 2e-2  # bf16 activations against the float32 reference: anything above is a wrong kernel
 
 
 def device_name(device: str) -> str:
@@ -72,10 +74,11 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 
 def quantized_layer(scheme_name: str, n: int, k: int, device: str):
-    """Stored tensors of a random `[n, k]` weight (RTN on the device) and its bf16 dequantized weight."""
+    """Stored tensors of a random `[n, k]` weight (RTN, or nearest level for codebooks, on the device) and its
+    bf16 dequantized weight."""
     scheme = parse_scheme(scheme_name)
     weight = torch.randn(n, k, device=device) * 0.02
-    tensors = quantize_rtn(weight, scheme)
+    tensors = (quantize_codebook if scheme.kind is SchemeKind.CODEBOOK else quantize_rtn)(weight, scheme)
     return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16).contiguous()
 
 
@@ -101,25 +104,33 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbs(device)
     print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}", flush=True)
     rows = []
+    failures = []
     for k, n in shapes:
         layers = {s: quantized_layer(s, n, k, device) for s in args.schemes}
         dense = layers[args.schemes[0]][2]
+        prepared_layers, prepare_s = {}, {}
+        for scheme_name, (scheme, tensors, _) in layers.items():
+            start = time.perf_counter()  # on CUDA: Triton compilation (first shape) and tuning of every M bucket
+            prepared_layers[scheme_name] = prepare_linear(tensors, scheme, n, k, torch.bfloat16, device)
+            prepare_s[scheme_name] = time.perf_counter() - start
         for m in m_values:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             base_ms = median_ms(lambda: torch.nn.functional.linear(x, dense), device, repeats)
             row = {"M": m, "K": k, "N": n, "bf16_matmul_ms": base_ms, "kernels": {}}
-            for scheme_name, (scheme, tensors, reference) in layers.items():
-                prepared = prepare_linear(tensors, scheme, n, k, torch.bfloat16, device)
+            for scheme_name, (scheme, _, reference) in layers.items():
+                prepared = prepared_layers[scheme_name]
                 out = apply_linear(x, prepared)
                 ref = x.float() @ reference.float().t()
                 rel_error = (torch.linalg.norm(out.float() - ref) / torch.linalg.norm(ref)).item()
+                if not rel_error <= MAX_REL_ERROR:
+                    failures.append(f"{scheme_name} M={m} K={k} N={n}: rel error {rel_error:.2e}")
                 ms = median_ms(lambda: apply_linear(x, prepared), device, repeats)
                 weight_bytes = stored_bytes(param_specs(scheme, n, k))
                 row["kernels"][scheme_name] = {
                     "kernel": prepared.kernel, "ms": ms, "speedup_vs_bf16": base_ms / ms,
                     "weight_gbs": weight_bytes / (ms * 1e-3) / 1e9,
                     "weight_bandwidth_fraction": weight_bytes / (ms * 1e-3) / 1e9 / bandwidth,
-                    "rel_error_vs_reference": rel_error,
+                    "rel_error_vs_reference": rel_error, "prepare_s": prepare_s[scheme_name],
                 }
             if "int8" in row["kernels"]:
                 int8_ms = row["kernels"]["int8"]["ms"]
@@ -132,12 +143,15 @@ def main() -> None:
     result = {
         "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
         "threads": torch.get_num_threads(), "repeats": repeats, "baseline": "F.linear bfloat16, weight [N, K] contiguous",
-        "rows": rows,
+        "max_rel_error": MAX_REL_ERROR, "failures": failures, "rows": rows,
     }
     out = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    if failures:
+        raise SystemExit(f"{len(failures)} kernel results off the reference by more than {MAX_REL_ERROR}: "
+                         + "; ".join(failures[:5]))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,14 @@ def _hadamard_cpu(size: int) -> torch.Tensor:
 
 
 def hadamard(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Sylvester Hadamard matrix `[size, size]` (±1 entries, symmetric)."""
+    """The Sylvester Hadamard matrix `[size, size]` (±1 entries, symmetric), cached per device: every forward
+    of a codebook layer reads it, and a host-to-GPU copy per call would synchronize (and cannot be captured
+    in a CUDA graph). Callers must not modify it in place."""
+    return _hadamard_on(size, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _hadamard_cpu(size).to(device=device, dtype=dtype)
 
 

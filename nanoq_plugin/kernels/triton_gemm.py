@@ -2,9 +2,9 @@
 
 One kernel, two families of launch configurations:
 - decode (M <= 64): BLOCK_M 16 and split-K, so that a GEMV still spreads the weight stream over every SM;
-  each K slice writes float32 partial sums `[SPLIT_K, M, N]` that are added afterwards (no atomics, so
+  each K slice writes float32 partial sums `[split_k, M, N]` that are added afterwards (no atomics, so
   every output element is written exactly once and results are deterministic);
-- prefill (M > 64): tiled BLOCK_M x BLOCK_N, SPLIT_K 1, tensor cores through `tl.dot`.
+- prefill (M > 64): tiled BLOCK_M x BLOCK_N, one K slice, tensor cores through `tl.dot`.
 
 Weights are dequantized tile by tile by `triton_dequant.load_weight_tile` (layout table there).
 Activations float16 / bfloat16 go to `tl.dot` in their own dtype with float32 accumulation; float32
@@ -72,19 +72,21 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), MAX_M_BUCKET)
 
 
-@triton.jit
+# M varies with every batch: specializing on it (M == 1, M % 16 == 0) would compile each configuration
+# up to three times, at run time, in the serving engine.
+@triton.jit(do_not_specialize=["M"])
 def dequant_gemm_kernel(
     x_ptr,  # [M, K] float16 / bfloat16 / float32, row stride stride_xm, unit column stride
     qweight_ptr,  # stored codes (triton_dequant layout table)
     scales_ptr,  # float16 [K/G, N] (int_group) or [N] (int8 per channel)
     zeros_ptr,  # uint8 [K/G, N] or a dummy
-    out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else float32 [SPLIT_K, M, N]
+    out_ptr,  # [M, N] in x's dtype; float32 [split_k, M, N] partial sums if WRITE_PARTIALS
     M, N, K,
     stride_xm, stride_om, stride_osplit, stride_q, stride_s,
     k_per_split,  # multiple of BLOCK_K
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,7 +114,7 @@ def dequant_gemm_kernel(
     if FMT == FMT_INT8_CHANNEL:
         acc *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    if not WRITE_PARTIALS:
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -173,7 +175,7 @@ def launch(
         k_per_split,
         FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
         DOT_FP32=dot_in_float32(x.dtype, interpret), IEEE_DOT=x.dtype == torch.float32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIALS=split_k > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:

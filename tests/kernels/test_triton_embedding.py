@@ -1,4 +1,4 @@
-"""The quantized-embedding gather kernel against the reference `gather_rows`, in the interpreter."""
+"""The quantized-embedding gather kernel against the reference `gather_rows` (interpreter, or a GPU: TRITON_DEVICE)."""
 
 import pytest
 import torch
@@ -11,14 +11,14 @@ from nanoq_plugin.kernels.custom_ops import triton_weight_format  # noqa: E402
 from nanoq_plugin.kernels.reference_linear import op_args  # noqa: E402
 from nanoq_plugin.kernels.triton_embedding import embedding_gather  # noqa: E402
 
-from schemes_under_test import SCHEMES, stored_and_reference  # noqa: E402
+from schemes_under_test import SCHEMES, TRITON_DEVICE, stored_and_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("name", SCHEMES)
 def test_gather_matches_reference_rows(name):
     vocab, hidden = 203, 384 if "g128" in name else 192
-    scheme, tensors, weight = stored_and_reference(name, vocab, hidden, 11)
-    ids = torch.tensor([[0, 202, 5, 5], [17, 1, 200, 3]])
+    scheme, tensors, weight = stored_and_reference(name, vocab, hidden, 11, TRITON_DEVICE)
+    ids = torch.tensor([[0, 202, 5, 5], [17, 1, 200, 3]], device=TRITON_DEVICE)
     bits, group_size = op_args(LinearConfig(scheme, vocab, hidden, torch.float32, "cpu"))
     fmt = triton_weight_format(bits, group_size, tensors.get("zeros"))
     out = embedding_gather(ids, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, hidden,

@@ -1,4 +1,5 @@
-"""The fused Triton dequantize-GEMM against the reference, in the interpreter (TRITON_INTERPRET=1)."""
+"""The fused Triton dequantize-GEMM against the reference: in the interpreter (TRITON_INTERPRET=1, CI), or
+compiled on a GPU with `NANOQ_TRITON_DEVICE=cuda` (schemes_under_test.TRITON_DEVICE)."""
 
 import zlib
 
@@ -12,7 +13,9 @@ from nanoq_plugin.kernels.custom_ops import triton_linear, triton_weight_format 
 from nanoq_plugin.kernels.reference_linear import op_args  # noqa: E402
 from nanoq_plugin.kernels.base import LinearConfig  # noqa: E402
 
-from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference  # noqa: E402
+from schemes_under_test import SCHEMES, TOLERANCE, TRITON_DEVICE, rel_error, stored_and_reference  # noqa: E402
+
+DEVICE = TRITON_DEVICE
 
 # (M, N, K): M and N straddle the 16/64-wide tiles; K = 96 and 160 are not multiples of 64 or 128
 SHAPES = [(1, 200, 384), (5, 48, 96), (33, 72, 160)]
@@ -35,14 +38,14 @@ def test_kernel_matches_reference_and_writes_every_element(name, dtype):
         if k % 32 or (name.split("g")[-1].split("-")[0].isdigit() and k % int(name.split("g")[-1].split("-")[0])):
             continue
         seed = zlib.crc32(f"{name}-{m}-{n}-{k}".encode())
-        scheme, tensors, weight = stored_and_reference(name, n, k, seed)
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        scheme, tensors, weight = stored_and_reference(name, n, k, seed, DEVICE)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
         ref = x.float() @ weight.t()
         fmt = _fmt(scheme, n, k, tensors.get("zeros"))
         for config in CONFIGS:
             split_k, _ = triton_gemm.split_k_of(m, k, config)
-            out = torch.full((m, n), float("nan"), dtype=dtype)
-            partials = torch.full((split_k, m, n), float("nan"))
+            out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+            partials = torch.full((split_k, m, n), float("nan"), device=DEVICE)
             triton_gemm.launch(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, n, config,
                                out=out, partials=partials)
             assert not out.isnan().any(), f"{name} {config}: output elements left unwritten"
@@ -53,8 +56,8 @@ def test_kernel_matches_reference_and_writes_every_element(name, dtype):
 @pytest.mark.parametrize("name", ["int4g128", "int3g64-asym", "int8"])
 def test_custom_op_on_3d_input_and_fake_impl(name):
     n, k = 80, 256
-    scheme, tensors, weight = stored_and_reference(name, n, k, 7)
-    x = torch.randn(2, 3, k, dtype=torch.bfloat16)
+    scheme, tensors, weight = stored_and_reference(name, n, k, 7, DEVICE)
+    x = torch.randn(2, 3, k, dtype=torch.bfloat16, device=DEVICE)
     bits, group_size = op_args(LinearConfig(scheme, n, k, x.dtype, "cpu"))
     args = (x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), bits, group_size, n)
     out = triton_linear(*args)
@@ -69,7 +72,7 @@ def test_only_the_interpreter_widens_16bit_dots():
         assert triton_gemm.dot_in_float32(dtype, interpret=False) is False
         assert triton_gemm.dot_in_float32(dtype, interpret=True) is True
     assert triton_gemm.dot_in_float32(torch.float32, interpret=True) is False
-    assert triton_gemm.interpreting()
+    assert triton_gemm.interpreting() is (DEVICE == "cpu")
 
 
 def test_candidate_configs_are_clamped_and_bucketed():
@@ -92,15 +95,16 @@ def test_codebook_kernel_on_rotated_inputs_matches_the_reference(name, dtype):
     for m, n, k in [(1, 200, 384), (33, 72, 256)]:
         generator = torch.Generator().manual_seed(zlib.crc32(f"{name}-{m}".encode()))
         tensors = quantize_codebook(torch.randn(n, k, generator=generator), scheme)
-        weight = dequantize(tensors, scheme, n, k)
-        x = torch.randn(m, k, generator=generator).to(dtype)
+        weight = dequantize(tensors, scheme, n, k).to(DEVICE)
+        tensors = {key: t.to(DEVICE) for key, t in tensors.items()}
+        x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
         ref = x.float() @ weight.t()
         rotated = rotate_inputs(x, tensors["signs"], scheme.group_size)
         fmt = _fmt(scheme, n, k, tensors["codebook"])
         for config in CONFIGS:
             split_k, _ = triton_gemm.split_k_of(m, k, config)
-            out = torch.full((m, n), float("nan"), dtype=dtype)
-            partials = torch.full((split_k, m, n), float("nan"))
+            out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+            partials = torch.full((split_k, m, n), float("nan"), device=DEVICE)
             triton_gemm.launch(rotated, tensors["qweight"], tensors["scales"], tensors["codebook"], fmt, n, config,
                                out=out, partials=partials)
             assert not out.isnan().any()
