@@ -43,7 +43,7 @@ cat "$OUT/machine.txt"
 
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-step triton-tests 90 env NANOQ_TRITON_DEVICE=$TEST_DEVICE $PY -m pytest -q -p no:cacheprovider $XDIST \
+step triton-tests 60 env NANOQ_TRITON_DEVICE=$TEST_DEVICE $PY -m pytest -q -p no:cacheprovider $XDIST \
     tests/kernels/test_triton_gemm.py tests/kernels/test_triton_embedding.py
-step e2e 190 $PY benchmarks/generate_e2e.py $E2E_ARGS --out "$OUT/e2e.json"
-step kernels 200 $PY benchmarks/kernels.py $KERNEL_ARGS --out "$OUT/kernels.json"
+step e2e 170 $PY benchmarks/generate_e2e.py $E2E_ARGS --out "$OUT/e2e.json"
+step kernels 160 $PY benchmarks/kernels.py $KERNEL_ARGS --out "$OUT/kernels.json"

@@ -26,6 +26,10 @@ import triton.language as tl
 FMT_INT_GROUP = 0
 FMT_INT8_CHANNEL = 1
 FMT_CODEBOOK = 2
+# The same values as the only kind of global a compiled @triton.jit function may read (the interpreter reads
+# plain ints too, which is how this once slipped through the CPU tests).
+JIT_FMT_INT8_CHANNEL = tl.constexpr(FMT_INT8_CHANNEL)
+JIT_FMT_CODEBOOK = tl.constexpr(FMT_CODEBOOK)
 
 
 @triton.jit
@@ -45,7 +49,7 @@ def load_weight_tile(
 ):
     """Float32 `[BLOCK_K, BLOCK_N]`: dequantized weights (int_group) or raw codes (int8 per channel); 0 where masked."""
     cols = offs_n[None, :]
-    if FMT == FMT_INT8_CHANNEL:
+    if FMT == JIT_FMT_INT8_CHANNEL:
         codes = tl.load(qweight_ptr + offs_k[:, None] * stride_q + cols, mask=mask, other=0)
         return codes.to(tl.float32)
     if BITS == 3:
@@ -61,7 +65,7 @@ def load_weight_tile(
         codes = (words >> ((offs_k % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
     group_rows = (offs_k // GROUP)[:, None] * stride_s + cols
     scales = tl.load(scales_ptr + group_rows, mask=mask, other=0).to(tl.float32)
-    if FMT == FMT_CODEBOOK:
+    if FMT == JIT_FMT_CODEBOOK:
         return tl.load(zeros_ptr + codes, mask=mask, other=0.0) * scales
     if HAS_ZEROS:
         zeros = tl.load(zeros_ptr + group_rows, mask=mask, other=0).to(tl.float32)

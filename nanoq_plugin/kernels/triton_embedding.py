@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_dequant import FMT_INT8_CHANNEL, load_weight_tile
+from .triton_dequant import JIT_FMT_INT8_CHANNEL, load_weight_tile
 from .triton_gemm import WeightFormat
 
 
@@ -37,7 +37,7 @@ def embedding_gather_kernel(
     mask = (offs_h < H)[:, None] & mask_t[None, :]
     rows = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_h, ids, mask, stride_q, stride_s,
                             FMT, BITS, GROUP, HAS_ZEROS)  # [BLOCK_H, BLOCK_T]
-    if FMT == FMT_INT8_CHANNEL:
+    if FMT == JIT_FMT_INT8_CHANNEL:
         rows *= tl.load(scales_ptr + ids, mask=mask_t, other=0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_t[None, :] * H + offs_h[:, None], rows.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .triton_dequant import FMT_INT8_CHANNEL, load_weight_tile
+from .triton_dequant import JIT_FMT_INT8_CHANNEL, load_weight_tile
 
 DECODE_MAX_M = 64
 
@@ -111,7 +111,7 @@ def dequant_gemm_kernel(
             acc += tl.dot(x.to(tl.float32), w)
         else:
             acc += tl.dot(x, w.to(x.dtype))
-    if FMT == FMT_INT8_CHANNEL:
+    if FMT == JIT_FMT_INT8_CHANNEL:
         acc *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if not WRITE_PARTIALS:
@@ -136,6 +136,16 @@ def split_k_of(m: int, k: int, config: TileConfig) -> tuple[int, int]:
     split_k = config.split_k if m <= DECODE_MAX_M else 1
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
     return triton.cdiv(k, k_per_split), k_per_split
+
+
+def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, act_dtype: torch.dtype,
+                      interpret: bool) -> dict[str, int | bool]:
+    """The constexpr arguments of `dequant_gemm_kernel` for one launch (also what tests compile ahead of time)."""
+    return dict(
+        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
+        DOT_FP32=dot_in_float32(act_dtype, interpret), IEEE_DOT=act_dtype == torch.float32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIALS=split_k > 1,
+    )
 
 
 def launch(
@@ -167,15 +177,12 @@ def launch(
         if tuple(target.shape) != (split_k, m, n):
             raise ValueError(f"partials must be float32 [{split_k}, {m}, {n}], got {list(target.shape)}")
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
-    interpret = interpreting()
     dequant_gemm_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, target,
         m, n, k,
         x.stride(0), n, m * n, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
         k_per_split,
-        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
-        DOT_FP32=dot_in_float32(x.dtype, interpret), IEEE_DOT=x.dtype == torch.float32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIALS=split_k > 1,
+        **kernel_constexprs(weight, config, split_k, x.dtype, interpreting()),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:

@@ -65,8 +65,9 @@ def fit_codebook(rotated: torch.Tensor, scheme: Scheme,
     normalized = (groups / rms.unsqueeze(-1)).reshape(-1)
     if normalized.numel() > LLOYD_SAMPLES:
         generator = torch.Generator().manual_seed(ROTATION_SEED)
-        normalized = normalized[torch.randperm(normalized.numel(), generator=generator)[:LLOYD_SAMPLES]]
-    levels = lloyd_max(normalized, gaussian_levels(scheme.bits), iterations)
+        sample = torch.randperm(normalized.numel(), generator=generator)[:LLOYD_SAMPLES]
+        normalized = normalized[sample.to(normalized.device)]
+    levels = lloyd_max(normalized, gaussian_levels(scheme.bits).to(normalized.device), iterations)
     scales = rms
     for _ in range(SCALE_REFITS):  # least-squares scale for the levels each coordinate takes
         chosen = levels[nearest_level(groups / scales.unsqueeze(-1), levels)]

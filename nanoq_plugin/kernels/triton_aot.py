@@ -1,0 +1,158 @@
+"""Compile the Triton kernels for a GPU target on a machine without one (Triton ships its own `ptxas`).
+
+Triton's CPU interpreter, which the tests run the kernels in, executes the Python body of a kernel and so
+misses what only the compiler checks (which globals a kernel may read, types, shared memory per block).
+This module compiles every weight format with a decode and a prefill tile, and every candidate tile with
+one format, to a cubin for `--arch` (default 90: H100 / H200), and reports each variant's shared memory.
+
+    python -m nanoq_plugin.kernels.triton_aot            # a table; exit 1 if any variant fails
+    python -m nanoq_plugin.kernels.triton_aot --json     # the same as JSON (tests/kernels/test_triton_aot.py)
+
+It must run without `TRITON_INTERPRET` (under the interpreter `@triton.jit` makes no compilable function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .triton_dequant import FMT_CODEBOOK, FMT_INT8_CHANNEL, FMT_INT_GROUP
+
+# Hopper's largest shared memory per block (227 KiB); a tile above it can never launch there.
+HOPPER_MAX_SHARED = 232448
+_POINTER_TYPE = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_DTYPE_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (label, format, bits, group size, has zeros) of every weight format the kernels read
+FORMATS = (
+    ("int8", FMT_INT8_CHANNEL, 8, 0, False),
+    ("int8g128", FMT_INT_GROUP, 8, 128, False),
+    ("int4g128", FMT_INT_GROUP, 4, 128, False),
+    ("int4g64-asym", FMT_INT_GROUP, 4, 64, True),
+    ("int3g128", FMT_INT_GROUP, 3, 128, False),
+    ("int3g64-asym", FMT_INT_GROUP, 3, 64, True),
+    ("int2g64", FMT_INT_GROUP, 2, 64, False),
+    ("cb2g64", FMT_CODEBOOK, 2, 64, False),
+    ("cb3g128", FMT_CODEBOOK, 3, 128, False),
+    ("cb4g128", FMT_CODEBOOK, 4, 128, False),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: `kernel` "gemm" (a TileConfig as block_m/n/k, split_k, warps, stages) or "embedding"."""
+
+    kernel: str
+    format: str
+    act_dtype: str
+    block_m: int = 0
+    block_n: int = 0
+    block_k: int = 0
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def variants() -> list[Variant]:
+    """Every format with the first decode (split-K) and prefill tile in bf16; every candidate tile with int4g128;
+    float16 and float32 activations once; the embedding gather for every format."""
+    from .triton_gemm import DECODE_CONFIGS, PREFILL_CONFIGS
+
+    def gemm(label: str, config, dtype: str = "bf16") -> Variant:
+        return Variant("gemm", label, dtype, config.block_m, config.block_n, config.block_k, config.split_k,
+                       config.num_warps, config.num_stages)
+
+    decode = next(c for c in DECODE_CONFIGS if c.split_k > 1)
+    out = [gemm(label, config) for label, *_ in FORMATS for config in (decode, PREFILL_CONFIGS[0])]
+    out += [gemm("int4g128", config) for config in DECODE_CONFIGS + PREFILL_CONFIGS]
+    out += [gemm("int4g128", decode, "fp16"), gemm("int4g128", PREFILL_CONFIGS[0], "fp32")]
+    out += [Variant("embedding", label, "bf16", block_n=16, block_k=128) for label, *_ in FORMATS]
+    unique = []
+    for variant in out:
+        if variant not in unique:
+            unique.append(variant)
+    return unique
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    return {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+            for name in inspect.signature(fn.fn).parameters}
+
+
+def compile_variant(variant: Variant, arch: int = 90) -> dict:
+    """Compile one variant for `sm_<arch>`; returns its report (`ok`, `shared` bytes, `mma` instruction family)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_embedding import embedding_gather_kernel
+    from .triton_gemm import TileConfig, WeightFormat, dequant_gemm_kernel, kernel_constexprs
+
+    _, fmt, bits, group, has_zeros = next(f for f in FORMATS if f[0] == variant.format)
+    weight = WeightFormat(fmt, bits, group, has_zeros)
+    act = _DTYPE_NAME[variant.act_dtype]
+    third = "*u8" if has_zeros else "*fp32" if fmt == FMT_CODEBOOK else "*fp16"
+    pointers = {"qweight_ptr": "*i8" if fmt == FMT_INT8_CHANNEL else "*i32", "scales_ptr": "*fp16",
+                "zeros_ptr": third}
+    if variant.kernel == "gemm":
+        fn = dequant_gemm_kernel
+        config = TileConfig(variant.block_m, variant.block_n, variant.block_k, variant.split_k,
+                            variant.num_warps, variant.num_stages)
+        constexprs = kernel_constexprs(weight, config, variant.split_k, act, interpret=False)
+        pointers.update(x_ptr=_POINTER_TYPE[act], out_ptr="*fp32" if variant.split_k > 1 else _POINTER_TYPE[act])
+    else:
+        fn = embedding_gather_kernel
+        constexprs = dict(FMT=fmt, BITS=bits, GROUP=group, HAS_ZEROS=has_zeros,
+                          BLOCK_T=variant.block_n, BLOCK_H=variant.block_k)
+        pointers.update(ids_ptr="*i64", out_ptr=_POINTER_TYPE[act])
+    report = {**asdict(variant), "arch": arch}
+    try:
+        params = list(inspect.signature(fn.fn).parameters)
+        source = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
+                           constexprs={(params.index(name),): value for name, value in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    except Exception as error:  # noqa: BLE001 — the report names the variant and the compiler's message
+        lines = [line for line in traceback.format_exception_only(type(error), error) if line.strip()]
+        return {**report, "ok": False, "error": " ".join(lines)[-2000:]}
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    return {**report, "ok": True, "shared": compiled.metadata.shared, "mma": mma}
+
+
+def compile_all(arch: int = 90, workers: int | None = None) -> list[dict]:
+    """Reports of every `variants()` entry, compiled in `workers` processes."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter's @triton.jit functions cannot be compiled")
+    todo = variants()
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_variant, todo, [arch] * len(todo)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100 / H200)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    reports = compile_all(args.arch, args.workers)
+    if args.json:
+        print(json.dumps(reports))
+    else:
+        for r in reports:
+            tile = f"{r['block_m']}x{r['block_n']}x{r['block_k']} split {r['split_k']} w{r['num_warps']} s{r['num_stages']}"
+            state = f"ok  shared {r['shared']:6d} B  {r['mma']}" if r["ok"] else f"FAILED {r['error']}"
+            print(f"{r['kernel']:9s} {r['format']:13s} {r['act_dtype']:4s} {tile:28s} {state}")
+    return 0 if all(r["ok"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
