@@ -120,8 +120,10 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
     except Exception as error:  # noqa: BLE001 — the report names the variant and the compiler's message
-        lines = [line for line in traceback.format_exception_only(type(error), error) if line.strip()]
-        return {**report, "ok": False, "error": " ".join(lines)[-2000:]}
+        while error.__cause__ is not None:  # Triton wraps the failing statement's error once per call level
+            error = error.__cause__
+        lines = [line.strip() for line in traceback.format_exception_only(type(error), error) if line.strip()]
+        return {**report, "ok": False, "error": " | ".join(lines)[-2000:]}
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     return {**report, "ok": True, "shared": compiled.metadata.shared, "mma": mma}

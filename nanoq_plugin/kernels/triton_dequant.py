@@ -33,42 +33,94 @@ JIT_FMT_CODEBOOK = tl.constexpr(FMT_CODEBOOK)
 
 
 @triton.jit
+def _unpack_words(words, BITS: tl.constexpr):
+    """Codes of packed int32 `words [W, BLOCK_N]` -> `[W * 32 // BITS, BLOCK_N]` int32, code j of word w at
+    row w * (32 // BITS) + j: each word is loaded once and unpacked in registers."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER_WORD) * BITS
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (words.shape[0] * PER_WORD, words.shape[1]))
+
+
+@triton.jit
+def _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Int32 codes `[BLOCK_K, BLOCK_N]` of rows k0 .. k0 + BLOCK_K (0 for rows >= K or masked columns)."""
+    cols = offs_n[None, :]
+    if BITS == 3:  # per 32 rows: two words of 16 low 2-bit fields, then one word of 32 high bits
+        BLOCKS: tl.constexpr = BLOCK_K // 32
+        blocks = k0 // 32 + tl.arange(0, BLOCKS)
+        valid = ((blocks * 32) < K)[:, None] & mask_n[None, :]  # [BLOCKS, BLOCK_N]
+        low_rows = blocks[:, None] * 3 + tl.arange(0, 2)[None, :]  # [BLOCKS, 2]
+        lows = tl.load(qweight_ptr + low_rows[:, :, None] * stride_q + cols[None, :, :], mask=valid[:, None, :],
+                       other=0)  # [BLOCKS, 2, BLOCK_N]
+        low_codes = _unpack_words(tl.reshape(lows, (BLOCKS * 2, lows.shape[2])), 2)
+        highs = tl.load(qweight_ptr + (blocks * 3 + 2)[:, None] * stride_q + cols, mask=valid, other=0)
+        codes = low_codes | (_unpack_words(highs, 1) << 2)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        word_rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        valid = ((word_rows * PER_WORD) < K)[:, None] & mask_n[None, :]
+        words = tl.load(qweight_ptr + word_rows[:, None] * stride_q + cols, mask=valid, other=0)
+        codes = _unpack_words(words, BITS)
+    return codes
+
+
+@triton.jit
+def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
+                  IS_CODEBOOK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Float32 `[BLOCK_K, BLOCK_N]` of a grouped format: (code - zero) * scale, or level[code] * scale."""
+    cols = offs_n[None, :]
+    codes = _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS, BLOCK_K)
+    GROUPS: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP  # powers of two: BLOCK_K / GROUP, or 1
+    group_rows = k0 // GROUP + tl.arange(0, GROUPS)
+    valid = ((group_rows * GROUP) < K)[:, None] & mask_n[None, :]  # [GROUPS, BLOCK_N]
+    scales = tl.load(scales_ptr + group_rows[:, None] * stride_s + cols, mask=valid, other=0).to(tl.float32)
+    if IS_CODEBOOK:
+        values = tl.load(zeros_ptr + codes)  # codes < 2**b: every index is in the table
+        zeros = tl.zeros_like(scales)
+    else:
+        values = codes.to(tl.float32)
+        if HAS_ZEROS:
+            zeros = tl.load(zeros_ptr + group_rows[:, None] * stride_s + cols, mask=valid, other=0).to(tl.float32)
+        else:
+            zeros = tl.zeros_like(scales) + (1 << (BITS - 1))
+    if GROUPS == 1:
+        out = (values - zeros) * scales
+    else:
+        grouped = tl.reshape(values, (GROUPS, BLOCK_K // GROUPS, values.shape[1]))
+        out = tl.reshape((grouped - zeros[:, None, :]) * scales[:, None, :], (BLOCK_K, values.shape[1]))
+    return out
+
+
+@triton.jit
 def load_weight_tile(
     qweight_ptr,  # see the layout table
     scales_ptr,  # float16 [K/G, N] (int_group); unused for int8 per channel
     zeros_ptr,  # uint8 [K/G, N] (asymmetric int_group); float32 [2**b] levels (codebook); unused otherwise
-    offs_k,  # int32 [BLOCK_K] input rows of the tile
-    offs_n,  # int32 [BLOCK_N] output columns of the tile
-    mask,  # bool [BLOCK_K, BLOCK_N] elements that exist
+    k0,  # first input row of the tile, a multiple of BLOCK_K
+    offs_n,  # int32 [BLOCK_N] output columns of the tile (any column indices: token ids for embeddings)
+    mask_n,  # bool [BLOCK_N] columns that exist
+    K,  # input rows of the weight (rows >= K read as 0)
     stride_q,  # elements between qweight rows
     stride_s,  # elements between scales / zeros rows
     FMT: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Float32 `[BLOCK_K, BLOCK_N]`: dequantized weights (int_group) or raw codes (int8 per channel); 0 where masked."""
-    cols = offs_n[None, :]
+    """Float32 `[BLOCK_K, BLOCK_N]`: dequantized weights (int_group, codebook) or raw codes (int8 per channel);
+    0 in rows >= K and masked columns. Packed words are loaded once each and unpacked in registers; scales
+    (and zeros) once per group row (BLOCK_K and GROUP are powers of two, so a tile holds whole groups or
+    lies inside one). Written with if/else only: the compiler, unlike the interpreter, also builds the
+    statements after a constexpr branch that returned."""
     if FMT == JIT_FMT_INT8_CHANNEL:
-        codes = tl.load(qweight_ptr + offs_k[:, None] * stride_q + cols, mask=mask, other=0)
-        return codes.to(tl.float32)
-    if BITS == 3:
-        block = offs_k // 32
-        lane = offs_k % 32
-        low_row = block * 3 + lane // 16
-        low = tl.load(qweight_ptr + low_row[:, None] * stride_q + cols, mask=mask, other=0)
-        high = tl.load(qweight_ptr + (block * 3 + 2)[:, None] * stride_q + cols, mask=mask, other=0)
-        codes = ((low >> ((lane % 16) * 2)[:, None]) & 3) | (((high >> lane[:, None]) & 1) << 2)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        codes = tl.load(qweight_ptr + offs_k[:, None] * stride_q + offs_n[None, :],
+                        mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
+        tile = codes.to(tl.float32)
     else:
-        per_word: tl.constexpr = 32 // BITS
-        words = tl.load(qweight_ptr + (offs_k // per_word)[:, None] * stride_q + cols, mask=mask, other=0)
-        codes = (words >> ((offs_k % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
-    group_rows = (offs_k // GROUP)[:, None] * stride_s + cols
-    scales = tl.load(scales_ptr + group_rows, mask=mask, other=0).to(tl.float32)
-    if FMT == JIT_FMT_CODEBOOK:
-        return tl.load(zeros_ptr + codes, mask=mask, other=0.0) * scales
-    if HAS_ZEROS:
-        zeros = tl.load(zeros_ptr + group_rows, mask=mask, other=0).to(tl.float32)
-    else:
-        zeros = (1 << (BITS - 1)) * 1.0
-    return (codes.to(tl.float32) - zeros) * scales
+        tile = _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
+                             FMT == JIT_FMT_CODEBOOK, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+    return tile

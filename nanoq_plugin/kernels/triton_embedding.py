@@ -35,8 +35,8 @@ def embedding_gather_kernel(
     mask_t = offs_t < T
     ids = tl.load(ids_ptr + offs_t, mask=mask_t, other=0).to(tl.int32)
     mask = (offs_h < H)[:, None] & mask_t[None, :]
-    rows = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_h, ids, mask, stride_q, stride_s,
-                            FMT, BITS, GROUP, HAS_ZEROS)  # [BLOCK_H, BLOCK_T]
+    rows = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, pid_h * BLOCK_H, ids, mask_t, H, stride_q, stride_s,
+                            FMT, BITS, GROUP, HAS_ZEROS, BLOCK_H)  # [BLOCK_H, BLOCK_T]
     if FMT == JIT_FMT_INT8_CHANNEL:
         rows *= tl.load(scales_ptr + ids, mask=mask_t, other=0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_t[None, :] * H + offs_h[:, None], rows.to(out_ptr.dtype.element_ty), mask=mask)

@@ -102,9 +102,8 @@ def dequant_gemm_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n,
-                             mask_k[:, None] & mask_n[None, :], stride_q, stride_s,
-                             FMT, BITS, GROUP, HAS_ZEROS)
+        w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
+                             stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
         if IEEE_DOT:
             acc += tl.dot(x, w, input_precision="ieee")
         elif DOT_FP32:
