@@ -102,7 +102,7 @@ def time_generation(model, batch: int, prompt_len: int, new_tokens: int, device:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         total = _median_seconds(lambda: generate(new_tokens), device, repeats)
-        generated = generate(new_tokens).shape[1] - prompt_len
+        generated = new_tokens  # min_new_tokens = max_new_tokens: EOS cannot end it early
     decode = total - prefill
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": generated, "prefill_s": prefill, "generate_s": total,
@@ -154,6 +154,22 @@ def time_static_decode(model, batch: int, prompt_len: int, device: str, use_grap
             "tokens_per_s": batch / step_s, "replay_vs_eager_rel_error": replay_error}
 
 
+def write_results(results: dict, out: Path) -> None:
+    """Add the ratios to bf16 and write `results` (after every variant, so a run stopped early keeps its data)."""
+    base = results["variants"]["bf16"]
+    for data in results["variants"].values():
+        for run, ref in zip(data["runs"], base["runs"]):
+            if run["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
+                run["decode_speedup_vs_bf16"] = run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            if run["peak_memory_gib"] is not None:
+                run["peak_memory_ratio_vs_bf16"] = run["peak_memory_gib"] / ref["peak_memory_gib"]
+        for step, ref in zip(data["decode_steps"], base["decode_steps"]):
+            if "step_ms" in step and "step_ms" in ref:
+                step["speedup_vs_bf16"] = ref["step_ms"] / step["step_ms"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +186,7 @@ def main() -> None:
     device_label = torch.cuda.get_device_name().replace(" ", "-") if args.device == "cuda" else "cpu"
     results = {"device": device_label, "model": "tiny llama" if args.tiny else "Llama-3-8B shapes (random weights)",
                "torch": torch.__version__, "variants": {}}
+    out = Path(args.out or REPO / "benchmarks/results" / f"e2e-{device_label}.json")
     for variant in ["bf16"] + [v for v in args.variants if v != "bf16"]:
         scheme = VARIANTS[variant]
         model = build_model(shape, args.device, seed=0)
@@ -190,23 +207,11 @@ def main() -> None:
             print(f"{variant:7s} batch {run['batch']:3d}: generate {run['decode_tokens_per_s'] or float('nan'):9.1f} decode "
                   f"tok/s, static step {step_text}, peak {run['peak_memory_gib'] or 0:.2f} GiB, "
                   f"weights {weight_bytes / 2**30:.2f} GiB", flush=True)
+        write_results(results, out)
         del model
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    base = results["variants"]["bf16"]["runs"]
-    for variant, data in results["variants"].items():
-        for run, ref in zip(data["runs"], base):
-            if run["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
-                run["decode_speedup_vs_bf16"] = run["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-            if run["peak_memory_gib"] is not None:
-                run["peak_memory_ratio_vs_bf16"] = run["peak_memory_gib"] / ref["peak_memory_gib"]
-        for step, ref in zip(data["decode_steps"], results["variants"]["bf16"]["decode_steps"]):
-            if "step_ms" in step and "step_ms" in ref:
-                step["speedup_vs_bf16"] = ref["step_ms"] / step["step_ms"]
-    out = Path(args.out or REPO / "benchmarks/results" / f"e2e-{device_label}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -7,7 +7,9 @@ runs it: cuBLAS on a GPU, oneDNN/MKL on the CPU), measured side by side in one r
 
 For each scheme, M (tokens) and weight shape (K, N) it times `kernels.ops.apply_linear` on a prepared
 layer (the path vLLM and transformers run) and `torch.matmul` on the bf16 weight: medians of CUDA-event
-(GPU) or wall-clock (CPU) timings. It prints speed-up ratios (baseline time / ours) and achieved GB/s of
+(GPU) or wall-clock (CPU) timings; on a GPU both also replayed from a CUDA graph (`graph_*`: GPU time
+without Python's launch overhead, which at small M is most of an eager call). It prints speed-up ratios
+(baseline time / ours) and achieved GB/s of
 the weight stream against a measured device copy bandwidth, checks each kernel once against the
 reference, and writes benchmarks/results/kernels-<device>.json. A benchmark, not a test: read the ratios.
 """
@@ -64,6 +66,25 @@ def median_ms(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+GRAPH_CALLS = 20
+
+
+def graph_median_ms(fn, repeats: int) -> float:
+    """Median time of one `fn()` in milliseconds, replayed from a CUDA graph of GRAPH_CALLS calls: the GPU time
+    without Python's launch overhead (what a serving engine's captured decode step pays)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return median_ms(graph.replay, "cuda", repeats) / GRAPH_CALLS
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Device memory copy bandwidth (read + write bytes per second), GB/s."""
     size = 2**30 if device == "cuda" else 2**28
@@ -88,6 +109,8 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}: a smoke run")
+    parser.add_argument("--m", type=int, nargs="+", help="token counts (default: GPU_M / CPU_M)")
+    parser.add_argument("--shapes", nargs="+", help="weight shapes as KxN (default: GPU_SHAPES / CPU_SHAPES)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; vLLM-CPU here runs 1 per rank)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -99,12 +122,26 @@ def main() -> None:
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     if args.quick:
         m_values, shapes = (1, 16), shapes[:1]
+    m_values = args.m or m_values
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes] if args.shapes else shapes
     repeats = args.repeats or (50 if on_gpu else 7)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device)
     print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}", flush=True)
     rows = []
     failures = []
+    out_path = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")
+
+    def write_results():  # after every shape too, so that a run stopped early keeps what it measured
+        result = {
+            "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
+            "threads": torch.get_num_threads(), "repeats": repeats,
+            "baseline": "F.linear bfloat16, weight [N, K] contiguous",
+            "max_rel_error": MAX_REL_ERROR, "failures": failures, "rows": rows,
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+
     for k, n in shapes:
         layers = {s: quantized_layer(s, n, k, device) for s in args.schemes}
         dense = layers[args.schemes[0]][2]
@@ -117,6 +154,8 @@ def main() -> None:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             base_ms = median_ms(lambda: torch.nn.functional.linear(x, dense), device, repeats)
             row = {"M": m, "K": k, "N": n, "bf16_matmul_ms": base_ms, "kernels": {}}
+            if on_gpu:
+                row["bf16_matmul_graph_ms"] = graph_median_ms(lambda: torch.nn.functional.linear(x, dense), repeats)
             for scheme_name, (scheme, _, reference) in layers.items():
                 prepared = prepared_layers[scheme_name]
                 out = apply_linear(x, prepared)
@@ -126,29 +165,33 @@ def main() -> None:
                     failures.append(f"{scheme_name} M={m} K={k} N={n}: rel error {rel_error:.2e}")
                 ms = median_ms(lambda: apply_linear(x, prepared), device, repeats)
                 weight_bytes = stored_bytes(param_specs(scheme, n, k))
-                row["kernels"][scheme_name] = {
+                entry = row["kernels"][scheme_name] = {
                     "kernel": prepared.kernel, "ms": ms, "speedup_vs_bf16": base_ms / ms,
                     "weight_gbs": weight_bytes / (ms * 1e-3) / 1e9,
                     "weight_bandwidth_fraction": weight_bytes / (ms * 1e-3) / 1e9 / bandwidth,
                     "rel_error_vs_reference": rel_error, "prepare_s": prepare_s[scheme_name],
                 }
+                if on_gpu:
+                    graph_ms = graph_median_ms(lambda: apply_linear(x, prepared), repeats)
+                    entry.update(graph_ms=graph_ms, graph_speedup_vs_bf16=row["bf16_matmul_graph_ms"] / graph_ms,
+                                 graph_weight_bandwidth_fraction=weight_bytes / (graph_ms * 1e-3) / 1e9 / bandwidth)
             if "int8" in row["kernels"]:
                 int8_ms = row["kernels"]["int8"]["ms"]
                 for entry in row["kernels"].values():
                     entry["speedup_vs_our_int8"] = int8_ms / entry["ms"]
             rows.append(row)
-            cells = "  ".join(f"{s} {e['speedup_vs_bf16']:.2f}x ({e['kernel']}, {e['weight_gbs']:.0f} GB/s)"
-                              for s, e in row["kernels"].items())
-            print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 {base_ms:8.3f} ms  {cells}", flush=True)
-    result = {
-        "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
-        "threads": torch.get_num_threads(), "repeats": repeats, "baseline": "F.linear bfloat16, weight [N, K] contiguous",
-        "max_rel_error": MAX_REL_ERROR, "failures": failures, "rows": rows,
-    }
-    out = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+            if on_gpu:  # graph-replayed ratios, and the fraction of copy bandwidth the weight stream reached
+                cells = "  ".join(f"{s} {e['graph_speedup_vs_bf16']:.2f}x ({100 * e['graph_weight_bandwidth_fraction']:.0f}%)"
+                                  for s, e in row["kernels"].items())
+                print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 graph {row['bf16_matmul_graph_ms']:7.4f} ms  {cells}",
+                      flush=True)
+            else:
+                cells = "  ".join(f"{s} {e['speedup_vs_bf16']:.2f}x ({e['kernel']}, {e['weight_gbs']:.0f} GB/s)"
+                                  for s, e in row["kernels"].items())
+                print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 {base_ms:8.3f} ms  {cells}", flush=True)
+        write_results()
+    write_results()
+    print(f"wrote {out_path}")
     if failures:
         raise SystemExit(f"{len(failures)} kernel results off the reference by more than {MAX_REL_ERROR}: "
                          + "; ".join(failures[:5]))

@@ -2,8 +2,8 @@
 
 Triton's CPU interpreter, which the tests run the kernels in, executes the Python body of a kernel and so
 misses what only the compiler checks (which globals a kernel may read, types, shared memory per block).
-This module compiles every weight format with a decode and a prefill tile, and every candidate tile with
-one format, to a cubin for `--arch` (default 90: H100 / H200), and reports each variant's shared memory.
+This module compiles every weight format with a decode and a prefill tile, the whole-weight dequantizer
+and the embedding gather, and every candidate tile with one format, to a cubin for `--arch` (default 90: H100 / H200), and reports each variant's shared memory.
 
     python -m nanoq_plugin.kernels.triton_aot            # a table; exit 1 if any variant fails
     python -m nanoq_plugin.kernels.triton_aot --json     # the same as JSON (tests/kernels/test_triton_aot.py)
@@ -47,7 +47,8 @@ FORMATS = (
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled kernel: `kernel` "gemm" (a TileConfig as block_m/n/k, split_k, warps, stages) or "embedding"."""
+    """One compiled kernel: `kernel` "gemm" (a TileConfig as block_m/n/k, split_k, warps, stages), "dequantize"
+    (block_k x block_n tiles) or "embedding"."""
 
     kernel: str
     format: str
@@ -74,6 +75,7 @@ def variants() -> list[Variant]:
     out += [gemm("int4g128", config) for config in DECODE_CONFIGS + PREFILL_CONFIGS]
     out += [gemm("int4g128", decode, "fp16"), gemm("int4g128", PREFILL_CONFIGS[0], "fp32")]
     out += [Variant("embedding", label, "bf16", block_n=16, block_k=128) for label, *_ in FORMATS]
+    out += [Variant("dequantize", label, "bf16", block_n=64, block_k=64) for label, *_ in FORMATS]
     unique = []
     for variant in out:
         if variant not in unique:
@@ -93,7 +95,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
     from triton.compiler import ASTSource
 
     from .triton_embedding import embedding_gather_kernel
-    from .triton_gemm import TileConfig, WeightFormat, dequant_gemm_kernel, kernel_constexprs
+    from .triton_gemm import TileConfig, WeightFormat, dequant_gemm_kernel, dequantize_kernel, kernel_constexprs
 
     _, fmt, bits, group, has_zeros = next(f for f in FORMATS if f[0] == variant.format)
     weight = WeightFormat(fmt, bits, group, has_zeros)
@@ -107,6 +109,11 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
                             variant.num_warps, variant.num_stages)
         constexprs = kernel_constexprs(weight, config, variant.split_k, act, interpret=False)
         pointers.update(x_ptr=_POINTER_TYPE[act], out_ptr="*fp32" if variant.split_k > 1 else _POINTER_TYPE[act])
+    elif variant.kernel == "dequantize":
+        fn = dequantize_kernel
+        constexprs = dict(FMT=fmt, BITS=bits, GROUP=group, HAS_ZEROS=has_zeros,
+                          BLOCK_K=variant.block_k, BLOCK_N=variant.block_n)
+        pointers.update(out_ptr=_POINTER_TYPE[act])
     else:
         fn = embedding_gather_kernel
         constexprs = dict(FMT=fmt, BITS=bits, GROUP=group, HAS_ZEROS=has_zeros,

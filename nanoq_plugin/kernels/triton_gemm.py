@@ -4,7 +4,8 @@ One kernel, two families of launch configurations:
 - decode (M <= 64): BLOCK_M 16 and split-K, so that a GEMV still spreads the weight stream over every SM;
   each K slice writes float32 partial sums `[split_k, M, N]` that are added afterwards (no atomics, so
   every output element is written exactly once and results are deterministic);
-- prefill (M > 64): tiled BLOCK_M x BLOCK_N, one K slice, tensor cores through `tl.dot`.
+- prefill (M > 64): tiled BLOCK_M x BLOCK_N, one K slice, tensor cores through `tl.dot`; or, when tuning
+  finds it faster, `DEQUANTIZE_THEN_GEMM`: the whole weight dequantized in one pass, then cuBLAS.
 
 Weights are dequantized tile by tile by `triton_dequant.load_weight_tile` (layout table there).
 Activations float16 / bfloat16 go to `tl.dot` in their own dtype with float32 accumulation; float32
@@ -63,6 +64,11 @@ PREFILL_CONFIGS = (
 )
 
 
+# Not a tile: "dequantize the whole weight to the activation dtype (`dequantize_kernel`), then the
+# framework's GEMM (cuBLAS)". A prefill candidate: at large M the GEMM is compute-bound, cuBLAS's tiles beat
+# ours, and one pass writing W costs little next to it (vLLM's AWQ path does the same from 256 tokens).
+DEQUANTIZE_THEN_GEMM = TileConfig(0, 64, 64, 1)
+
 MAX_M_BUCKET = 4096
 
 
@@ -120,6 +126,26 @@ def dequant_gemm_kernel(
         tl.store(out_ptr + pid_k * stride_osplit + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask)
 
 
+@triton.jit
+def dequantize_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr,  # as in dequant_gemm_kernel
+    out_ptr,  # [K, N] row-major, the activation dtype
+    N, K, stride_q, stride_s,
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K,
+                         stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+    if FMT == JIT_FMT_INT8_CHANNEL:
+        w *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_k < K)[:, None] & mask_n[None, :])
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """Constexpr description of a stored weight for the kernel (see `triton_dequant`)."""
@@ -147,6 +173,21 @@ def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, ac
     )
 
 
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      weight: "WeightFormat", out_features: int, in_features: int, dtype: torch.dtype,
+                      block_k: int = 64, block_n: int = 64) -> torch.Tensor:
+    """The stored weight as `W.T [K, N]` in `dtype` (a codebook's *rotated* weight), in one Triton pass."""
+    out = torch.empty((in_features, out_features), dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    dequantize_kernel[grid](
+        qweight, scales, zeros if zeros is not None else scales, out,
+        out_features, in_features, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
+        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
+        BLOCK_K=block_k, BLOCK_N=block_n,
+    )
+    return out
+
+
 def launch(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -164,6 +205,9 @@ def launch(
     """
     m, k = x.shape
     n = out_features
+    if config.block_m == DEQUANTIZE_THEN_GEMM.block_m:
+        weight_t = dequantize_weight(qweight, scales, zeros, weight, n, k, x.dtype, config.block_k, config.block_n)
+        return torch.matmul(x, weight_t) if out is None else torch.matmul(x, weight_t, out=out)
     if x.stride(1) != 1:
         x = x.contiguous()
     split_k, k_per_split = split_k_of(m, k, config)
@@ -206,7 +250,7 @@ def _time_ms(fn, repeats: int = 10) -> float:
 
 def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
     """Configurations worth trying for this problem: tiles clamped to it, duplicates dropped."""
-    family = DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS
+    family = DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS + (DEQUANTIZE_THEN_GEMM,)
     out = []
     for c in family:
         block_n = min(c.block_n, max(16, triton.next_power_of_2(n)))

@@ -30,7 +30,8 @@ def test_every_variant_compiles_for_sm90(reports):
               for r in reports if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert {r["format"] for r in reports if r["kernel"] == "gemm"} == {label for label, *_ in FORMATS}
-    assert {r["format"] for r in reports if r["kernel"] == "embedding"} == {label for label, *_ in FORMATS}
+    for kernel in ("embedding", "dequantize"):
+        assert {r["format"] for r in reports if r["kernel"] == kernel} == {label for label, *_ in FORMATS}
 
 
 def test_tiles_fit_hopper_shared_memory_and_use_tensor_cores(reports):
