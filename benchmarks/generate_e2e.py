@@ -203,8 +203,10 @@ def main() -> None:
                 print(f"{variant}: static-cache decode step failed at batch {batch}: {steps[-1]['error']}", flush=True)
         results["variants"][variant] = {"weight_gib": weight_bytes / 2**30, "runs": runs, "decode_steps": steps}
         for run, step in zip(runs, steps):
-            step_text = f"{step['tokens_per_s']:9.1f} tok/s ({step['step_ms']:.2f} ms/step)" if "step_ms" in step else "failed"
-            print(f"{variant:7s} batch {run['batch']:3d}: generate {run['decode_tokens_per_s'] or float('nan'):9.1f} decode "
+            step_text = (f"{step['tokens_per_s']:9.1f} tok/s ({step['step_ms']:.2f} ms/step)" if "step_ms" in step
+                         else "failed")
+            generate_rate = run["decode_tokens_per_s"] or float("nan")
+            print(f"{variant:7s} batch {run['batch']:3d}: generate {generate_rate:9.1f} decode "
                   f"tok/s, static step {step_text}, peak {run['peak_memory_gib'] or 0:.2f} GiB, "
                   f"weights {weight_bytes / 2**30:.2f} GiB", flush=True)
         write_results(results, out)

@@ -17,6 +17,7 @@ reference, and writes benchmarks/results/kernels-<device>.json. A benchmark, not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -28,7 +29,9 @@ import torch
 from nanoq_plugin.format.layout import param_specs, stored_bytes
 from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import SchemeKind, parse_scheme
+from nanoq_plugin.kernels.custom_ops import triton_weight_format
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
+from nanoq_plugin.kernels.reference_linear import op_args, third_tensor
 from nanoq_plugin.quantizers.codebook import quantize_codebook
 from nanoq_plugin.quantizers.rtn import quantize_rtn
 
@@ -171,6 +174,12 @@ def main() -> None:
                     "weight_bandwidth_fraction": weight_bytes / (ms * 1e-3) / 1e9 / bandwidth,
                     "rel_error_vs_reference": rel_error, "prepare_s": prepare_s[scheme_name],
                 }
+                if prepared.kernel == "triton":
+                    from nanoq_plugin.kernels.triton_gemm import tuned_config
+
+                    fmt = triton_weight_format(*op_args(prepared.config), third_tensor(prepared.tensors))
+                    chosen = tuned_config(m, n, k, fmt, torch.bfloat16)
+                    entry["tile"] = dataclasses.asdict(chosen) if chosen else None
                 if on_gpu:
                     graph_ms = graph_median_ms(lambda: apply_linear(x, prepared), repeats)
                     entry.update(graph_ms=graph_ms, graph_speedup_vs_bf16=row["bf16_matmul_graph_ms"] / graph_ms,
@@ -181,8 +190,9 @@ def main() -> None:
                     entry["speedup_vs_our_int8"] = int8_ms / entry["ms"]
             rows.append(row)
             if on_gpu:  # graph-replayed ratios, and the fraction of copy bandwidth the weight stream reached
-                cells = "  ".join(f"{s} {e['graph_speedup_vs_bf16']:.2f}x ({100 * e['graph_weight_bandwidth_fraction']:.0f}%)"
-                                  for s, e in row["kernels"].items())
+                cells = "  ".join(
+                    f"{s} {e['graph_speedup_vs_bf16']:.2f}x ({100 * e['graph_weight_bandwidth_fraction']:.0f}%)"
+                    for s, e in row["kernels"].items())
                 print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 graph {row['bf16_matmul_graph_ms']:7.4f} ms  {cells}",
                       flush=True)
             else:

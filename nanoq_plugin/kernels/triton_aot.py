@@ -3,7 +3,8 @@
 Triton's CPU interpreter, which the tests run the kernels in, executes the Python body of a kernel and so
 misses what only the compiler checks (which globals a kernel may read, types, shared memory per block).
 This module compiles every weight format with a decode and a prefill tile, the whole-weight dequantizer
-and the embedding gather, and every candidate tile with one format, to a cubin for `--arch` (default 90: H100 / H200), and reports each variant's shared memory.
+and the embedding gather, and every candidate tile with one format, to a cubin for `--arch` (default 90:
+H100 / H200), and reports each variant's shared memory and matrix instructions.
 
     python -m nanoq_plugin.kernels.triton_aot            # a table; exit 1 if any variant fails
     python -m nanoq_plugin.kernels.triton_aot --json     # the same as JSON (tests/kernels/test_triton_aot.py)
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reports))
     else:
         for r in reports:
-            tile = f"{r['block_m']}x{r['block_n']}x{r['block_k']} split {r['split_k']} w{r['num_warps']} s{r['num_stages']}"
+            tile = (f"{r['block_m']}x{r['block_n']}x{r['block_k']} split {r['split_k']} "
+                    f"w{r['num_warps']} s{r['num_stages']}")
             state = f"ok  shared {r['shared']:6d} B  {r['mma']}" if r["ok"] else f"FAILED {r['error']}"
             print(f"{r['kernel']:9s} {r['format']:13s} {r['act_dtype']:4s} {tile:28s} {state}")
     return 0 if all(r["ok"] for r in reports) else 1

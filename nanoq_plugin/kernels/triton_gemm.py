@@ -216,7 +216,8 @@ def launch(
     if split_k == 1:
         target = out
     else:
-        target = partials if partials is not None else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        target = (partials if partials is not None
+                  else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device))
         if tuple(target.shape) != (split_k, m, n):
             raise ValueError(f"partials must be float32 [{split_k}, {m}, {n}], got {list(target.shape)}")
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
@@ -237,15 +238,42 @@ _TUNED: dict[tuple, TileConfig] = {}
 
 
 def _time_ms(fn, repeats: int = 10) -> float:
-    fn()
+    """GPU time of one `fn()` in ms, from `repeats` calls captured in one CUDA graph and replayed: launched
+    eagerly, a decode-sized kernel (~10-40 µs on an H200) is shorter than Python's launch overhead, and
+    timing that would pick tiles at random (the first H200 run did). Eager timing where capture fails."""
+    fn()  # compiles
     torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                fn()
+        run = graph.replay
+    except RuntimeError:
+        graph = None
+
+        def run():
+            for _ in range(repeats):
+                fn()
+    run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(repeats):
-        fn()
+    run()
     end.record()
     torch.cuda.synchronize()
+    del graph
     return start.elapsed_time(end) / repeats
+
+
+def tuned_config(m: int, out_features: int, in_features: int, weight: WeightFormat,
+                 dtype: torch.dtype) -> TileConfig | None:
+    """The configuration tuning chose for this problem, or None if it has not run (benchmarks report it)."""
+    return _TUNED.get((m_bucket(m), out_features, in_features, weight, dtype))
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
@@ -256,7 +284,8 @@ def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
         block_n = min(c.block_n, max(16, triton.next_power_of_2(n)))
         block_k = min(c.block_k, max(32, triton.next_power_of_2(k)))
         split_k = max(1, min(c.split_k, k // block_k))
-        clamped = TileConfig(c.block_m if m > DECODE_MAX_M else 16, block_n, block_k, split_k, c.num_warps, c.num_stages)
+        clamped = TileConfig(c.block_m if m > DECODE_MAX_M else 16, block_n, block_k, split_k,
+                             c.num_warps, c.num_stages)
         if clamped not in out:
             out.append(clamped)
     return out
@@ -311,6 +340,6 @@ def warm_up(qweight, scales, zeros, weight: WeightFormat, out_features: int, in_
     """Tune every M bucket of one layer shape now (call after loading, before CUDA-graph capture)."""
     m = 1
     while m <= max_m:
-        x = torch.zeros((m, in_features), dtype=dtype, device=qweight.device)
+        x = torch.randn((m, in_features), dtype=dtype, device=qweight.device)  # zeros can time faster than data
         dequant_gemm(x, qweight, scales, zeros, weight, out_features)
         m *= 2
