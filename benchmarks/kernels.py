@@ -29,6 +29,7 @@ import torch
 from nanoq_plugin.format.layout import param_specs, stored_bytes
 from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import SchemeKind, parse_scheme
+from nanoq_plugin.kernels.cuda_graph import capture_calls
 from nanoq_plugin.kernels.custom_ops import triton_weight_format
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
 from nanoq_plugin.kernels.reference_linear import op_args, third_tensor
@@ -76,16 +77,7 @@ def graph_median_ms(fn, repeats: int) -> float:
     """Median time of one `fn()` in milliseconds, replayed from a CUDA graph of GRAPH_CALLS calls: the GPU time
     without Python's launch overhead (what a serving engine's captured decode step pays)."""
     fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return median_ms(graph.replay, "cuda", repeats) / GRAPH_CALLS
+    return median_ms(capture_calls(fn, GRAPH_CALLS).replay, "cuda", repeats) / GRAPH_CALLS
 
 
 def copy_bandwidth_gbs(device: str) -> float:

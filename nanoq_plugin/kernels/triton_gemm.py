@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .cuda_graph import capture_calls
 from .triton_dequant import JIT_FMT_INT8_CHANNEL, load_weight_tile
 
 DECODE_MAX_M = 64
@@ -244,15 +245,7 @@ def _time_ms(fn, repeats: int = 10) -> float:
     fn()  # compiles
     torch.cuda.synchronize()
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeats):
-                fn()
+        graph = capture_calls(fn, repeats)
         run = graph.replay
     except RuntimeError:
         graph = None
