@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,7 @@ from .triton_dequant import FMT_CODEBOOK, FMT_INT8_CHANNEL, FMT_INT_GROUP
 HOPPER_MAX_SHARED = 232448
 _POINTER_TYPE = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _DTYPE_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ALIGNED_INTS = ("N", "K", "H", "stride_xm", "stride_om", "stride_osplit", "stride_q", "stride_s", "k_per_split")
 # (label, format, bits, group size, has zeros) of every weight format the kernels read
 FORMATS = (
     ("int8", FMT_INT8_CHANNEL, 8, 0, False),
@@ -60,6 +62,7 @@ class Variant:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
 
 
 def variants() -> list[Variant]:
@@ -69,12 +72,14 @@ def variants() -> list[Variant]:
 
     def gemm(label: str, config, dtype: str = "bf16") -> Variant:
         return Variant("gemm", label, dtype, config.block_m, config.block_n, config.block_k, config.split_k,
-                       config.num_warps, config.num_stages)
+                       config.num_warps, config.num_stages, config.swap_ab)
 
     decode = next(c for c in DECODE_CONFIGS if c.split_k > 1)
-    out = [gemm(label, config) for label, *_ in FORMATS for config in (decode, PREFILL_CONFIGS[0])]
+    swapped = next(c for c in DECODE_CONFIGS if c.split_k > 1 and c.swap_ab)
+    out = [gemm(label, config) for label, *_ in FORMATS for config in (decode, swapped, PREFILL_CONFIGS[0])]
     out += [gemm("int4g128", config) for config in DECODE_CONFIGS + PREFILL_CONFIGS]
-    out += [gemm("int4g128", decode, "fp16"), gemm("int4g128", PREFILL_CONFIGS[0], "fp32")]
+    out += [gemm("int4g128", decode, "fp16"), gemm("int4g128", PREFILL_CONFIGS[0], "fp32"),
+            gemm("int4g128", swapped, "fp32")]
     out += [Variant("embedding", label, "bf16", block_n=16, block_k=128) for label, *_ in FORMATS]
     out += [Variant("dequantize", label, "bf16", block_n=64, block_k=64) for label, *_ in FORMATS]
     unique = []
@@ -107,7 +112,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
     if variant.kernel == "gemm":
         fn = dequant_gemm_kernel
         config = TileConfig(variant.block_m, variant.block_n, variant.block_k, variant.split_k,
-                            variant.num_warps, variant.num_stages)
+                            variant.num_warps, variant.num_stages, variant.swap_ab)
         constexprs = kernel_constexprs(weight, config, variant.split_k, act, interpret=False)
         pointers.update(x_ptr=_POINTER_TYPE[act], out_ptr="*fp32" if variant.split_k > 1 else _POINTER_TYPE[act])
     elif variant.kernel == "dequantize":
@@ -123,8 +128,12 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
     report = {**asdict(variant), "arch": arch}
     try:
         params = list(inspect.signature(fn.fn).parameters)
+        # what a real launch specializes on: 16-byte aligned tensors, and sizes / strides that are multiples
+        # of 16 (every model dimension is); M is never specialized (see dequant_gemm_kernel)
+        aligned = [name for name in params if name in pointers or name in _ALIGNED_INTS]
         source = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
-                           constexprs={(params.index(name),): value for name, value in constexprs.items()})
+                           constexprs={(params.index(name),): value for name, value in constexprs.items()},
+                           attrs={(params.index(name),): [["tt.divisibility", 16]] for name in aligned})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
     except Exception as error:  # noqa: BLE001 — the report names the variant and the compiler's message
@@ -134,7 +143,11 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
         return {**report, "ok": False, "error": " | ".join(lines)[-2000:]}
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-    return {**report, "ok": True, "shared": compiled.metadata.shared, "mma": mma}
+    # how the dequantized tile reaches shared memory: 2-byte stores (one element each) or 16-byte vectors
+    stores = {width: len(re.findall(pattern, ptx)) for width, pattern in
+              (("b16", r"st\.shared\.b16\s"), ("v4", r"st\.shared\.v4\."))}
+    return {**report, "ok": True, "shared": compiled.metadata.shared, "mma": mma,
+            "shared_stores_b16": stores["b16"], "shared_stores_v4": stores["v4"]}
 
 
 def compile_all(arch: int = 90, workers: int | None = None) -> list[dict]:
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in reports:
             tile = (f"{r['block_m']}x{r['block_n']}x{r['block_k']} split {r['split_k']} "
-                    f"w{r['num_warps']} s{r['num_stages']}")
+                    f"w{r['num_warps']} s{r['num_stages']}{' swap' if r['swap_ab'] else ''}")
             state = f"ok  shared {r['shared']:6d} B  {r['mma']}" if r["ok"] else f"FAILED {r['error']}"
             print(f"{r['kernel']:9s} {r['format']:13s} {r['act_dtype']:4s} {tile:28s} {state}")
     return 0 if all(r["ok"] for r in reports) else 1

@@ -33,63 +33,118 @@ JIT_FMT_CODEBOOK = tl.constexpr(FMT_CODEBOOK)
 
 
 @triton.jit
-def _unpack_words(words, BITS: tl.constexpr):
-    """Codes of packed int32 `words [W, BLOCK_N]` -> `[W * 32 // BITS, BLOCK_N]` int32, code j of word w at
-    row w * (32 // BITS) + j: each word is loaded once and unpacked in registers."""
+def _unpack_words(words, BITS: tl.constexpr, K_LAST: tl.constexpr):
+    """Codes of packed int32 words, each loaded once and unpacked in registers; code j of word w is input row
+    w * (32 // BITS) + j. `words [W, BLOCK_N]` -> `[W * 32 // BITS, BLOCK_N]`, or with K_LAST
+    `words [BLOCK_N, W]` -> `[BLOCK_N, W * 32 // BITS]` (a thread then holds consecutive rows of one column)."""
     PER_WORD: tl.constexpr = 32 // BITS
     shifts = tl.arange(0, PER_WORD) * BITS
-    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (words.shape[0] * PER_WORD, words.shape[1]))
+    if K_LAST:
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, (words.shape[0], words.shape[1] * PER_WORD))
+    else:
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, (words.shape[0] * PER_WORD, words.shape[1]))
+    return codes
 
 
 @triton.jit
-def _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Int32 codes `[BLOCK_K, BLOCK_N]` of rows k0 .. k0 + BLOCK_K (0 for rows >= K or masked columns)."""
-    cols = offs_n[None, :]
+def _rows_by_cols(rows, cols, K_LAST: tl.constexpr):
+    """Offsets `rows[r] + cols[c]` as `[len(rows), len(cols)]`, or transposed `[len(cols), len(rows)]`."""
+    if K_LAST:
+        offsets = rows[None, :] + cols[:, None]
+    else:
+        offsets = rows[:, None] + cols[None, :]
+    return offsets
+
+
+@triton.jit
+def _valid(rows_valid, cols_valid, K_LAST: tl.constexpr):
+    """Mask `rows_valid[r] & cols_valid[c]`, laid out as `_rows_by_cols`."""
+    if K_LAST:
+        mask = rows_valid[None, :] & cols_valid[:, None]
+    else:
+        mask = rows_valid[:, None] & cols_valid[None, :]
+    return mask
+
+
+@triton.jit
+def _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                K_LAST: tl.constexpr):
+    """Int32 codes `[BLOCK_K, BLOCK_N]` (`[BLOCK_N, BLOCK_K]` with K_LAST) of rows k0 .. k0 + BLOCK_K; 0 for
+    rows >= K or masked columns."""
     if BITS == 3:  # per 32 rows: two words of 16 low 2-bit fields, then one word of 32 high bits
         BLOCKS: tl.constexpr = BLOCK_K // 32
         blocks = k0 // 32 + tl.arange(0, BLOCKS)
-        valid = ((blocks * 32) < K)[:, None] & mask_n[None, :]  # [BLOCKS, BLOCK_N]
-        low_rows = blocks[:, None] * 3 + tl.arange(0, 2)[None, :]  # [BLOCKS, 2]
-        lows = tl.load(qweight_ptr + low_rows[:, :, None] * stride_q + cols[None, :, :], mask=valid[:, None, :],
-                       other=0)  # [BLOCKS, 2, BLOCK_N]
-        low_codes = _unpack_words(tl.reshape(lows, (BLOCKS * 2, lows.shape[2])), 2)
-        highs = tl.load(qweight_ptr + (blocks * 3 + 2)[:, None] * stride_q + cols, mask=valid, other=0)
-        codes = low_codes | (_unpack_words(highs, 1) << 2)
+        low_rows = tl.reshape(blocks[:, None] * 3 + tl.arange(0, 2)[None, :], (BLOCKS * 2,))  # 3b, 3b + 1, ...
+        low_valid = _valid((low_rows // 3) * 32 < K, mask_n, K_LAST)
+        lows = tl.load(qweight_ptr + _rows_by_cols(low_rows * stride_q, offs_n, K_LAST), mask=low_valid, other=0)
+        valid = _valid(blocks * 32 < K, mask_n, K_LAST)
+        highs = tl.load(qweight_ptr + _rows_by_cols((blocks * 3 + 2) * stride_q, offs_n, K_LAST), mask=valid,
+                        other=0)
+        codes = _unpack_words(lows, 2, K_LAST) | (_unpack_words(highs, 1, K_LAST) << 2)
     else:
         PER_WORD: tl.constexpr = 32 // BITS
         word_rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        valid = ((word_rows * PER_WORD) < K)[:, None] & mask_n[None, :]
-        words = tl.load(qweight_ptr + word_rows[:, None] * stride_q + cols, mask=valid, other=0)
-        codes = _unpack_words(words, BITS)
+        valid = _valid(word_rows * PER_WORD < K, mask_n, K_LAST)
+        words = tl.load(qweight_ptr + _rows_by_cols(word_rows * stride_q, offs_n, K_LAST), mask=valid, other=0)
+        codes = _unpack_words(words, BITS, K_LAST)
     return codes
+
+
+@triton.jit
+def _per_column(vector, K_LAST: tl.constexpr):
+    """A `[BLOCK_N]` vector as the column factor of a tile: `[1, BLOCK_N]`, or `[BLOCK_N, 1]` with K_LAST."""
+    if K_LAST:
+        column = vector[:, None]
+    else:
+        column = vector[None, :]
+    return column
 
 
 @triton.jit
 def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
                   IS_CODEBOOK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """Float32 `[BLOCK_K, BLOCK_N]` of a grouped format: (code - zero) * scale, or level[code] * scale."""
-    cols = offs_n[None, :]
-    codes = _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS, BLOCK_K)
-    GROUPS: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP  # powers of two: BLOCK_K / GROUP, or 1
-    group_rows = k0 // GROUP + tl.arange(0, GROUPS)
-    valid = ((group_rows * GROUP) < K)[:, None] & mask_n[None, :]  # [GROUPS, BLOCK_N]
-    scales = tl.load(scales_ptr + group_rows[:, None] * stride_s + cols, mask=valid, other=0).to(tl.float32)
+                  BLOCK_K: tl.constexpr, K_LAST: tl.constexpr):
+    """Float32 `[BLOCK_K, BLOCK_N]` (`[BLOCK_N, BLOCK_K]` with K_LAST) of a grouped format: (code - zero) *
+    scale, or level[code] * scale."""
+    codes = _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS, BLOCK_K, K_LAST)
     if IS_CODEBOOK:
         values = tl.load(zeros_ptr + codes)  # codes < 2**b: every index is in the table
-        zeros = tl.zeros_like(scales)
     else:
         values = codes.to(tl.float32)
-        if HAS_ZEROS:
-            zeros = tl.load(zeros_ptr + group_rows[:, None] * stride_s + cols, mask=valid, other=0).to(tl.float32)
+    GROUPS: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP  # powers of two: BLOCK_K / GROUP, or 1
+    if GROUPS == 1:
+        # the tile lies in one group: its scales (and zeros) are one [BLOCK_N] vector, broadcast over the rows.
+        # (Loaded as a [1, BLOCK_N] tile instead, they change the layout the compiler gives the whole tile:
+        # the weight-first MMA operand then goes to shared memory 2 bytes per store instead of 16.)
+        offsets = (k0 // GROUP) * stride_s + offs_n
+        valid = mask_n & (k0 < K)
+        scales = tl.load(scales_ptr + offsets, mask=valid, other=0).to(tl.float32)
+        if IS_CODEBOOK:
+            shifted = values
+        elif HAS_ZEROS:
+            shifted = values - _per_column(tl.load(zeros_ptr + offsets, mask=valid, other=0).to(tl.float32), K_LAST)
+        else:
+            shifted = values - (1 << (BITS - 1))
+        out = shifted * _per_column(scales, K_LAST)
+    else:
+        group_rows = k0 // GROUP + tl.arange(0, GROUPS)
+        valid = _valid(group_rows * GROUP < K, mask_n, K_LAST)  # [GROUPS, BLOCK_N] or [BLOCK_N, GROUPS]
+        group_offsets = _rows_by_cols(group_rows * stride_s, offs_n, K_LAST)
+        scales = tl.load(scales_ptr + group_offsets, mask=valid, other=0).to(tl.float32)
+        if IS_CODEBOOK:
+            zeros = tl.zeros_like(scales)
+        elif HAS_ZEROS:
+            zeros = tl.load(zeros_ptr + group_offsets, mask=valid, other=0).to(tl.float32)
         else:
             zeros = tl.zeros_like(scales) + (1 << (BITS - 1))
-    if GROUPS == 1:
-        out = (values - zeros) * scales
-    else:
-        grouped = tl.reshape(values, (GROUPS, BLOCK_K // GROUPS, values.shape[1]))
-        out = tl.reshape((grouped - zeros[:, None, :]) * scales[:, None, :], (BLOCK_K, values.shape[1]))
+        if K_LAST:
+            grouped = tl.reshape(values, (values.shape[0], GROUPS, BLOCK_K // GROUPS))
+            out = tl.reshape((grouped - zeros[:, :, None]) * scales[:, :, None], (values.shape[0], BLOCK_K))
+        else:
+            grouped = tl.reshape(values, (GROUPS, BLOCK_K // GROUPS, values.shape[1]))
+            out = tl.reshape((grouped - zeros[:, None, :]) * scales[:, None, :], (BLOCK_K, values.shape[1]))
     return out
 
 
@@ -109,18 +164,20 @@ def load_weight_tile(
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_LAST: tl.constexpr = False,
 ):
-    """Float32 `[BLOCK_K, BLOCK_N]`: dequantized weights (int_group, codebook) or raw codes (int8 per channel);
-    0 in rows >= K and masked columns. Packed words are loaded once each and unpacked in registers; scales
-    (and zeros) once per group row (BLOCK_K and GROUP are powers of two, so a tile holds whole groups or
-    lies inside one). Written with if/else only: the compiler, unlike the interpreter, also builds the
-    statements after a constexpr branch that returned."""
+    """Float32 `[BLOCK_K, BLOCK_N]`, or its transpose `[BLOCK_N, BLOCK_K]` built with K as the fast axis when
+    K_LAST: dequantized weights (int_group, codebook) or raw codes (int8 per channel); 0 in rows >= K and
+    masked columns. Packed words are loaded once each and unpacked in registers; scales (and zeros) once
+    per group row (BLOCK_K and GROUP are powers of two, so a tile holds whole groups or lies inside one).
+    Written with if/else only: the compiler, unlike the interpreter, also builds the statements after a
+    constexpr branch that returned."""
     if FMT == JIT_FMT_INT8_CHANNEL:
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        codes = tl.load(qweight_ptr + offs_k[:, None] * stride_q + offs_n[None, :],
-                        mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
+        codes = tl.load(qweight_ptr + _rows_by_cols(offs_k * stride_q, offs_n, K_LAST),
+                        mask=_valid(offs_k < K, mask_n, K_LAST), other=0)
         tile = codes.to(tl.float32)
     else:
         tile = _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
-                             FMT == JIT_FMT_CODEBOOK, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+                             FMT == JIT_FMT_CODEBOOK, BITS, GROUP, HAS_ZEROS, BLOCK_K, K_LAST)
     return tile

@@ -53,11 +53,17 @@ class TileConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # decode: compute out.T = W @ x.T (see the kernel)
 
 
 DECODE_CONFIGS = tuple(
     TileConfig(16, bn, bk, sk, num_warps=4)
     for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
+) + tuple(
+    # weight-first tiles: on sm_90 the compiler makes them warpgroup MMAs fed by 16-byte shared stores, where
+    # the tiles above store the dequantized weight 2 bytes at a time (compiled here, not yet timed on a GPU)
+    TileConfig(16, bn, 128, sk, num_warps=4, swap_ab=True)
+    for bn in (64, 128) for sk in (1, 2, 4, 8)
 )
 PREFILL_CONFIGS = (
     TileConfig(64, 64, 64, 1), TileConfig(64, 128, 64, 1), TileConfig(128, 128, 64, 1, num_warps=8),
@@ -81,6 +87,33 @@ def m_bucket(m: int) -> int:
 
 # M varies with every batch: specializing on it (M == 1, M % 16 == 0) would compile each configuration
 # up to three times, at run time, in the serving engine.
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """`acc + a @ b` in float32; `b` (float32 dequantized weights) is cast to a's dtype, except for IEEE float32
+    dots and the interpreter's widened 16-bit dots (see `dot_in_float32`)."""
+    if IEEE_DOT:
+        acc += tl.dot(a, b, input_precision="ieee")
+    elif DOT_FP32:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        acc += tl.dot(a, b.to(a.dtype))
+    return acc
+
+
+@triton.jit
+def _dot_weight_first(w, x_t, acc, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """`acc + w @ x_t`: the weight tile `[BLOCK_N, BLOCK_K]` cast to x's dtype is the left operand."""
+    if IEEE_DOT:
+        acc += tl.dot(w, x_t, input_precision="ieee")
+    elif DOT_FP32:
+        acc += tl.dot(w, x_t.to(tl.float32))
+    else:
+        acc += tl.dot(w.to(x_t.dtype), x_t)
+    return acc
+
+
+# M varies with every batch: specializing on it (M == 1, M % 16 == 0) would compile each configuration
+# up to three times, at run time, in the serving engine.
 @triton.jit(do_not_specialize=["M"])
 def dequant_gemm_kernel(
     x_ptr,  # [M, K] float16 / bfloat16 / float32, row stride stride_xm, unit column stride
@@ -94,6 +127,7 @@ def dequant_gemm_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
+    SWAP_AB: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,21 +136,29 @@ def dequant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    for k_offset in range(0, k_per_split, BLOCK_K):
-        offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
-                             stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
-        if IEEE_DOT:
-            acc += tl.dot(x, w, input_precision="ieee")
-        elif DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w)
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
+    if SWAP_AB:
+        # out.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] @ x.T: the weight tile is unpacked with K as its fast axis
+        # (whole words per thread, stored to shared memory in 16-byte vectors) and, as the MMA's left operand,
+        # fills its 64-row dimension while a decode batch fills only the narrow one.
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k_offset in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
+            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                          mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+            w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
+                                 stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K, True)
+            acc_t = _dot_weight_first(w, x_t, acc_t, DOT_FP32, IEEE_DOT)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_offset in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
+                                 stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+            acc = _dot(x, w, acc, DOT_FP32, IEEE_DOT)
     if FMT == JIT_FMT_INT8_CHANNEL:
         acc *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -171,6 +213,7 @@ def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, ac
         FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
         DOT_FP32=dot_in_float32(act_dtype, interpret), IEEE_DOT=act_dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIALS=split_k > 1,
+        SWAP_AB=config.swap_ab,
     )
 
 
@@ -278,7 +321,7 @@ def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
         block_k = min(c.block_k, max(32, triton.next_power_of_2(k)))
         split_k = max(1, min(c.split_k, k // block_k))
         clamped = TileConfig(c.block_m if m > DECODE_MAX_M else 16, block_n, block_k, split_k,
-                             c.num_warps, c.num_stages)
+                             c.num_warps, c.num_stages, c.swap_ab)
         if clamped not in out:
             out.append(clamped)
     return out

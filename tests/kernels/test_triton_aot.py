@@ -38,5 +38,16 @@ def test_tiles_fit_hopper_shared_memory_and_use_tensor_cores(reports):
     for r in reports:
         assert r["shared"] <= HOPPER_MAX_SHARED, f"{r}: {r['shared']} bytes of shared memory cannot launch"
         if r["kernel"] == "gemm" and r["act_dtype"] != "fp32":
-            # prefill tiles (M >= 64, 4+ warps) get Hopper's warpgroup MMA; decode's 16-row tiles mma.sync
-            assert r["mma"] == ("wgmma" if r["block_m"] >= 64 else "mma.sync"), r
+            # prefill tiles (M >= 64) and weight-first decode tiles (the weight fills the MMA's 64-row side) get
+            # Hopper's warpgroup MMA; decode's 16-row tiles mma.sync
+            assert r["mma"] == ("wgmma" if r["block_m"] >= 64 or r["swap_ab"] else "mma.sync"), r
+
+
+def test_weight_first_tiles_store_the_dequantized_weight_in_16_byte_vectors(reports):
+    """The point of the weight-first decode tile: each thread unpacks whole words along K, and the tile goes to
+    shared memory in 16-byte stores. A [1, BLOCK_N] scale load once turned that into 128 2-byte stores."""
+    swapped = [r for r in reports if r["kernel"] == "gemm" and r["swap_ab"] and r["act_dtype"] == "bf16"
+               and not r["format"].startswith(("cb", "int8"))]
+    assert swapped
+    for r in swapped:
+        assert r["shared_stores_b16"] <= 1 and r["shared_stores_v4"] >= 8, r

@@ -23,6 +23,8 @@ CONFIGS = [
     triton_gemm.TileConfig(16, 64, 64, 1),  # decode, one K slice
     triton_gemm.TileConfig(16, 32, 128, 3),  # decode, split-K with a ragged last slice
     triton_gemm.TileConfig(32, 64, 32, 1),  # prefill-style tile
+    triton_gemm.TileConfig(16, 64, 64, 1, swap_ab=True),  # weight-first decode tile, one K slice
+    triton_gemm.TileConfig(16, 32, 128, 3, swap_ab=True),  # weight-first, split-K with a ragged last slice
     triton_gemm.DEQUANTIZE_THEN_GEMM,  # dequantize the whole weight, then torch.matmul
 ]
 
