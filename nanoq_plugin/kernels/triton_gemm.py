@@ -68,6 +68,10 @@ DECODE_CONFIGS = tuple(
 PREFILL_CONFIGS = (
     TileConfig(64, 64, 64, 1), TileConfig(64, 128, 64, 1), TileConfig(128, 128, 64, 1, num_warps=8),
     TileConfig(128, 64, 64, 1), TileConfig(128, 256, 64, 1, num_warps=8), TileConfig(64, 128, 128, 1),
+    # weight-first: on sm_90 the dequantized tile is the warpgroup MMA's register operand, with no 2-byte
+    # shared-memory stores (the tiles above make 32-128 per thread per step); not yet timed on a GPU
+    TileConfig(64, 128, 64, 1, swap_ab=True), TileConfig(128, 128, 64, 1, num_warps=8, swap_ab=True),
+    TileConfig(64, 128, 128, 1, swap_ab=True), TileConfig(128, 256, 64, 1, num_warps=8, swap_ab=True),
 )
 
 

@@ -44,10 +44,13 @@ def test_tiles_fit_hopper_shared_memory_and_use_tensor_cores(reports):
 
 
 def test_weight_first_tiles_store_the_dequantized_weight_in_16_byte_vectors(reports):
-    """The point of the weight-first decode tile: each thread unpacks whole words along K, and the tile goes to
-    shared memory in 16-byte stores. A [1, BLOCK_N] scale load once turned that into 128 2-byte stores."""
+    """The point of weight-first tiles: each thread unpacks whole words along K, so the tile reaches the MMA in
+    16-byte shared stores (decode) or straight from registers (prefill), never one 2-byte element per store.
+    A [1, BLOCK_N] scale load once turned that into 128 2-byte stores per thread."""
     swapped = [r for r in reports if r["kernel"] == "gemm" and r["swap_ab"] and r["act_dtype"] == "bf16"
                and not r["format"].startswith(("cb", "int8"))]
     assert swapped
     for r in swapped:
-        assert r["shared_stores_b16"] <= 1 and r["shared_stores_v4"] >= 8, r
+        assert r["shared_stores_b16"] <= 1, r
+        if r["block_m"] == 16:
+            assert r["shared_stores_v4"] >= 8, r
