@@ -3,8 +3,8 @@
 #   1. the Triton kernel tests compiled for the GPU (NANOQ_TRITON_DEVICE=cuda) instead of interpreted;
 #   2. the transformers end-to-end benchmark (Llama-3-8B shapes): bf16 / w8 / w4g128 / cb4g128;
 #   3. the kernel benchmark against cuBLAS bf16 (benchmarks/kernels.py).
-# Each step has its own time limit and writes its log and JSON under $OUT as soon as it ends, so a step that
-# fails or runs long costs only itself. No install: the GPU image's torch / triton / transformers are used
+# Each step has its own time limit and writes its log and JSON under $OUT as it goes, so a step that fails or
+# runs long costs only itself. The limits fit a 15-minute lease with time for one rerun (~7 min in all). No install: the GPU image's torch / triton / transformers are used
 # as they are, and the repository is put on PYTHONPATH.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh
@@ -45,5 +45,5 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 step triton-tests 50 env NANOQ_TRITON_DEVICE=$TEST_DEVICE $PY -m pytest -q -p no:cacheprovider $XDIST -k "bf16 or gather" \
     tests/kernels/test_triton_gemm.py tests/kernels/test_triton_embedding.py
-step e2e 125 $PY benchmarks/generate_e2e.py $E2E_ARGS --out "$OUT/e2e.json"
-step kernels 95 $PY benchmarks/kernels.py $KERNEL_ARGS --out "$OUT/kernels.json"
+step e2e 200 $PY benchmarks/generate_e2e.py $E2E_ARGS --out "$OUT/e2e.json"
+step kernels 150 $PY benchmarks/kernels.py $KERNEL_ARGS --out "$OUT/kernels.json"
