@@ -117,13 +117,11 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
         pointers.update(x_ptr=_POINTER_TYPE[act], out_ptr="*fp32" if variant.split_k > 1 else _POINTER_TYPE[act])
     elif variant.kernel == "dequantize":
         fn = dequantize_kernel
-        constexprs = dict(FMT=fmt, BITS=bits, GROUP=group, HAS_ZEROS=has_zeros,
-                          BLOCK_K=variant.block_k, BLOCK_N=variant.block_n)
+        constexprs = dict(**weight.constexprs(), BLOCK_K=variant.block_k, BLOCK_N=variant.block_n)
         pointers.update(out_ptr=_POINTER_TYPE[act])
     else:
         fn = embedding_gather_kernel
-        constexprs = dict(FMT=fmt, BITS=bits, GROUP=group, HAS_ZEROS=has_zeros,
-                          BLOCK_T=variant.block_n, BLOCK_H=variant.block_k)
+        constexprs = dict(**weight.constexprs(), BLOCK_T=variant.block_n, BLOCK_H=variant.block_k)
         pointers.update(ids_ptr="*i64", out_ptr=_POINTER_TYPE[act])
     report = {**asdict(variant), "arch": arch}
     try:

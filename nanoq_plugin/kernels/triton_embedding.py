@@ -62,7 +62,6 @@ def embedding_gather(
         embedding_gather_kernel[grid](
             flat, qweight, scales, zeros if zeros is not None else scales, out,
             flat.numel(), hidden, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
-            FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
-            BLOCK_T=block_t, BLOCK_H=block_h,
+            **weight.constexprs(), BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return out.view(*ids.shape, hidden)

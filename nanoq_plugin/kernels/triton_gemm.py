@@ -89,30 +89,25 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), MAX_M_BUCKET)
 
 
-# M varies with every batch: specializing on it (M == 1, M % 16 == 0) would compile each configuration
-# up to three times, at run time, in the serving engine.
 @triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """`acc + a @ b` in float32; `b` (float32 dequantized weights) is cast to a's dtype, except for IEEE float32
-    dots and the interpreter's widened 16-bit dots (see `dot_in_float32`)."""
+def _dot(x, w, acc, WEIGHT_FIRST: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """`acc + x @ w`, or `acc + w @ x` with WEIGHT_FIRST, in float32. The float32 dequantized weight tile is cast
+    to the activations' dtype, except where the dot runs in float32: IEEE float32 activations, and the
+    interpreter's widened 16-bit dots (see `dot_in_float32`), which widen the activations instead."""
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    else:
+        w = w.to(x.dtype)
+    if WEIGHT_FIRST:
+        a = w
+        b = x
+    else:
+        a = x
+        b = w
     if IEEE_DOT:
         acc += tl.dot(a, b, input_precision="ieee")
-    elif DOT_FP32:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
-        acc += tl.dot(a, b.to(a.dtype))
-    return acc
-
-
-@triton.jit
-def _dot_weight_first(w, x_t, acc, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """`acc + w @ x_t`: the weight tile `[BLOCK_N, BLOCK_K]` cast to x's dtype is the left operand."""
-    if IEEE_DOT:
-        acc += tl.dot(w, x_t, input_precision="ieee")
-    elif DOT_FP32:
-        acc += tl.dot(w, x_t.to(tl.float32))
-    else:
-        acc += tl.dot(w.to(x_t.dtype), x_t)
+        acc += tl.dot(a, b)
     return acc
 
 
@@ -152,7 +147,7 @@ def dequant_gemm_kernel(
                           mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
             w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
                                  stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K, True)
-            acc_t = _dot_weight_first(w, x_t, acc_t, DOT_FP32, IEEE_DOT)
+            acc_t = _dot(x_t, w, acc_t, True, DOT_FP32, IEEE_DOT)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -162,7 +157,7 @@ def dequant_gemm_kernel(
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
                                  stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
-            acc = _dot(x, w, acc, DOT_FP32, IEEE_DOT)
+            acc = _dot(x, w, acc, False, DOT_FP32, IEEE_DOT)
     if FMT == JIT_FMT_INT8_CHANNEL:
         acc *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -202,6 +197,10 @@ class WeightFormat:
     group_size: int
     has_zeros: bool
 
+    def constexprs(self) -> dict[str, int | bool]:
+        """The constexpr arguments that describe the stored format (every kernel that reads weights takes them)."""
+        return dict(FMT=self.fmt, BITS=self.bits, GROUP=self.group_size, HAS_ZEROS=self.has_zeros)
+
 
 def split_k_of(m: int, k: int, config: TileConfig) -> tuple[int, int]:
     """(number of K slices, K elements per slice) that `launch` uses for `x [m, k]` with `config`."""
@@ -214,7 +213,7 @@ def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, ac
                       interpret: bool) -> dict[str, int | bool]:
     """The constexpr arguments of `dequant_gemm_kernel` for one launch (also what tests compile ahead of time)."""
     return dict(
-        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
+        **weight.constexprs(),
         DOT_FP32=dot_in_float32(act_dtype, interpret), IEEE_DOT=act_dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIALS=split_k > 1,
         SWAP_AB=config.swap_ab,
@@ -222,7 +221,7 @@ def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, ac
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                      weight: "WeightFormat", out_features: int, in_features: int, dtype: torch.dtype,
+                      weight: WeightFormat, out_features: int, in_features: int, dtype: torch.dtype,
                       block_k: int = 64, block_n: int = 64) -> torch.Tensor:
     """The stored weight as `W.T [K, N]` in `dtype` (a codebook's *rotated* weight), in one Triton pass."""
     out = torch.empty((in_features, out_features), dtype=dtype, device=qweight.device)
@@ -230,8 +229,7 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     dequantize_kernel[grid](
         qweight, scales, zeros if zeros is not None else scales, out,
         out_features, in_features, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
-        FMT=weight.fmt, BITS=weight.bits, GROUP=weight.group_size, HAS_ZEROS=weight.has_zeros,
-        BLOCK_K=block_k, BLOCK_N=block_n,
+        **weight.constexprs(), BLOCK_K=block_k, BLOCK_N=block_n,
     )
     return out
 
