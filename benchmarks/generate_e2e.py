@@ -30,9 +30,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from nanoq_plugin.engines.transformers import NanoLinear
-from nanoq_plugin.format.schemes import SchemeKind, parse_scheme
-from nanoq_plugin.quantizers.codebook import quantize_codebook
-from nanoq_plugin.quantizers.rtn import quantize_rtn
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.data_free import quantize_data_free
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -57,7 +56,6 @@ def quantize_linears(model: LlamaForCausalLM, scheme_name: str) -> None:
     """Swap every decoder-block nn.Linear for a prepared NanoLinear (RTN; nearest level for codebooks),
     freeing the bf16 weight."""
     scheme = parse_scheme(scheme_name)
-    quantize = quantize_codebook if scheme.kind is SchemeKind.CODEBOOK else quantize_rtn
     for layer in model.model.layers:
         for name, linear in list(layer.named_modules()):
             if not isinstance(linear, nn.Linear):
@@ -65,7 +63,7 @@ def quantize_linears(model: LlamaForCausalLM, scheme_name: str) -> None:
             parent = layer.get_submodule(name.rpartition(".")[0])
             with torch.device(linear.weight.device):
                 nano = NanoLinear(linear.in_features, linear.out_features, scheme, False, torch.bfloat16)
-            for part, tensor in quantize(linear.weight.data.float(), scheme).items():
+            for part, tensor in quantize_data_free(linear.weight.data.float(), scheme).items():
                 getattr(nano, part).data = tensor
             nano.prepare(name)
             setattr(parent, name.rpartition(".")[2], nano)

@@ -28,13 +28,12 @@ import torch
 
 from nanoq_plugin.format.layout import param_specs, stored_bytes
 from nanoq_plugin.format.reference import dequantize
-from nanoq_plugin.format.schemes import SchemeKind, parse_scheme
+from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.kernels.cuda_graph import capture_calls
 from nanoq_plugin.kernels.custom_ops import triton_weight_format
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
 from nanoq_plugin.kernels.reference_linear import op_args, third_tensor
-from nanoq_plugin.quantizers.codebook import quantize_codebook
-from nanoq_plugin.quantizers.rtn import quantize_rtn
+from nanoq_plugin.quantizers.data_free import quantize_data_free
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_M = (1, 4, 16, 64, 256, 2048)
@@ -94,7 +93,7 @@ def quantized_layer(scheme_name: str, n: int, k: int, device: str):
     bf16 dequantized weight."""
     scheme = parse_scheme(scheme_name)
     weight = torch.randn(n, k, device=device) * 0.02
-    tensors = (quantize_codebook if scheme.kind is SchemeKind.CODEBOOK else quantize_rtn)(weight, scheme)
+    tensors = quantize_data_free(weight, scheme)
     return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16).contiguous()
 
 

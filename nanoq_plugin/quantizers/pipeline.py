@@ -32,6 +32,7 @@ from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner, r
 from .block_tuning import TUNABLE_KINDS, TunableLinear, TuneSettings, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
+from .data_free import quantize_data_free
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
 from .gptq import GptqSettings, HessianAccumulator, flush_denormals, gptq_quantize
 from .loss_weights import head_loss_gradient, residual_fisher
@@ -97,7 +98,7 @@ def _quantize_module(weight: torch.Tensor, scheme: Scheme, requested: Scheme, de
         record = _module_record(source, weight.dtype, tensors, scheme, requested)
         record.packed_entropy_bits = packed_entropy_bits(tensors["qweight"])
         return tensors, record
-    tensors = quantize_codebook(source, scheme) if scheme.kind is SchemeKind.CODEBOOK else quantize_rtn(source, scheme)
+    tensors = quantize_data_free(source, scheme)
     return tensors, _module_record(source, weight.dtype, tensors, scheme, requested)
 
 
