@@ -16,7 +16,7 @@ from nanoq_plugin.quantizers.recipe import load_recipe
 
 @pytest.mark.parametrize("preset, flags, quant_format", [
     ("nvfp4", [], "nvfp4-pack-quantized"), ("w4g128", [], "pack-quantized"), ("w8", [], "pack-quantized"),
-    ("w8", ["--activations", "int8"], "int-quantized")])
+    ("w8", ["--activations", "int8"], "int-quantized"), ("w8a8", [], "int-quantized")])
 def test_export_reloads_in_transformers(preset, flags, quant_format, tmp_path, make_tiny_model):
     source = make_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
     recipe = load_recipe(preset)
@@ -31,7 +31,7 @@ def test_export_reloads_in_transformers(preset, flags, quant_format, tmp_path, m
     assert config["quant_method"] == "compressed-tensors" and config["format"] == quant_format
     assert "lm_head" in config["ignore"]
     inputs = [group.get("input_activations") for group in config["config_groups"].values()]
-    if flags:  # W8A8: dynamic symmetric int8 per token
+    if quant_format == "int-quantized":  # W8A8: dynamic symmetric int8 per token
         assert all(a["num_bits"] == 8 and a["strategy"] == "token" and a["dynamic"] and a["symmetric"] for a in inputs)
     else:
         assert inputs == [None] * len(inputs)

@@ -10,6 +10,7 @@ vLLM, SGLang and transformers read natively.
 | int8 (channel)  | `pack-quantized` (W8A16)  | `weight_packed` int32 `[N, K/4]`, `weight_scale` `[N, 1]`, shape   |
 | int8, `--activations int8` | `int-quantized` (W8A8) | `weight` int8 `[N, K]`, `weight_scale` float32 `[N, 1]`; the  |
 |                 |                           | activations are quantized per token at run time by the engine      |
+| int8-a8         | `int-quantized` (W8A8)    | the same: the scheme that computes W8A8 in nano itself             |
 
 The codes are the same numbers in both formats (nano stores them transposed, `[K, N]`): the export moves
 bits, it does not re-quantize. Fused q/k/v and gate/up already share one NVFP4 global scale (the quantizer
@@ -50,6 +51,8 @@ ACTIVATIONS = ("none", "int8")
 
 
 def _check_exportable(scheme: Scheme, module: str, activations: str) -> str:
+    if scheme.quantizes_activations:  # int8-a8 is W8A8 whatever --activations says
+        return "int8-w8a8"
     if activations == "int8":
         if scheme.kind is SchemeKind.INT8_CHANNEL:
             return "int8-w8a8"

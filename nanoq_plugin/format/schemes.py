@@ -4,6 +4,8 @@ Grammar of a scheme name (case-insensitive, surrounding spaces ignored):
 
     float                      module kept in its stored float dtype
     int8                       8-bit, one symmetric scale per output channel
+    int8-a8 (alias w8a8)       int8 weights as above, and the layer's input quantized at run time to int8
+                               with one symmetric scale per token (dynamic): an int8 x int8 GEMM
     int{2,3,4,8}g{32,64,128}   group-wise along the input dim, symmetric
     int{2,3,4,8}g{32,64,128}-asym   the same with an integer zero point per group
     nvfp4                      FP4 E2M1 values, an FP8 E4M3 scale per 16 inputs, one float32 global scale
@@ -21,7 +23,7 @@ from ..errors import NanoqError
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_GROUP_SIZES = (128, 64, 32)  # largest first: the order of the group-size fallback
-SCHEME_GRAMMAR = "float, int8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym, nvfp4 or cb{2,3,4}g{32,64,128}"
+SCHEME_GRAMMAR = "float, int8, int8-a8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym, nvfp4 or cb{2,3,4}g{32,64,128}"
 CODEBOOK_BITS = (2, 3, 4)
 NVFP4_GROUP_SIZE = 16
 
@@ -41,14 +43,24 @@ class SchemeKind(str, Enum):
 
 @dataclass(frozen=True)
 class Scheme:
-    """One storage scheme. `bits` is 16 for float; `group_size` is set only for INT_GROUP."""
+    """One storage scheme. `bits` is 16 for float; `group_size` is set only for INT_GROUP.
+
+    `activation_bits` is 16 for weight-only schemes (the input is used as it comes) and 8 for `int8-a8`,
+    whose layers quantize their input per token at run time (format.activations is the spec). It changes
+    what a layer computes, not what is stored: the stored tensors are those of `int8`.
+    """
 
     kind: SchemeKind
     bits: int = 16
     group_size: int | None = None
     symmetric: bool = True
+    activation_bits: int = 16
 
     def __post_init__(self) -> None:
+        if self.activation_bits not in (8, 16):
+            raise NanoqError(f"activation bits {self.activation_bits} is not supported (allowed: 8, 16)")
+        if self.activation_bits == 8 and self.kind is not SchemeKind.INT8_CHANNEL:
+            raise NanoqError("int8 activations (a8) need int8 per-channel weights (scheme int8-a8)")
         if self.kind is SchemeKind.INT_GROUP:
             if self.bits not in ALLOWED_BITS:
                 raise NanoqError(f"scheme bits {self.bits} is not supported (allowed: {ALLOWED_BITS})")
@@ -75,7 +87,7 @@ class Scheme:
         if self.kind is SchemeKind.FLOAT:
             return "float"
         if self.kind is SchemeKind.INT8_CHANNEL:
-            return "int8"
+            return "int8-a8" if self.quantizes_activations else "int8"
         if self.kind is SchemeKind.NVFP4:
             return "nvfp4"
         if self.kind is SchemeKind.CODEBOOK:
@@ -85,6 +97,11 @@ class Scheme:
     @property
     def is_quantized(self) -> bool:
         return self.kind is not SchemeKind.FLOAT
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """True for `int8-a8`: the layer's input is quantized per token at run time (weight-only otherwise)."""
+        return self.activation_bits < 16
 
     def with_group_size(self, group_size: int) -> "Scheme":
         """The same scheme with another group size (INT_GROUP and CODEBOOK)."""
@@ -100,6 +117,9 @@ class Scheme:
             out["symmetric"] = self.symmetric
         if self.kind in (SchemeKind.NVFP4, SchemeKind.CODEBOOK):
             out["group_size"] = self.group_size
+        if self.quantizes_activations:
+            out["activation_bits"] = self.activation_bits
+            out["activation_scales"] = "dynamic_per_token"
         return out
 
     @classmethod
@@ -112,15 +132,18 @@ class Scheme:
             raise NanoqError(f"{where}: unknown scheme kind {data.get('kind') if isinstance(data, dict) else data!r} "
                              f"(valid: {valid})") from None
         try:
+            activation_bits = int(data.get("activation_bits", 16))
             if kind is SchemeKind.FLOAT:
-                return cls(kind)
+                return cls(kind, activation_bits=activation_bits)
             if kind is SchemeKind.INT8_CHANNEL:
-                return cls(kind, bits=int(data.get("bits", 8)))
+                return cls(kind, bits=int(data.get("bits", 8)), activation_bits=activation_bits)
             if kind is SchemeKind.NVFP4:
-                return cls(kind, int(data.get("bits", 4)), int(data.get("group_size", NVFP4_GROUP_SIZE)))
+                return cls(kind, int(data.get("bits", 4)), int(data.get("group_size", NVFP4_GROUP_SIZE)),
+                           activation_bits=activation_bits)
             if kind is SchemeKind.CODEBOOK:
-                return cls(kind, int(data["bits"]), int(data["group_size"]))
-            return cls(kind, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)))
+                return cls(kind, int(data["bits"]), int(data["group_size"]), activation_bits=activation_bits)
+            return cls(kind, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)),
+                       activation_bits)
         except NanoqError as err:
             raise NanoqError(f"{where}: {err}") from None
         except (KeyError, ValueError, TypeError) as err:
@@ -129,6 +152,7 @@ class Scheme:
 
 FLOAT = Scheme(SchemeKind.FLOAT)
 INT8_CHANNEL = Scheme(SchemeKind.INT8_CHANNEL, bits=8)
+INT8_DYNAMIC_A8 = Scheme(SchemeKind.INT8_CHANNEL, bits=8, activation_bits=8)
 NVFP4 = Scheme(SchemeKind.NVFP4, bits=4, group_size=NVFP4_GROUP_SIZE)
 
 
@@ -139,6 +163,8 @@ def parse_scheme(text: str) -> Scheme:
         return FLOAT
     if name in ("int8", "w8"):
         return INT8_CHANNEL
+    if name in ("int8-a8", "w8a8"):
+        return INT8_DYNAMIC_A8
     if name == "nvfp4":
         return NVFP4
     codebook = _CODEBOOK_RE.match(name)

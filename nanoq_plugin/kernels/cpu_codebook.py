@@ -17,17 +17,15 @@ the build fails or the CPU has no AVX-512, `can_implement` says why and the refe
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import torch
 
 from ..format.packing import unpack_codes
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
+from .cpu_extension import build_cpu_extension
 from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
 
-SOURCE = Path(__file__).parent / "csrc" / "codebook_avx512.cpp"
-BUILD_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+BUILD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 BLOCK = 32  # inputs per 16 bytes of repacked codes
 TABLE_SIZE = 16  # one AVX-512 register of float32 levels
 
@@ -38,12 +36,9 @@ def load_extension() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability:
         return f"needs AVX-512 (this CPU: {capability})"
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name="nanoq_cpu_codebook", sources=[str(SOURCE)], extra_cflags=BUILD_FLAGS, is_python_module=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: the reference still runs
-        return f"its C++ extension did not build ({type(error).__name__}: {str(error).strip().splitlines()[-1]})"
+    why = build_cpu_extension("nanoq_cpu_codebook", "codebook_avx512.cpp", BUILD_FLAGS)
+    if why:
+        return why
     torch.library.register_fake("nano_cpu::codebook_linear")(_fake_codebook_linear)
     return ""
 

@@ -29,8 +29,8 @@ class CpuInt8ChannelKernel:
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         if config.device_type != "cpu":
             return False, f"runs on the CPU only (device {config.device_type})"
-        if config.scheme.kind is not SchemeKind.INT8_CHANNEL:
-            return False, f"needs int8 per channel (scheme {config.scheme.name})"
+        if config.scheme.kind is not SchemeKind.INT8_CHANNEL or config.scheme.quantizes_activations:
+            return False, f"needs weight-only int8 per channel (scheme {config.scheme.name})"
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return False, f"torch {torch.__version__} has no aten._weight_int8pack_mm"
         if config.act_dtype not in ACT_DTYPES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..format.activations import int8_dynamic_linear as int8_dynamic_linear_spec
 from ..format.reference import dequantize, gather_rows, rotated_codebook_weight
 from ..format.schemes import INT8_CHANNEL, NVFP4, NVFP4_GROUP_SIZE, Scheme, SchemeKind
 
@@ -69,6 +70,18 @@ def reference_linear(
 @reference_linear.register_fake
 def _(x, qweight, scales, zeros, bits, group_size, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("nano::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Scheme int8-a8 by its spec (format.activations): `x [..., K]`, qweight int8 `[K, N]`, scales `[N]` ->
+    `[..., N]` in x.dtype."""
+    return int8_dynamic_linear_spec(x, qweight, scales)
+
+
+@int8_dynamic_linear.register_fake
+def _(x, qweight, scales):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
 @torch.library.custom_op("nano::triton_linear", mutates_args=())

@@ -7,7 +7,7 @@ import torch
 from ..format.hadamard import rotate_inputs
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .custom_ops import embedding, reference_linear
+from .custom_ops import embedding, int8_dynamic_linear, reference_linear
 
 
 def op_args(config: LinearConfig) -> tuple[int, int]:
@@ -58,3 +58,9 @@ class ReferenceKernel(StoredTensorKernel):
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         return dict(tensors)
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        """`x [..., K]` -> `[..., N]` in x.dtype; int8-a8 quantizes x per token first (format.activations)."""
+        if config.scheme.quantizes_activations:
+            return int8_dynamic_linear(x, prepared["qweight"], prepared["scales"])
+        return super().apply(x, prepared, config)

@@ -27,6 +27,8 @@ class TritonKernel(StoredTensorKernel):
             return False, "triton is not installed"
         if config.scheme.kind not in (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL, SchemeKind.CODEBOOK):
             return False, f"no Triton dequantizer for scheme {config.scheme.name}"
+        if config.scheme.quantizes_activations:
+            return False, "no Triton int8 x int8 GEMM yet (int8 activations run the reference)"
         if config.act_dtype not in ACT_DTYPES:
             return False, f"activation dtype {config.act_dtype} is not one of {ACT_DTYPES}"
         return True, ""

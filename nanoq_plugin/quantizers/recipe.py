@@ -28,7 +28,8 @@ import yaml
 
 from ..errors import NanoqError
 from ..format.layout import check_shape_fits
-from ..format.schemes import ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, NVFP4, Scheme, SchemeKind, parse_scheme
+from ..format.schemes import (ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, INT8_DYNAMIC_A8, NVFP4, Scheme, SchemeKind,
+                               parse_scheme)
 from .architectures import Architecture
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
@@ -88,6 +89,7 @@ class Recipe:
 
 PRESETS: dict[str, Recipe] = {
     "w8": Recipe("w8", INT8_CHANNEL),
+    "w8a8": Recipe("w8a8", INT8_DYNAMIC_A8),  # int8 activations per token at run time (format.activations)
     "w8g128": Recipe("w8g128", parse_scheme("int8g128"), group_size_fallback=True),
     "w4g128": Recipe("w4g128", parse_scheme("int4g128"), group_size_fallback=True),
     "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),

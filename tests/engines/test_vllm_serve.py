@@ -139,11 +139,13 @@ def tiny_float_model(smollm2_dir, tmp_path_factory) -> Path:
     return root
 
 
-# Both embed the table in int8 with the LM head tied over it. "int4-mixed": q/k/v float, the rest int4 g128.
+# All embed the table in int8 with the LM head tied over it. "int4-mixed": q/k/v float, the rest int4 g128.
 # "codebook": every linear 3-bit codebook g128, so each of q/k/v and gate/up has its own table of levels.
+# "w8a8": int8 activations per token (each row-parallel shard quantizes its own slice of the input at TP=2).
 TINY_RECIPES = {
     "int4-mixed": "default: int4g128\nembeddings: int8\nrules:\n  - 'self_attn\\.(q|k|v)_proj$': float\n",
     "codebook": "default: cb3g128\nembeddings: int8\n",
+    "w8a8": "default: int8-a8\nembeddings: int8-a8\n",
 }
 
 
@@ -154,8 +156,11 @@ def test_tensor_parallel_2_matches_tp_1(recipe, tiny_float_model, state_dir, tmp
     model = tmp_path / "nano"
     quantize_checkpoint(tiny_float_model, model, load_recipe(str(recipe_file)), progress=False)
     config = json.loads((model / "config.json").read_text())["quantization_config"]
-    assert config["modules"]["model.embed_tokens"] == "int8" and config["tied_lm_head"] == "model.embed_tokens"
-    if recipe == "int4-mixed":
+    table_scheme = "int8-a8" if recipe == "w8a8" else "int8"
+    assert config["modules"]["model.embed_tokens"] == table_scheme and config["tied_lm_head"] == "model.embed_tokens"
+    if recipe == "w8a8":
+        assert set(config["modules"].values()) == {"int8-a8"}
+    elif recipe == "int4-mixed":
         assert "model.layers.0.self_attn.q_proj" not in config["modules"]
         assert config["modules"]["model.layers.0.self_attn.o_proj"] == "int4g128"
     else:

@@ -33,3 +33,19 @@ def test_from_dict_errors_name_the_place():
         Scheme.from_dict({"kind": "int7"}, "config.json: scheme 'x'")
     with pytest.raises(NanoqError, match=r"group size 48 is not supported"):
         Scheme.from_dict({"kind": "int_group", "bits": 4, "group_size": 48}, "here")
+
+
+def test_int8_with_int8_activations():
+    from nanoq_plugin.format.schemes import INT8_DYNAMIC_A8
+
+    assert parse_scheme("w8a8") is INT8_DYNAMIC_A8 and parse_scheme(" INT8-A8") is INT8_DYNAMIC_A8
+    assert INT8_DYNAMIC_A8.name == "int8-a8" and INT8_DYNAMIC_A8.quantizes_activations
+    assert not INT8_CHANNEL.quantizes_activations and INT8_DYNAMIC_A8 != INT8_CHANNEL
+    stored = INT8_DYNAMIC_A8.to_dict()
+    assert stored == {"kind": "int8_channel", "bits": 8, "activation_bits": 8, "activation_scales": "dynamic_per_token"}
+    assert Scheme.from_dict(stored) == INT8_DYNAMIC_A8
+    assert Scheme.from_dict({"kind": "int8_channel", "bits": 8}) == INT8_CHANNEL  # checkpoints before int8-a8
+    with pytest.raises(NanoqError, match=r"here: int8 activations \(a8\) need int8 per-channel weights"):
+        Scheme.from_dict({"kind": "int_group", "bits": 4, "group_size": 128, "activation_bits": 8}, "here")
+    with pytest.raises(NanoqError, match=r"activation bits 4 is not supported"):
+        Scheme(SchemeKind.INT8_CHANNEL, 8, activation_bits=4)

@@ -67,12 +67,13 @@ def test_int4_tables_use_a_kernel_that_can_gather():
 
 def test_no_kernel_for_float_lists_every_reason():
     config = LinearConfig(parse_scheme("float"), 16, 32, torch.float32, "cpu")
-    with pytest.raises(NanoqError, match=r"model.x: no kernel runs scheme float on cpu \(cpu_int8pack: .*reference: "):
+    with pytest.raises(NanoqError,
+                       match=r"model.x: no kernel runs scheme float on cpu \(cpu_int8_vnni: .*cpu_int8pack: .*reference: "):
         select_kernel(config, where="model.x")
 
 
 def test_reference_ops_pass_opcheck():
-    from nanoq_plugin.kernels.custom_ops import embedding, reference_linear
+    from nanoq_plugin.kernels.custom_ops import embedding, int8_dynamic_linear, reference_linear
 
     scheme, tensors, _ = stored_and_reference("int3g64-asym", 48, 128, 1)
     x = torch.randn(2, 128)
@@ -81,6 +82,9 @@ def test_reference_ops_pass_opcheck():
     ids = torch.tensor([[1, 2, 47]])
     torch.library.opcheck(embedding, (ids, tensors["qweight"], tensors["scales"], tensors["zeros"], 3, 64, 128,
                                       torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
+    _, int8_tensors, _ = stored_and_reference("int8", 48, 128, 2)
+    torch.library.opcheck(int8_dynamic_linear, (x, int8_tensors["qweight"], int8_tensors["scales"]),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("name, n, chunk_rows", [("int8", 208, 50), ("int4g64-asym", 320, 100)])

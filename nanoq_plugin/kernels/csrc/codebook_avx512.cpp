@@ -190,7 +190,7 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const a
 
 }  // namespace
 
-TORCH_LIBRARY(nano_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(nano_cpu, m) {
   m.def("codebook_linear(Tensor x, Tensor signs, Tensor codes, Tensor scales, Tensor table, int group_size, "
         "int dense_min_rows, int chunk_elements) -> Tensor");
 }

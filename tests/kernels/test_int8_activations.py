@@ -1,0 +1,115 @@
+"""Scheme int8-a8 (per-token int8 activations x per-channel int8 weights): the spec against integer arithmetic
+done another way, and the AVX-512 VNNI kernel against the spec, bit for bit."""
+
+import pytest
+import torch
+
+from nanoq_plugin.format.activations import int8_dynamic_linear, quantize_per_token
+from nanoq_plugin.format.reference import dequantize
+from nanoq_plugin.format.schemes import INT8_CHANNEL, INT8_DYNAMIC_A8
+from nanoq_plugin.kernels import ops
+from nanoq_plugin.quantizers.rtn import quantize_rtn
+
+from schemes_under_test import rel_error
+
+
+def stored_int8(n: int, k: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(stored int8 tensors: qweight `[K, N]`, scales `[N]`; the float32 weight they dequantize to `[N, K]`)."""
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    tensors = quantize_rtn(weight, INT8_CHANNEL)
+    return tensors, dequantize(tensors, INT8_CHANNEL, n, k)
+
+
+def test_per_token_quantization_by_the_definition():
+    x = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.5, -0.75, 3.0]], dtype=torch.bfloat16)
+    x_q, scale = quantize_per_token(x)
+    assert x_q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (3, 1)
+    assert scale[:, 0].tolist() == pytest.approx([2.0 / 127, 0.0, 3.0 / 127])
+    assert x_q.tolist() == [[32, -127, 64, 0], [0, 0, 0, 0], [127, 64, -32, 127]]  # 31.75 -> 32, 63.5 -> 64 (even)
+
+
+def test_spec_sums_are_exact_integers():
+    tensors, _ = stored_int8(48, 1536, 0)
+    x = torch.randn(5, 1536, dtype=torch.float32) * 4
+    x_q, scale = quantize_per_token(x)
+    exact = (x_q.to(torch.int64).unsqueeze(-1) * tensors["qweight"].to(torch.int64)).sum(dim=1)  # [M, N] int64
+    want = exact.to(torch.float32) * scale * tensors["scales"].to(torch.float32)
+    assert torch.equal(int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]), want)
+
+
+def test_spec_is_close_to_the_weight_only_product():
+    tensors, weight = stored_int8(64, 256, 1)
+    x = torch.randn(7, 256)
+    assert rel_error(int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]), x @ weight.t()) < 1e-2
+
+
+def vnni_or_skip():
+    from nanoq_plugin.kernels.cpu_int8_dynamic import load_extension
+
+    if load_extension():
+        pytest.skip(load_extension())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n, k", [(16, 4), (80, 20), (208, 1100), (576, 576)])
+def test_vnni_kernel_matches_the_spec_bit_for_bit(dtype, n, k):
+    """Every row count a tile holds (1-6) and more (row tiles of 6, K in chunks of 256 with a remainder), outputs
+    in whole 64-wide blocks and in 16-wide remainders, a row of zeros."""
+    vnni_or_skip()
+    tensors, _ = stored_int8(n, k, 2)
+    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, n, k, dtype, "cpu")
+    assert prepared.kernel == "cpu_int8_vnni"
+    generator = torch.Generator().manual_seed(3)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 13, 20, 65):
+        x = (torch.randn(rows, k, generator=generator) * 3).to(dtype)
+        x[rows // 2] = 0
+        got = ops.apply_linear(x, prepared)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert torch.equal(got, int8_dynamic_linear(x, tensors["qweight"], tensors["scales"])), rows
+
+
+def test_vnni_kernel_with_bias_and_leading_dims_and_the_direct_path():
+    vnni_or_skip()
+    tensors, _ = stored_int8(96, 128, 4)
+    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 96, 128, torch.bfloat16, "cpu")
+    x, bias = torch.randn(2, 3, 128, dtype=torch.bfloat16), torch.randn(96)
+    want = int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]) + bias.to(torch.bfloat16)
+    assert torch.equal(ops.apply_linear(x, prepared, bias), want)
+    assert torch.equal(ops.quantized_linear(x, tensors, INT8_DYNAMIC_A8, bias), want)  # the reference op
+
+
+def test_embedding_rows_come_back_from_the_packed_blocks():
+    vnni_or_skip()
+    tensors, weight = stored_int8(160, 64, 5)
+    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
+    assert prepared.kernel == "cpu_int8_vnni" and set(prepared.tensors) == {"packed", "weight_sums", "scales"}
+    ids = torch.tensor([[3, 159], [0, 17]])
+    torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=1e-2, atol=1e-3)
+
+
+def test_outputs_not_a_multiple_of_16_run_the_reference_and_say_why():
+    from nanoq_plugin.kernels.base import LinearConfig
+    from nanoq_plugin.kernels.cpu_int8_dynamic import CpuInt8DynamicKernel
+
+    ok, why = CpuInt8DynamicKernel().can_implement(LinearConfig(INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu"))
+    assert not ok and "multiple of 16" in why
+    tensors, _ = stored_int8(200, 64, 6)
+    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu")
+    assert prepared.kernel == "reference"
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(ops.apply_linear(x, prepared), int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]))
+
+
+def test_weight_only_int8_never_gets_the_int8_activation_kernel():
+    tensors, _ = stored_int8(64, 64, 7)
+    assert ops.prepare_linear(tensors, INT8_CHANNEL, 64, 64, torch.bfloat16, "cpu").kernel == "cpu_int8pack"
+
+
+def test_vnni_op_passes_opcheck():
+    vnni_or_skip()
+    tensors, _ = stored_int8(64, 32, 8)
+    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 64, 32, torch.float32, "cpu").tensors
+    for rows in (1, 9):
+        torch.library.opcheck(torch.ops.nano_cpu.int8_dynamic_linear.default,
+                              (torch.randn(rows, 32), prepared["packed"], prepared["weight_sums"], prepared["scales"]),
+                              test_utils=("test_schema", "test_faketensor"))
