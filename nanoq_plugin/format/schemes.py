@@ -23,7 +23,8 @@ from ..errors import NanoqError
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_GROUP_SIZES = (128, 64, 32)  # largest first: the order of the group-size fallback
-SCHEME_GRAMMAR = "float, int8, int8-a8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym, nvfp4 or cb{2,3,4}g{32,64,128}"
+SCHEME_GRAMMAR = ("float, int8, int8-a8, int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym, nvfp4 or "
+                  "cb{2,3,4}g{32,64,128}")
 CODEBOOK_BITS = (2, 3, 4)
 NVFP4_GROUP_SIZE = 16
 

@@ -13,7 +13,8 @@ from .triton_linear import TritonKernel
 
 PRIORITY: dict[str, tuple[LinearKernel, ...]] = {
     "cuda": (TritonKernel(), ReferenceKernel()),
-    "cpu": (CpuInt8DynamicKernel(), CpuInt8ChannelKernel(), CpuInt4GroupKernel(), CpuCodebookKernel(), ReferenceKernel()),
+    "cpu": (CpuInt8DynamicKernel(), CpuInt8ChannelKernel(), CpuInt4GroupKernel(), CpuCodebookKernel(),
+            ReferenceKernel()),
 }
 KERNELS: dict[str, LinearKernel] = {k.name: k for kernels in PRIORITY.values() for k in kernels}
 

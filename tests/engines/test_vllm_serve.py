@@ -186,7 +186,8 @@ def test_tensor_parallel_2_matches_tp_1(recipe, tiny_float_model, state_dir, tmp
             gap = abs((logprobs[one[step]] - logprobs[two[step]]).item())
             assert gap < GAP_TOLERANCE, f"TP=1 {one[step]} vs TP=2 {two[step]} at step {step}: gap {gap:.3f} nats"
         assert_same_greedy(reference, prompt_ids, one)
-    assert identical >= 1
+    if recipe != "w8a8":  # there each row-parallel shard has its own activation scales: not only another order
+        assert identical >= 1
 
 
 def test_float_checkpoint_with_quantization_nano_fails_at_start(smollm2_dir, state_dir):

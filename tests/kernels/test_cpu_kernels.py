@@ -68,7 +68,8 @@ def test_int4_tables_use_a_kernel_that_can_gather():
 def test_no_kernel_for_float_lists_every_reason():
     config = LinearConfig(parse_scheme("float"), 16, 32, torch.float32, "cpu")
     with pytest.raises(NanoqError,
-                       match=r"model.x: no kernel runs scheme float on cpu \(cpu_int8_vnni: .*cpu_int8pack: .*reference: "):
+                       match=r"model.x: no kernel runs scheme float on cpu \(cpu_int8_vnni: .*cpu_int8pack: .*"
+                             r"reference: "):
         select_kernel(config, where="model.x")
 
 

@@ -113,3 +113,32 @@ def test_vnni_op_passes_opcheck():
         torch.library.opcheck(torch.ops.nano_cpu.int8_dynamic_linear.default,
                               (torch.randn(rows, 32), prepared["packed"], prepared["weight_sums"], prepared["scales"]),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_w8a8_checkpoint_in_transformers_is_the_reference_model_with_quantized_inputs(tmp_path, make_tiny_model):
+    """The whole path: the w8a8 preset with the embedding in int8-a8 and the head tied over it, loaded with
+    transformers (NanoLinear / NanoTiedHead on this CPU's kernel), against `dequantized_float_model`, which
+    quantizes the same inputs per token in float; without that, the reference would be the weight-only model."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    import nanoq_plugin  # noqa: F401  (registers the "nano" quantization method)
+    from nanoq_plugin.eval.reference_model import dequantized_float_model
+    from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+    from nanoq_plugin.quantizers.recipe import load_recipe
+
+    source = make_tiny_model("llama", tmp_path / "src", tie_word_embeddings=True)
+    recipe = replace(load_recipe("w8a8"), embeddings=INT8_DYNAMIC_A8)
+    quantize_checkpoint(source, tmp_path / "nano", recipe, progress=False)
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "nano", dtype=torch.float32).eval()
+    reference = dequantized_float_model(source, tmp_path / "nano")
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = served(ids).logits, reference(ids).logits
+        for module in reference.modules():
+            module._forward_pre_hooks.clear()
+        weight_only = reference(ids).logits
+    gap = (got - want).abs().max().item()
+    assert gap < 1e-4 * want.abs().max().item(), gap
+    assert (weight_only - want).abs().max().item() > 100 * gap
