@@ -7,14 +7,14 @@ from .base import LinearConfig, LinearKernel
 from .cpu_codebook import CpuCodebookKernel
 from .cpu_int4 import CpuInt4GroupKernel
 from .cpu_int8 import CpuInt8ChannelKernel
-from .cpu_int8_dynamic import CpuInt8DynamicKernel
+from .cpu_int8_simd import CpuInt8Bf16Kernel, CpuInt8DynamicKernel
 from .reference_linear import ReferenceKernel
 from .triton_linear import TritonKernel
 
 PRIORITY: dict[str, tuple[LinearKernel, ...]] = {
     "cuda": (TritonKernel(), ReferenceKernel()),
-    "cpu": (CpuInt8DynamicKernel(), CpuInt8ChannelKernel(), CpuInt4GroupKernel(), CpuCodebookKernel(),
-            ReferenceKernel()),
+    "cpu": (CpuInt8DynamicKernel(), CpuInt8Bf16Kernel(), CpuInt8ChannelKernel(), CpuInt4GroupKernel(),
+            CpuCodebookKernel(), ReferenceKernel()),
 }
 KERNELS: dict[str, LinearKernel] = {k.name: k for kernels in PRIORITY.values() for k in kernels}
 

@@ -28,6 +28,8 @@ def test_prepared_cpu_kernel_matches_reference(name, dtype, n):
     scheme, tensors, weight = stored_and_reference(name, n, k, 3)
     prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
     expected = EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack") if dtype != torch.float32 else "reference"
+    if name == "int8" and dtype == torch.bfloat16:  # bf16 dot products: test_int8_activations.py
+        expected = "cpu_int8_bf16dot"
     assert prepared.kernel == expected
     bias = torch.randn(n)
     for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS):
@@ -49,7 +51,7 @@ def test_int4_kernel_needs_n_multiple_of_16_and_falls_back():
 
 def test_int8_table_rows_from_the_prepared_kernel():
     scheme, tensors, weight = stored_and_reference("int8", 160, 64, 9)
-    prepared = ops.prepare_linear(tensors, scheme, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
+    prepared = ops.prepare_linear(tensors, scheme, 160, 64, torch.float16, "cpu", is_embedding=True)
     assert prepared.kernel == "cpu_int8pack" and set(prepared.tensors) == {"weight_nk", "scales"}
     ids = torch.tensor([[3, 159], [0, 3]])
     rows = ops.gather_embedding(ids, prepared, torch.float32)
@@ -88,13 +90,15 @@ def test_reference_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("name, n, chunk_rows", [("int8", 208, 50), ("int4g64-asym", 320, 100)])
-def test_weights_larger_than_the_scratch_buffer_are_done_in_row_chunks(monkeypatch, name, n, chunk_rows):
+@pytest.mark.parametrize("name, n, chunk_rows, dtype", [("int8", 208, 50, torch.float16),
+                                                        ("int4g64-asym", 320, 100, torch.bfloat16)])
+def test_weights_larger_than_the_scratch_buffer_are_done_in_row_chunks(monkeypatch, name, n, chunk_rows, dtype):
     from nanoq_plugin.kernels import cpu_dense
 
     scheme, tensors, weight = stored_and_reference(name, n, 192, 7)
-    prepared = ops.prepare_linear(tensors, scheme, n, 192, torch.bfloat16, "cpu")
-    x = torch.randn(INT4_DENSE_MIN_ROWS + 3, 192, dtype=torch.bfloat16)
+    prepared = ops.prepare_linear(tensors, scheme, n, 192, dtype, "cpu")
+    assert prepared.kernel in ("cpu_int8pack", "cpu_int4pack")
+    x = torch.randn(INT4_DENSE_MIN_ROWS + 3, 192, dtype=dtype)
     whole = ops.apply_linear(x, prepared)
     # int8: chunks of 50 rows, the last of 8; int4: 100 rounded down to whole 64-row blocks, the last of 64
     monkeypatch.setattr(cpu_dense, "SCRATCH_ELEMENTS", chunk_rows * 192)

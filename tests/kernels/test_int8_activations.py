@@ -1,5 +1,6 @@
-"""Scheme int8-a8 (per-token int8 activations x per-channel int8 weights): the spec against integer arithmetic
-done another way, and the AVX-512 VNNI kernel against the spec, bit for bit."""
+"""int8 per channel on our AVX-512 kernels. Scheme int8-a8 (per-token int8 activations x per-channel int8
+weights): the spec against integer arithmetic done another way, and the VNNI kernel against the spec, bit for
+bit. Weight-only int8 with bfloat16 activations: the bf16 dot-product kernel against float32 arithmetic."""
 
 import pytest
 import torch
@@ -44,10 +45,17 @@ def test_spec_is_close_to_the_weight_only_product():
 
 
 def vnni_or_skip():
-    from nanoq_plugin.kernels.cpu_int8_dynamic import load_extension
+    from nanoq_plugin.kernels.cpu_int8_simd import load_extension
 
-    if load_extension():
-        pytest.skip(load_extension())
+    if load_extension() or not torch.cpu._is_vnni_supported():
+        pytest.skip(load_extension() or "no AVX-512 VNNI")
+
+
+def bf16_dot_or_skip():
+    from nanoq_plugin.kernels.cpu_int8_simd import load_extension
+
+    if load_extension() or not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip(load_extension() or "no AVX-512 BF16")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
@@ -89,7 +97,7 @@ def test_embedding_rows_come_back_from_the_packed_blocks():
 
 def test_outputs_not_a_multiple_of_16_run_the_reference_and_say_why():
     from nanoq_plugin.kernels.base import LinearConfig
-    from nanoq_plugin.kernels.cpu_int8_dynamic import CpuInt8DynamicKernel
+    from nanoq_plugin.kernels.cpu_int8_simd import CpuInt8DynamicKernel
 
     ok, why = CpuInt8DynamicKernel().can_implement(LinearConfig(INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu"))
     assert not ok and "multiple of 16" in why
@@ -102,17 +110,54 @@ def test_outputs_not_a_multiple_of_16_run_the_reference_and_say_why():
 
 def test_weight_only_int8_never_gets_the_int8_activation_kernel():
     tensors, _ = stored_int8(64, 64, 7)
-    assert ops.prepare_linear(tensors, INT8_CHANNEL, 64, 64, torch.bfloat16, "cpu").kernel == "cpu_int8pack"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert ops.prepare_linear(tensors, INT8_CHANNEL, 64, 64, dtype, "cpu").kernel != "cpu_int8_vnni"
 
 
-def test_vnni_op_passes_opcheck():
+@pytest.mark.parametrize("n, k", [(16, 2), (80, 20), (208, 1100), (576, 576)])
+def test_bf16_dot_kernel_is_the_float32_product_rounded_once(n, k):
+    """Weight-only int8 with bfloat16 activations: every row count a tile holds and more, K in chunks of 128 with
+    a remainder, 16-wide output remainders. The kernel sums in float32 in its own order, so it may differ from
+    float32 arithmetic by the last bfloat16 place, no more."""
+    bf16_dot_or_skip()
+    tensors, _ = stored_int8(n, k, 9)
+    prepared = ops.prepare_linear(tensors, INT8_CHANNEL, n, k, torch.bfloat16, "cpu")
+    assert prepared.kernel == "cpu_int8_bf16dot" and set(prepared.tensors) == {"packed", "scales"}
+    generator = torch.Generator().manual_seed(10)
+    q, scales = tensors["qweight"].to(torch.float64), tensors["scales"].to(torch.float64)
+    for rows in (1, 2, 5, 6, 7, 13, 65):
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        got = ops.apply_linear(x, prepared)
+        exact = (x.to(torch.float64) @ q) * scales  # [M, N]
+        ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)  # one bfloat16 place
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert ((got.to(torch.float64) - exact).abs() <= ulp + 1e-6).all(), rows
+
+
+def test_bf16_dot_kernel_table_rows_and_fallbacks():
+    bf16_dot_or_skip()
+    tensors, weight = stored_int8(160, 64, 11)
+    prepared = ops.prepare_linear(tensors, INT8_CHANNEL, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
+    assert prepared.kernel == "cpu_int8_bf16dot"
+    ids = torch.tensor([[3, 159], [0, 17]])
+    torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=1e-2, atol=1e-3)
+    tensors, _ = stored_int8(200, 64, 12)  # N % 16 != 0: PyTorch's int8 kernel
+    assert ops.prepare_linear(tensors, INT8_CHANNEL, 200, 64, torch.bfloat16, "cpu").kernel == "cpu_int8pack"
+
+
+def test_int8_ops_pass_opcheck():
     vnni_or_skip()
+    bf16_dot_or_skip()
     tensors, _ = stored_int8(64, 32, 8)
-    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 64, 32, torch.float32, "cpu").tensors
+    dynamic = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 64, 32, torch.float32, "cpu").tensors
+    weight_only = ops.prepare_linear(tensors, INT8_CHANNEL, 64, 32, torch.bfloat16, "cpu").tensors
     for rows in (1, 9):
         torch.library.opcheck(torch.ops.nano_cpu.int8_dynamic_linear.default,
-                              (torch.randn(rows, 32), prepared["packed"], prepared["weight_sums"], prepared["scales"]),
+                              (torch.randn(rows, 32), dynamic["packed"], dynamic["weight_sums"], dynamic["scales"]),
                               test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.nano_cpu.int8_weight_only_linear.default,
+                              (torch.randn(rows, 32, dtype=torch.bfloat16), weight_only["packed"],
+                               weight_only["scales"]), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_a_w8a8_checkpoint_in_transformers_is_the_reference_model_with_quantized_inputs(tmp_path, make_tiny_model):

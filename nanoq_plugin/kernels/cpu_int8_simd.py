@@ -1,0 +1,139 @@
+"""int8 per-channel linears on x86 CPUs with AVX-512: our C++ ops (`csrc/int8_linear_avx512.cpp`), built on first use.
+
+Two kernels share the library and its GEMM driver (register tiles, K chunks that keep a weight panel in L1,
+threads over blocks of 64 outputs), one op per layer:
+
+- `CpuInt8DynamicKernel`, scheme int8-a8 (needs VNNI): the input quantized per token (format.activations,
+  the spec), then int8 x int8 with `vpdpbusd` (64 multiply-adds per instruction, twice bfloat16's 32): what
+  lets an int8 x int8 layer beat any weight-only kernel once the batch makes the GEMM compute-bound.
+  Bit-exact to the spec.
+- `CpuInt8Bf16Kernel`, weight-only int8 with bfloat16 activations (needs AVX-512 BF16): each chunk of the
+  weight is converted to bfloat16 once per call into an L1 buffer (exact: |q| <= 127) and multiplied with
+  `vdpbf16ps`, float32 sums, channel scales on the sums. Replaces PyTorch's `_weight_int8pack_mm` (a fixed
+  cost per activation row) and the bf16 expansion for oneDNN where it runs; float16 / float32 activations keep
+  `cpu_int8`.
+
+The weight is repacked once after loading into blocks of 16 outputs x `depth` inputs (`pack_weight`); embedding
+rows are read back from the same blocks (`gather_packed_rows`), so a tied table is held once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..format.schemes import SchemeKind
+from .base import LinearConfig
+from .cpu_extension import build_cpu_extension
+
+LANES = 16  # outputs per register
+DYNAMIC_DEPTH, BF16_DEPTH = 4, 2  # inputs per 32-bit lane of vpdpbusd / vdpbf16ps
+BUILD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16"]
+
+
+@functools.cache
+def load_extension() -> str:
+    """Build (once per machine) and load the `nano_cpu::int8_*` ops; '' on success, else why not.
+
+    Each kernel checks the instructions its op runs (VNNI or BF16) before calling it."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return f"needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
+    why = build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", BUILD_FLAGS)
+    if not why:
+        torch.library.register_fake("nano_cpu::int8_dynamic_linear")(
+            lambda x, packed, weight_sums, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
+        torch.library.register_fake("nano_cpu::int8_weight_only_linear")(
+            lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
+    return why
+
+
+def pack_weight(qweight: torch.Tensor, depth: int) -> torch.Tensor:
+    """qweight int8 `[K, N]` -> int8 `[N/16, K/depth, 16, depth]`: `[b, j, l, d]` is `q[depth*j + d, 16*b + l]`."""
+    k, n = qweight.shape
+    return qweight.t().reshape(n // LANES, LANES, k // depth, depth).permute(0, 2, 1, 3).contiguous()
+
+
+def gather_packed_rows(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Embedding rows `ids [...]` of a table packed by `pack_weight` (`[N, K]` = `[vocab, hidden]`, scales
+    float32 `[N]`) -> `[..., K]` in `dtype`. A lookup is not a product: the rows are the weight-only ones."""
+    rows = packed[torch.div(ids, LANES, rounding_mode="floor"), :, ids % LANES, :]  # [..., K/depth, depth]
+    return rows.reshape(*ids.shape, in_features).to(dtype) * scales[ids].to(dtype).unsqueeze(-1)
+
+
+def _common_reason(config: LinearConfig, depth: int) -> str:
+    if config.device_type != "cpu":
+        return f"runs on the CPU only (device {config.device_type})"
+    if config.out_features % LANES or config.in_features % depth:
+        return (f"needs output features a multiple of {LANES} and input features a multiple of {depth} "
+                f"(layer {config.out_features}x{config.in_features})")
+    return load_extension()
+
+
+class CpuInt8DynamicKernel:
+    """`x @ W.T` for int8-a8: per-token int8 activations times per-channel int8 weights."""
+
+    name = "cpu_int8_vnni"
+    supports_gather = True
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        if config.scheme.kind is not SchemeKind.INT8_CHANNEL or not config.scheme.quantizes_activations:
+            return False, f"needs int8 activations (scheme {config.scheme.name})"
+        if config.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return False, f"activation dtype {config.act_dtype} is not bfloat16, float16 or float32"
+        if not torch.cpu._is_vnni_supported():
+            return False, "needs AVX-512 VNNI"
+        why = _common_reason(config, DYNAMIC_DEPTH)
+        return (False, why) if why else (True, "")
+
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, weight_sums int32 `[N]`,
+        scales float32 `[N]`."""
+        qweight = tensors["qweight"]
+        return {"packed": pack_weight(qweight, DYNAMIC_DEPTH),
+                "weight_sums": qweight.sum(dim=0, dtype=torch.int32).contiguous(),
+                "scales": tensors["scales"].to(torch.float32).contiguous()}
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        """`x [..., K]` -> `[..., N]` in x.dtype."""
+        flat = x.reshape(-1, config.in_features).contiguous()
+        out = torch.ops.nano_cpu.int8_dynamic_linear(flat, prepared["packed"], prepared["weight_sums"],
+                                                     prepared["scales"])
+        return out.view(*x.shape[:-1], config.out_features)
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
+
+
+class CpuInt8Bf16Kernel:
+    """`x @ W.T` for weight-only int8 per channel with bfloat16 activations: bfloat16 dot products."""
+
+    name = "cpu_int8_bf16dot"
+    supports_gather = True
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        if config.scheme.kind is not SchemeKind.INT8_CHANNEL or config.scheme.quantizes_activations:
+            return False, f"needs weight-only int8 per channel (scheme {config.scheme.name})"
+        if config.act_dtype != torch.bfloat16:
+            return False, f"runs bfloat16 activations only (got {config.act_dtype})"
+        if not torch.cpu._is_avx512_bf16_supported():
+            return False, "needs AVX-512 BF16"
+        why = _common_reason(config, BF16_DEPTH)
+        return (False, why) if why else (True, "")
+
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/2, 16, 2]`, scales float32 `[N]`."""
+        return {"packed": pack_weight(tensors["qweight"], BF16_DEPTH),
+                "scales": tensors["scales"].to(torch.float32).contiguous()}
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        """`x [..., K]` bfloat16 -> `[..., N]` bfloat16."""
+        flat = x.reshape(-1, config.in_features).contiguous()
+        out = torch.ops.nano_cpu.int8_weight_only_linear(flat, prepared["packed"], prepared["scales"])
+        return out.view(*x.shape[:-1], config.out_features)
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
