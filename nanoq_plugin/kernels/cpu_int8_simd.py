@@ -62,30 +62,46 @@ def gather_packed_rows(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Te
     return rows.reshape(*ids.shape, in_features).to(dtype) * scales[ids].to(dtype).unsqueeze(-1)
 
 
-def _common_reason(config: LinearConfig, depth: int) -> str:
-    if config.device_type != "cpu":
-        return f"runs on the CPU only (device {config.device_type})"
-    if config.out_features % LANES or config.in_features % depth:
-        return (f"needs output features a multiple of {LANES} and input features a multiple of {depth} "
-                f"(layer {config.out_features}x{config.in_features})")
-    return load_extension()
+class PackedInt8Kernel:
+    """What both kernels share: which layers they take (class attributes say the rest) and table rows."""
+
+    supports_gather = True
+    quantizes_activations: bool
+    depth: int
+    act_dtypes: tuple[torch.dtype, ...]
+    instruction: str  # the AVX-512 extension the op runs
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        scheme = config.scheme
+        if scheme.kind is not SchemeKind.INT8_CHANNEL or scheme.quantizes_activations != self.quantizes_activations:
+            needs = "int8 activations (int8-a8)" if self.quantizes_activations else "weight-only int8 per channel"
+            return False, f"needs {needs} (scheme {scheme.name})"
+        if config.act_dtype not in self.act_dtypes:
+            return False, f"activation dtype {config.act_dtype} is not one of {self.act_dtypes}"
+        if config.device_type != "cpu":
+            return False, f"runs on the CPU only (device {config.device_type})"
+        has_instruction = {"VNNI": torch.cpu._is_vnni_supported, "BF16": torch.cpu._is_avx512_bf16_supported}
+        if not has_instruction[self.instruction]():
+            return False, f"needs AVX-512 {self.instruction}"
+        if config.out_features % LANES or config.in_features % self.depth:
+            return False, (f"needs output features a multiple of {LANES} and input features a multiple of "
+                           f"{self.depth} (layer {config.out_features}x{config.in_features})")
+        why = load_extension()
+        return (False, why) if why else (True, "")
+
+    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+        return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
 
 
-class CpuInt8DynamicKernel:
+class CpuInt8DynamicKernel(PackedInt8Kernel):
     """`x @ W.T` for int8-a8: per-token int8 activations times per-channel int8 weights."""
 
     name = "cpu_int8_vnni"
-    supports_gather = True
-
-    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
-        if config.scheme.kind is not SchemeKind.INT8_CHANNEL or not config.scheme.quantizes_activations:
-            return False, f"needs int8 activations (scheme {config.scheme.name})"
-        if config.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return False, f"activation dtype {config.act_dtype} is not bfloat16, float16 or float32"
-        if not torch.cpu._is_vnni_supported():
-            return False, "needs AVX-512 VNNI"
-        why = _common_reason(config, DYNAMIC_DEPTH)
-        return (False, why) if why else (True, "")
+    quantizes_activations = True
+    depth = DYNAMIC_DEPTH
+    act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    instruction = "VNNI"
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, weight_sums int32 `[N]`,
@@ -102,26 +118,15 @@ class CpuInt8DynamicKernel:
                                                      prepared["scales"])
         return out.view(*x.shape[:-1], config.out_features)
 
-    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
-        return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
 
-
-class CpuInt8Bf16Kernel:
+class CpuInt8Bf16Kernel(PackedInt8Kernel):
     """`x @ W.T` for weight-only int8 per channel with bfloat16 activations: bfloat16 dot products."""
 
     name = "cpu_int8_bf16dot"
-    supports_gather = True
-
-    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
-        if config.scheme.kind is not SchemeKind.INT8_CHANNEL or config.scheme.quantizes_activations:
-            return False, f"needs weight-only int8 per channel (scheme {config.scheme.name})"
-        if config.act_dtype != torch.bfloat16:
-            return False, f"runs bfloat16 activations only (got {config.act_dtype})"
-        if not torch.cpu._is_avx512_bf16_supported():
-            return False, "needs AVX-512 BF16"
-        why = _common_reason(config, BF16_DEPTH)
-        return (False, why) if why else (True, "")
+    quantizes_activations = False
+    depth = BF16_DEPTH
+    act_dtypes = (torch.bfloat16,)
+    instruction = "BF16"
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/2, 16, 2]`, scales float32 `[N]`."""
@@ -133,7 +138,3 @@ class CpuInt8Bf16Kernel:
         flat = x.reshape(-1, config.in_features).contiguous()
         out = torch.ops.nano_cpu.int8_weight_only_linear(flat, prepared["packed"], prepared["scales"])
         return out.view(*x.shape[:-1], config.out_features)
-
-    def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
-        return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
