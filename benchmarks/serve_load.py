@@ -7,6 +7,7 @@ their spread are reported, and every ratio is to the mean of the A runs of the s
 
     python benchmarks/serve_load.py                       # the full CPU sweep (~15-20 min on 2 cores)
     python benchmarks/serve_load.py --smoke --out /tmp/s  # a few requests per configuration (CI)
+    python benchmarks/serve_load.py --configs nano-w8a8 --concurrency 16 --cycles 3   # a head-to-head, 3 samples
 
 Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq example-model`):
   w8a8-native   compressed-tensors W8A8 (int8 weights per channel, int8 activations per token), made with
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--reliability", default="nano-w4g128", help="config that also gets the reliability check "
                         "(1000 requests at concurrency 32 and malformed ones); 'none' to skip")
     parser.add_argument("--reliability-requests", type=int, default=1000)
+    parser.add_argument("--cycles", type=int, default=1, help="run the sequence A, B, ... this many times before the "
+                        "closing A (A, B, C, A, B, C, A): more samples of each config on a noisy machine")
     parser.add_argument("--smoke", action="store_true", help="two configs, a few requests each (CI)")
     parser.add_argument("--work", default=str(REPO / ".cache/serve"), help="checkpoints and server state")
     parser.add_argument("--calib", default=str(CALIB) if CALIB.is_file() else "self",
@@ -178,7 +181,8 @@ def main() -> None:
         specs = [LoadSpec(c, max(args.min_requests, min(args.rounds * c, args.max_requests)), args.prompt_tokens,
                           args.output_tokens)
                  for c in concurrency]
-    sequence = [BASELINE, *[n for n in names if n != BASELINE]] + ([] if args.smoke else [BASELINE])
+    cycle = [BASELINE, *[n for n in names if n != BASELINE]]
+    sequence = cycle * max(1, args.cycles) + ([] if args.smoke else [BASELINE])
     reliability = None
     if args.reliability != "none":
         reliability = {"requests": args.reliability_requests, "concurrency": 32}

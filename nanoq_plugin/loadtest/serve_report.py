@@ -92,7 +92,8 @@ def markdown_table(report: dict) -> str:
                 f"{run['peak_rss_bytes'] / 2**30:.2f} | {_fmt(run['peak_rss_ratio'], 2)} | "
                 f"{run['weight_bytes'] / 2**20:.1f} | {_fmt(run['weight_bytes_ratio'], 2)} |")
     spread = ", ".join(f"c={c}: {v['spread']:.0%}" for c, v in report["baseline_reference"]["levels"].items())
-    lines += ["", f"Baseline spread between its runs (throughput, (max − min) / mean): {spread}."]
+    lines += ["", f"Baseline spread between its runs (throughput, (max − min) / mean): {spread}.", ""]
+    lines += summary_table(report)
     if report.get("reliability"):
         rel = report["reliability"]
         load = rel["load"]
@@ -106,6 +107,32 @@ def markdown_table(report: dict) -> str:
     lines += ["", "The same load with vLLM's own tool (one concurrency level):", "",
               "```", report["vllm_bench_command"], "```", ""]
     return "\n".join(lines)
+
+
+def summary_table(report: dict) -> list[str]:
+    """Markdown lines: per config, the mean throughput ratio to the baseline at each concurrency over its runs,
+    with the lowest and highest run where it ran more than once."""
+    levels = [int(c) for c in report["baseline_reference"]["levels"]]
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for run in report["runs"]:
+        per_level = ratios.setdefault(run["config"], {c: [] for c in levels})
+        for level in run.get("levels", []):
+            if level.get("throughput_ratio") is not None and level["concurrency"] in per_level:
+                per_level[level["concurrency"]].append(level["throughput_ratio"])
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "—"
+        text = f"{mean(values):.2f}"
+        return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+
+    lines = ["Output tokens/s over the baseline's mean, mean of each config's runs (lowest–highest run):", "",
+             "| config | runs | " + " | ".join(f"c={c}" for c in levels) + " |",
+             "|---|---:|" + "---:|" * len(levels)]
+    for config, per_level in ratios.items():
+        runs = sum(1 for run in report["runs"] if run["config"] == config)
+        lines.append(f"| {config} | {runs} | " + " | ".join(cell(per_level[c]) for c in levels) + " |")
+    return lines
 
 
 def _ratio_axes(ax, ylabel: str, title: str, log2_x: bool = True) -> None:

@@ -45,7 +45,7 @@ def _run(config, run, throughputs, rss, weights, tpot=10.0):
 
 def test_ratios_are_to_the_mean_of_the_baseline_runs(tmp_path):
     runs = [_run("base8", 1, (10.0, 30.0), 2**30, 100), _run("ours", 1, (15.0, 60.0), 2**29, 50, tpot=5.0),
-            _run("base8", 2, (14.0, 50.0), 2**30, 100),
+            _run("base8", 2, (14.0, 50.0), 2**30, 100), _run("ours", 2, (9.0, 40.0), 2**29, 50),
             {"config": "broken", "run": 1, "levels": [], "error": "exited", "weight_bytes": 25}]
     reference = add_ratios(runs, "base8")
     assert reference["levels"][1]["output_tokens_per_s"] == 12.0
@@ -53,12 +53,15 @@ def test_ratios_are_to_the_mean_of_the_baseline_runs(tmp_path):
     ours = runs[1]
     assert [lv["throughput_ratio"] for lv in ours["levels"]] == [1.25, 1.5]
     assert ours["levels"][0]["tpot_p50_ratio"] == 0.5 and ours["peak_rss_ratio"] == 0.5
-    assert ours["weight_bytes_ratio"] == 0.5 and runs[3]["weight_bytes_ratio"] == 0.25
+    assert ours["weight_bytes_ratio"] == 0.5 and runs[4]["weight_bytes_ratio"] == 0.25
     report = {"model": "m", "device": "cpu", "engine": "vLLM", "baseline": "base8", "runs": runs,
               "load": {"prompt_tokens": 8, "output_tokens": 5},
               "baseline_reference": reference, "vllm_bench_command": "vllm bench serve ...", "notes": ["n"]}
     table = markdown_table(report)
     assert "| ours | 1 | 4 | 60.0 | 1.50 |" in table and "failed: exited" in table and "c=4: 50%" in table
+    # the summary: ours ran twice (ratios 1.25 / 0.75 at c=1, 1.5 / 1.0 at c=4), the baseline twice, broken never
+    assert "| ours | 2 | 1.00 (0.75–1.25) | 1.25 (1.00–1.50) |" in table
+    assert "| base8 | 2 | 1.00 (0.83–1.17) | 1.00 (0.75–1.25) |" in table and "| broken | 1 | — | — |" in table
     paths = write_plots(report, tmp_path / "serve")
     assert [p.name for p in paths] == ["serve-throughput.png", "serve-latency.png", "serve-memory.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
