@@ -15,6 +15,7 @@ Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq
   bf16          the float model
   nano-w8       nano int8 per channel (weight-only)
   nano-w8a8     nano int8-a8: the same int8 weights, activations quantized per token (nano's VNNI kernel)
+  nano-w8a8-embed  the same, and the token embedding int8 with the tied LM head int8-a8 over it (less memory)
   nano-w4g128   nano int4 g128 (RTN: the method does not change the speed, the scheme does)
   w4a16-native  compressed-tensors W4A16 from nano-w4g128 (`nanoq export compressed-tensors`)
   nano-qkv-fp16 q/k/v bf16, the rest int4, the embedding int8 with the head tied over it
@@ -44,8 +45,8 @@ from nanoq_plugin.loadtest.vllm_process import vllm_python, vllm_server  # noqa:
 SERVING = REPO / "serving_configs"
 CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 BASELINE = "w8a8-native"
-ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w8a8", "nano-w4g128", "w4a16-native", "nano-qkv-fp16",
-         "nano-alloc-3.0bpw", "nano-cb3g128")
+ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w8a8", "nano-w8a8-embed", "nano-w4g128", "w4a16-native",
+         "nano-qkv-fp16", "nano-alloc-3.0bpw", "nano-cb3g128")
 SMOKE_ORDER = ("w8a8-native", "nano-w4g128")
 CONCURRENCY = (1, 4, 16, 64)
 MAX_MODEL_LEN = 2048

@@ -90,6 +90,8 @@ class Recipe:
 PRESETS: dict[str, Recipe] = {
     "w8": Recipe("w8", INT8_CHANNEL),
     "w8a8": Recipe("w8a8", INT8_DYNAMIC_A8),  # int8 activations per token at run time (format.activations)
+    # and the token embedding int8: a tied LM head then computes int8 x int8 over that one table
+    "w8a8-embed": Recipe("w8a8-embed", INT8_DYNAMIC_A8, embeddings=INT8_DYNAMIC_A8, lm_head=INT8_DYNAMIC_A8),
     "w8g128": Recipe("w8g128", parse_scheme("int8g128"), group_size_fallback=True),
     "w4g128": Recipe("w4g128", parse_scheme("int4g128"), group_size_fallback=True),
     "w4g128-asym": Recipe("w4g128-asym", parse_scheme("int4g128-asym"), group_size_fallback=True),
