@@ -173,21 +173,24 @@ def test_tensor_parallel_2_matches_tp_1(recipe, tiny_float_model, state_dir, tmp
     with vllm_server(model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as server:
         tp2 = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
     reference = load_transformers(model)
-    identical = 0
+    first_differences = []
     for (prompt_ids, one), (_, two) in zip(tp1, tp2):
         assert len(one) == len(two) == NEW_TOKENS
         step = next((i for i, (a, b) in enumerate(zip(one, two)) if a != b), None)
-        if step is None:
-            identical += 1
-        else:  # the all-reduce sums in another order: allowed only where the two choices nearly tie
+        first_differences.append(NEW_TOKENS if step is None else step)
+        if step is not None:  # the all-reduce sums in another order: allowed only where the two choices nearly tie
             context = torch.tensor([prompt_ids + one[:step]])
             with torch.no_grad():
                 logprobs = torch.log_softmax(reference(context).logits[0, -1].float(), dim=-1)
             gap = abs((logprobs[one[step]] - logprobs[two[step]]).item())
             assert gap < GAP_TOLERANCE, f"TP=1 {one[step]} vs TP=2 {two[step]} at step {step}: gap {gap:.3f} nats"
         assert_same_greedy(reference, prompt_ids, one)
-    if recipe != "w8a8":  # there each row-parallel shard has its own activation scales: not only another order
-        assert identical >= 1
+    # a random tiny model has many near-ties, so TP=2 may leave TP=1 at some point in every prompt (measured: first
+    # differences at steps 10/19/15/13 for int4-mixed, 25/none/14/4 for codebook); a broken shard leaves it at
+    # once. w8a8 is exempt (measured 11/1/23/0): each row-parallel shard quantizes its own slice of the input with
+    # its own scales, not only summing in another order.
+    if recipe != "w8a8":
+        assert min(first_differences) >= 1 and sorted(first_differences)[len(PROMPTS) // 2] >= 8, first_differences
 
 
 def test_float_checkpoint_with_quantization_nano_fails_at_start(smollm2_dir, state_dir):
