@@ -17,13 +17,14 @@ the build fails or the CPU has no AVX-512, `can_implement` says why and the refe
 from __future__ import annotations
 
 import functools
+
 import torch
 
 from ..format.packing import unpack_codes
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .cpu_extension import build_cpu_extension
 from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
+from .cpu_extension import build_cpu_extension
 
 BUILD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 BLOCK = 32  # inputs per 16 bytes of repacked codes
@@ -33,9 +34,6 @@ TABLE_SIZE = 16  # one AVX-512 register of float32 levels
 @functools.cache
 def load_extension() -> str:
     """Build (once per machine, cached by torch) and load the `nano_cpu::` ops; '' on success, else why not."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AVX512" not in capability:
-        return f"needs AVX-512 (this CPU: {capability})"
     why = build_cpu_extension("nanoq_cpu_codebook", "codebook_avx512.cpp", BUILD_FLAGS)
     if why:
         return why

@@ -37,8 +37,6 @@ def load_extension() -> str:
     """Build (once per machine) and load the `nano_cpu::int8_*` ops; '' on success, else why not.
 
     Each kernel checks the instructions its op runs (VNNI or BF16) before calling it."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return f"needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
     why = build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", BUILD_FLAGS)
     if not why:
         torch.library.register_fake("nano_cpu::int8_dynamic_linear")(

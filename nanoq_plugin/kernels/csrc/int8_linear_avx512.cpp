@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -113,6 +112,7 @@ struct DynamicInt8 {
   using Acc = __m512i;
   static constexpr int64_t kDepth = 4;     // inputs per int32 lane
   static constexpr int64_t kChunk = 256;   // 64 outputs x 256 inputs = 16 KiB of int8 weights
+  static constexpr int64_t kPanelElements = 0;  // the packed weights are the operand: no panel
   const uint8_t* u;                        // [M, K] activations + 128
   const float* x_scales;                   // [M]
   const int8_t* packed;                    // [N/16, K/4, 16, 4]
@@ -124,8 +124,8 @@ struct DynamicInt8 {
   static Acc zero() { return _mm512_setzero_si512(); }
   static Acc dot(Acc acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, x, w); }
   int64_t chunk(int64_t M) const { return M > kMaxMR ? kChunk : K; }  // one row tile reads the panel once
-  void load_panel(int16_t*, int64_t, int64_t, int64_t, int64_t) const {}  // the packed weights are the operand
-  __m512i weights(const int16_t*, int64_t n, int64_t, int64_t k) const {
+  void load_panel(int16_t*, int64_t, int64_t, int64_t, int64_t) const {}
+  __m512i weights(const int16_t*, int64_t n, int64_t, int64_t, int64_t k) const {
     return _mm512_loadu_si512(packed + ((n / kLanes) * K + k) * kLanes);
   }
   __m512i activations(int64_t m, int64_t k) const { return broadcast_dword(u + m * K + k); }
@@ -143,6 +143,7 @@ struct WeightOnlyInt8 {
   using Acc = __m512;
   static constexpr int64_t kDepth = 2;     // inputs per float32 lane of vdpbf16ps
   static constexpr int64_t kChunk = 128;   // 64 outputs x 128 inputs = 16 KiB of bfloat16 panel
+  static constexpr int64_t kPanelElements = kMaxNR * kChunk * kLanes;
   const at::BFloat16* x;                   // [M, K]
   const int8_t* packed;                    // [N/16, K/2, 16, 2]
   const float* w_scales;                   // [N]
@@ -168,8 +169,8 @@ struct WeightOnlyInt8 {
       }
     }
   }
-  __m512i weights(const int16_t* panel, int64_t n, int64_t n0, int64_t k_in_chunk) const {
-    return _mm512_loadu_si512(panel + ((n - n0) / kLanes) * kChunk * kLanes + k_in_chunk * kLanes);
+  __m512i weights(const int16_t* panel, int64_t n, int64_t n0, int64_t k0, int64_t k) const {
+    return _mm512_loadu_si512(panel + ((n - n0) / kLanes) * kChunk * kLanes + (k - k0) * kLanes);
   }
   __m512i activations(int64_t m, int64_t k) const { return broadcast_dword(x + m * K + k); }
   void finish(Acc acc, int64_t m, int64_t n) const {
@@ -223,11 +224,10 @@ void tile(const P& p, const int16_t* panel, int32_t* partial, int64_t m0, int64_
   static_assert(MR >= 1 && MR <= kMaxMR && NR >= 1 && NR <= kMaxNR, "tile out of range");
   NANO_ROW_ACC(0) NANO_ROW_ACC(1) NANO_ROW_ACC(2) NANO_ROW_ACC(3) NANO_ROW_ACC(4) NANO_ROW_ACC(5)
   for (int64_t k = k0; k < k1; k += P::kDepth) {
-    const int64_t panel_k = std::is_same_v<P, WeightOnlyInt8> ? k - k0 : k;
-    const __m512i w0 = p.weights(panel, n0, panel_n0, panel_k);
-    const __m512i w1 = NR > 1 ? p.weights(panel, n0 + kLanes, panel_n0, panel_k) : w0;
-    const __m512i w2 = NR > 2 ? p.weights(panel, n0 + 2 * kLanes, panel_n0, panel_k) : w0;
-    const __m512i w3 = NR > 3 ? p.weights(panel, n0 + 3 * kLanes, panel_n0, panel_k) : w0;
+    const __m512i w0 = p.weights(panel, n0, panel_n0, k0, k);
+    const __m512i w1 = NR > 1 ? p.weights(panel, n0 + kLanes, panel_n0, k0, k) : w0;
+    const __m512i w2 = NR > 2 ? p.weights(panel, n0 + 2 * kLanes, panel_n0, k0, k) : w0;
+    const __m512i w3 = NR > 3 ? p.weights(panel, n0 + 3 * kLanes, panel_n0, k0, k) : w0;
     NANO_ROW_DOT(0) NANO_ROW_DOT(1) NANO_ROW_DOT(2) NANO_ROW_DOT(3) NANO_ROW_DOT(4) NANO_ROW_DOT(5)
   }
   if (k1 < p.K) {
@@ -261,7 +261,7 @@ void gemm(const P& p, int64_t M) {
   const int64_t chunk = p.chunk(M);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> partial(chunk < p.K ? M * kBlockN : 0);  // float32 or int32 sums, 4 bytes each
-    std::vector<int16_t> panel(std::is_same_v<P, WeightOnlyInt8> ? kMaxNR * P::kChunk * kLanes : 0);
+    std::vector<int16_t> panel(P::kPanelElements);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kBlockN, width = std::min(kBlockN, p.N - n0);
       for (int64_t k0 = 0; k0 < p.K; k0 += chunk) {
