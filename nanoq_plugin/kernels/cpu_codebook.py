@@ -1,17 +1,28 @@
-"""Codebook schemes on x86 CPUs with AVX-512: a C++ kernel (`csrc/codebook_avx512.cpp`) compiled on first use.
+"""Codebook schemes on x86 CPUs: a C++ kernel (`csrc/codebook_cpu.cpp`) compiled on first use, once per vector ISA.
 
 The reference dequantizes the whole weight every call (unpack, gather the levels, scale, transpose): on
 SmolLM2's gate_proj that is ~10 ms a call on one core, 60x a bf16 GEMM. Here the codes are repacked once
 after loading into 4-bit nibbles per output row (`repack_codes`; 2- and 3-bit codes take 4 bits in memory,
-as in the int4 kernel), and the table of `2**b` levels sits in one AVX-512 register: a 16-byte load gives
-32 codes, two permutes give their levels, and fused multiply-adds with the rotated activations accumulate
-per group before the group's scale is applied. Up to `cpu_dense.DENSE_MIN_ROWS` activation rows the kernel
-multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'` at a time
-are expanded in bf16 (float32 for other activations) and multiplied by ATen's GEMM. The rotation (a fast
-Walsh-Hadamard transform per group) runs in the same C++ call: one op per layer, `nano_cpu::codebook_linear`.
+as in the int4 kernel), and the table of `2**b` levels sits in registers: a 16-byte load gives 32 codes,
+permutes of the table by them give their levels, and fused multiply-adds with the rotated activations
+accumulate per group before the group's scale is applied. Up to `cpu_dense.DENSE_MIN_ROWS` activation rows
+the kernel multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'`
+at a time are expanded in bf16 (float32 for other activations) and multiplied by ATen's GEMM. The rotation
+(a fast Walsh-Hadamard transform per group) runs in the same C++ call: one op per layer.
+
+The source is built twice, one library and op per ISA (both register into `nano_cpu`):
+
+    CpuCodebookKernel(isa)  name               library                      op
+    "avx512"                cpu_codebook       nanoq_cpu_codebook_avx512    nano_cpu::codebook_linear
+    "avx2"                  cpu_codebook_avx2  nanoq_cpu_codebook_avx2      nano_cpu::codebook_linear_avx2
+
+AVX-512 holds the 16 levels in one register (one permute per 16 codes); AVX2 (Zen 2/3, Haswell on) in two
+registers of 8 (two permutes and a blend per 8 codes; one permute where the scheme has <= 8 levels, told by
+the table's size: `prepare` pads the levels to 8 or 16).
 
 Needs a C++ compiler and ninja at first use (the build is cached by torch in `TORCH_EXTENSIONS_DIR`); where
-the build fails or the CPU has no AVX-512, `can_implement` says why and the reference runs instead.
+the build fails or the CPU (or the `NANOQ_CPU_ISA` cap, kernels.cpu_isa) lacks the ISA, `can_implement` says
+why and the next kernel in the dispatcher's list runs instead.
 """
 
 from __future__ import annotations
@@ -24,21 +35,34 @@ from ..format.packing import unpack_codes
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
-from .cpu_extension import build_cpu_extension
+from .cpu_extension import build_cpu_extension, missing_isa
 
-BUILD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 BLOCK = 32  # inputs per 16 bytes of repacked codes
-TABLE_SIZE = 16  # one AVX-512 register of float32 levels
+TABLE_SIZES = (8, 16)  # levels zero-padded to one AVX2 register (<= 8 levels, one permute) or 16
+OPS = {"avx512": "codebook_linear", "avx2": "codebook_linear_avx2"}  # nano_cpu:: op of each build
 
 
-@functools.cache
-def load_extension() -> str:
-    """Build (once per machine, cached by torch) and load the `nano_cpu::` ops; '' on success, else why not."""
-    why = build_cpu_extension("nanoq_cpu_codebook", "codebook_avx512.cpp", BUILD_FLAGS)
-    if why:
+def _loader(isa: str):
+    """The loader of the `isa` build: builds (once per machine, cached by torch) and loads the library and its
+    op once per process; `cache_clear()` to ask again (tests lift the `NANOQ_CPU_ISA` cap that way)."""
+
+    @functools.cache
+    def load() -> str:
+        why = build_cpu_extension(f"nanoq_cpu_codebook_{isa}", "codebook_cpu.cpp", isa)
+        if not why:
+            torch.library.register_fake(f"nano_cpu::{OPS[isa]}")(_fake_codebook_linear)
         return why
-    torch.library.register_fake("nano_cpu::codebook_linear")(_fake_codebook_linear)
-    return ""
+
+    return load
+
+
+LOADERS = {isa: _loader(isa) for isa in OPS}
+
+
+def load_extension(isa: str = "avx512") -> str:
+    """Load the `nano_cpu::` op of `isa` ('avx512' or 'avx2'), building it on first use; '' on success, else
+    why not."""
+    return LOADERS[isa]()
 
 
 def repack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -50,27 +74,38 @@ def repack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-class CpuCodebookKernel:
-    """`x @ W.T` for codebook schemes on the CPU (rotation, then the table-lookup GEMM)."""
+def level_table(codebook: torch.Tensor) -> torch.Tensor:
+    """The scheme's levels `[2**b]` as float32 `[8]` (b <= 3) or `[16]`, zero-padded (what the C++ kernel reads)."""
+    size = next(size for size in TABLE_SIZES if codebook.numel() <= size)
+    table = torch.zeros(size, dtype=torch.float32)
+    table[: codebook.numel()] = codebook.to(torch.float32)
+    return table
 
-    name = "cpu_codebook"
+
+class CpuCodebookKernel:
+    """`x @ W.T` for codebook schemes on the CPU (rotation, then the table-lookup GEMM), built for `isa`."""
+
     supports_gather = False
+
+    def __init__(self, isa: str = "avx512"):
+        if isa not in OPS:
+            raise ValueError(f"isa {isa!r} is not one of {', '.join(OPS)}")
+        self.isa = isa
+        self.name = "cpu_codebook" if isa == "avx512" else f"cpu_codebook_{isa}"
 
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         if config.device_type != "cpu":
             return False, f"runs on the CPU only (device {config.device_type})"
         if config.scheme.kind is not SchemeKind.CODEBOOK:
             return False, f"needs a codebook scheme (scheme {config.scheme.name})"
-        why = load_extension()
+        why = missing_isa(self.isa) or load_extension(self.isa)
         return (False, why) if why else (True, "")
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """qweight `[K*b/32, N]`, scales `[K/G, N]`, codebook `[2**b]` -> codes uint8 `[N, K/2]`, scales float16
-        `[N, K/G]`, table float32 `[16]` (levels, zero-padded); signs `[K]` kept unless the caller rotates."""
-        table = torch.zeros(TABLE_SIZE, dtype=torch.float32)
-        table[: tensors["codebook"].numel()] = tensors["codebook"].to(torch.float32)
+        `[N, K/G]`, table float32 `[8]` or `[16]` (`level_table`); signs `[K]` kept unless the caller rotates."""
         prepared = {"codes": repack_codes(tensors["qweight"], config.scheme.bits),
-                    "scales": tensors["scales"].t().contiguous(), "table": table}
+                    "scales": tensors["scales"].t().contiguous(), "table": level_table(tensors["codebook"])}
         if not config.rotated_inputs:
             prepared["signs"] = tensors["signs"]
         return prepared
@@ -78,9 +113,9 @@ class CpuCodebookKernel:
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
         """`x [..., K]` -> `[..., N]` in x.dtype (rotated here unless `config.rotated_inputs`)."""
         signs = prepared.get("signs", NO_SIGNS)
-        out = torch.ops.nano_cpu.codebook_linear(x.reshape(-1, config.in_features), signs, prepared["codes"],
-                                                 prepared["scales"], prepared["table"], config.scheme.group_size,
-                                                 DENSE_MIN_ROWS, SCRATCH_ELEMENTS)
+        op = getattr(torch.ops.nano_cpu, OPS[self.isa])
+        out = op(x.reshape(-1, config.in_features), signs, prepared["codes"], prepared["scales"], prepared["table"],
+                 config.scheme.group_size, DENSE_MIN_ROWS, SCRATCH_ELEMENTS)
         return out.view(*x.shape[:-1], config.out_features)
 
 
@@ -88,5 +123,5 @@ NO_SIGNS = torch.empty(0, dtype=torch.int8)  # `signs` of a part whose caller ha
 
 
 def _fake_codebook_linear(x, signs, codes, scales, table, group_size, dense_min_rows, chunk_elements):
-    """Shape and dtype of `nano_cpu::codebook_linear` for torch.compile (the op is opaque to it)."""
+    """Shape and dtype of `nano_cpu::codebook_linear[_avx2]` for torch.compile (the op is opaque to it)."""
     return x.new_empty((x.shape[0], codes.shape[0]))

@@ -1,17 +1,20 @@
-"""int8 per-channel linears on x86 CPUs with AVX-512: our C++ ops (`csrc/int8_linear_avx512.cpp`), built on first use.
+"""int8 per-channel linears on x86 CPUs: our C++ ops (`csrc/int8_linear_*.cpp`), built on first use.
 
-Two kernels share the library and its GEMM driver (register tiles, K chunks that keep a weight panel in L1,
-threads over blocks of 64 outputs), one op per layer:
+Three kernels, one op per layer, each chosen by what `cpu_isa.cpu_features()` says the CPU has:
 
-- `CpuInt8DynamicKernel`, scheme int8-a8 (needs VNNI): the input quantized per token (format.activations,
+- `CpuInt8DynamicKernel`, scheme int8-a8 (AVX-512 VNNI): the input quantized per token (format.activations,
   the spec), then int8 x int8 with `vpdpbusd` (64 multiply-adds per instruction, twice bfloat16's 32): what
   lets an int8 x int8 layer beat any weight-only kernel once the batch makes the GEMM compute-bound.
-  Bit-exact to the spec.
-- `CpuInt8Bf16Kernel`, weight-only int8 with bfloat16 activations (needs AVX-512 BF16): each chunk of the
+  Bit-exact to the spec. Its GEMM driver (register tiles, K chunks that keep a weight panel in L1, threads
+  over blocks of 64 outputs) is shared with the next kernel.
+- `CpuInt8Bf16Kernel`, weight-only int8 with bfloat16 activations (AVX-512 BF16): each chunk of the
   weight is converted to bfloat16 once per call into an L1 buffer (exact: |q| <= 127) and multiplied with
   `vdpbf16ps`, float32 sums, channel scales on the sums. Replaces PyTorch's `_weight_int8pack_mm` (a fixed
   cost per activation row) and the bf16 expansion for oneDNN where it runs; float16 / float32 activations keep
   `cpu_int8`.
+- `CpuInt8DynamicAvx2Kernel`, scheme int8-a8 on AVX2 (and AVX-512 without VNNI): `vpmaddubsw` on |x_q|
+  and the weights with x_q's sign, `vpmaddwd` into int32 (`csrc/int8_linear_avx2.cpp` says why the sign
+  moves). Bit-exact to the spec. Same weight layout as the VNNI kernel.
 
 The weight is repacked once after loading into blocks of 16 outputs x `depth` inputs (`pack_weight`); embedding
 rows are read back from the same blocks (`gather_packed_rows`), so a tied table is held once.
@@ -26,24 +29,38 @@ import torch
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_extension import build_cpu_extension
+from .cpu_isa import cpu_features
 
 LANES = 16  # outputs per register
 DYNAMIC_DEPTH, BF16_DEPTH = 4, 2  # inputs per 32-bit lane of vpdpbusd / vdpbf16ps
-BUILD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16"]
+BUILD_FLAGS = ("-mavx512vnni", "-mavx512bf16")  # beside cpu_extension.ISA_FLAGS["avx512"]
 
 
 @functools.cache
 def load_extension() -> str:
-    """Build (once per machine) and load the `nano_cpu::int8_*` ops; '' on success, else why not.
+    """Build (once per machine) and load the AVX-512 `nano_cpu::int8_*` ops; '' on success, else why not.
 
     Each kernel checks the instructions its op runs (VNNI or BF16) before calling it."""
-    why = build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", BUILD_FLAGS)
+    why = build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", "avx512", BUILD_FLAGS)
     if not why:
         torch.library.register_fake("nano_cpu::int8_dynamic_linear")(
             lambda x, packed, weight_sums, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
         torch.library.register_fake("nano_cpu::int8_weight_only_linear")(
             lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
     return why
+
+
+@functools.cache
+def load_avx2_extension() -> str:
+    """Build (once per machine) and load `nano_cpu::int8_dynamic_linear_avx2`; '' on success, else why not."""
+    why = build_cpu_extension("nanoq_cpu_int8_avx2", "int8_linear_avx2.cpp", "avx2")
+    if not why:
+        torch.library.register_fake("nano_cpu::int8_dynamic_linear_avx2")(
+            lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
+    return why
+
+
+LOADERS = {"avx512": load_extension, "avx2": load_avx2_extension}
 
 
 def pack_weight(qweight: torch.Tensor, depth: int) -> torch.Tensor:
@@ -67,7 +84,8 @@ class PackedInt8Kernel:
     quantizes_activations: bool
     depth: int
     act_dtypes: tuple[torch.dtype, ...]
-    instruction: str  # the AVX-512 extension the op runs
+    needs: str  # the cpu_isa.CpuFeatures instruction set the op runs (avx512_vnni, avx512_bf16, avx2)
+    library: str  # its library: a key of LOADERS
 
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         scheme = config.scheme
@@ -78,13 +96,13 @@ class PackedInt8Kernel:
             return False, f"activation dtype {config.act_dtype} is not one of {self.act_dtypes}"
         if config.device_type != "cpu":
             return False, f"runs on the CPU only (device {config.device_type})"
-        has_instruction = {"VNNI": torch.cpu._is_vnni_supported, "BF16": torch.cpu._is_avx512_bf16_supported}
-        if not has_instruction[self.instruction]():
-            return False, f"needs AVX-512 {self.instruction}"
         if config.out_features % LANES or config.in_features % self.depth:
             return False, (f"needs output features a multiple of {LANES} and input features a multiple of "
                            f"{self.depth} (layer {config.out_features}x{config.in_features})")
-        why = load_extension()
+        features = cpu_features()
+        if not getattr(features, self.needs):
+            return False, f"needs {self.needs.upper().replace('AVX512_', 'AVX-512 ')} (this CPU: {features.describe()})"
+        why = LOADERS[self.library]()
         return (False, why) if why else (True, "")
 
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
@@ -99,7 +117,7 @@ class CpuInt8DynamicKernel(PackedInt8Kernel):
     quantizes_activations = True
     depth = DYNAMIC_DEPTH
     act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    instruction = "VNNI"
+    needs, library = "avx512_vnni", "avx512"
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, weight_sums int32 `[N]`,
@@ -124,7 +142,7 @@ class CpuInt8Bf16Kernel(PackedInt8Kernel):
     quantizes_activations = False
     depth = BF16_DEPTH
     act_dtypes = (torch.bfloat16,)
-    instruction = "BF16"
+    needs, library = "avx512_bf16", "avx512"
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/2, 16, 2]`, scales float32 `[N]`."""
@@ -135,4 +153,25 @@ class CpuInt8Bf16Kernel(PackedInt8Kernel):
         """`x [..., K]` bfloat16 -> `[..., N]` bfloat16."""
         flat = x.reshape(-1, config.in_features).contiguous()
         out = torch.ops.nano_cpu.int8_weight_only_linear(flat, prepared["packed"], prepared["scales"])
+        return out.view(*x.shape[:-1], config.out_features)
+
+
+class CpuInt8DynamicAvx2Kernel(PackedInt8Kernel):
+    """`x @ W.T` for int8-a8 on AVX2: per-token int8 activations times per-channel int8 weights."""
+
+    name = "cpu_int8_avx2"
+    quantizes_activations = True
+    depth = DYNAMIC_DEPTH
+    act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    needs, library = "avx2", "avx2"
+
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, scales float32 `[N]`."""
+        return {"packed": pack_weight(tensors["qweight"], DYNAMIC_DEPTH),
+                "scales": tensors["scales"].to(torch.float32).contiguous()}
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        """`x [..., K]` -> `[..., N]` in x.dtype."""
+        flat = x.reshape(-1, config.in_features).contiguous()
+        out = torch.ops.nano_cpu.int8_dynamic_linear_avx2(flat, prepared["packed"], prepared["scales"])
         return out.view(*x.shape[:-1], config.out_features)

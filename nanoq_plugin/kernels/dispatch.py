@@ -1,28 +1,79 @@
-"""Choose the kernel for a layer: the first in the device's priority list that can run it."""
+"""Choose the kernel for a layer: the first in the device's priority list that can run it.
+
+On the CPU the choice depends on the instruction sets `cpu_isa.cpu_features()` reports. The first layer of each
+(scheme, activation dtype, device) logs which kernel it got, once per process. A layer left to the reference
+kernel on the CPU — which dequantizes the whole weight on every call — logs one warning line naming the scheme,
+the device, every faster kernel's reason and the expected slowdown; `NANOQ_STRICT_KERNELS=1` refuses it instead.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+import sys
 
 from ..errors import NanoqError
 from .base import LinearConfig, LinearKernel
 from .cpu_codebook import CpuCodebookKernel
 from .cpu_int4 import CpuInt4GroupKernel
 from .cpu_int8 import CpuInt8ChannelKernel
-from .cpu_int8_simd import CpuInt8Bf16Kernel, CpuInt8DynamicKernel
+from .cpu_int8_simd import CpuInt8Bf16Kernel, CpuInt8DynamicAvx2Kernel, CpuInt8DynamicKernel
+from .cpu_isa import cpu_features
 from .reference_linear import ReferenceKernel
 from .triton_linear import TritonKernel
 
 PRIORITY: dict[str, tuple[LinearKernel, ...]] = {
     "cuda": (TritonKernel(), ReferenceKernel()),
-    "cpu": (CpuInt8DynamicKernel(), CpuInt8Bf16Kernel(), CpuInt8ChannelKernel(), CpuInt4GroupKernel(),
-            CpuCodebookKernel(), ReferenceKernel()),
+    "cpu": (CpuInt8DynamicKernel(), CpuInt8DynamicAvx2Kernel(), CpuInt8Bf16Kernel(), CpuInt8ChannelKernel(),
+            CpuInt4GroupKernel(), CpuCodebookKernel("avx512"), CpuCodebookKernel("avx2"), ReferenceKernel()),
 }
 KERNELS: dict[str, LinearKernel] = {k.name: k for kernels in PRIORITY.values() for k in kernels}
+STRICT_ENV = "NANOQ_STRICT_KERNELS"
+# Measured per layer at one activation row (benchmarks/results/kernels-cpu-*.json: the reference against the
+# scheme's fast kernel on the same CPU); the warning quotes it so a user knows what the fallback costs.
+REFERENCE_SLOWDOWN = "typically 5-50x slower per layer than a fast kernel"
+
+_reported: set[tuple[str, str, str]] = set()
+
+
+def kernel_logger() -> logging.Logger:
+    """The `nanoq.kernels` logger; given a stderr handler (`nanoq: message`) at INFO unless the application
+    configured one, since engines set up only their own loggers and a warning nobody sees is a silent fallback."""
+    logger = logging.getLogger("nanoq.kernels")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nanoq: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _report(config: LinearConfig, kernel: LinearKernel, reasons: list[str], where: str) -> None:
+    """Log the kernel chosen for a new (scheme, dtype, device); warn, or refuse under strict mode, when the CPU
+    runs the reference."""
+    slow = config.device_type == "cpu" and isinstance(kernel, ReferenceKernel)
+    if slow and os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        raise NanoqError(f"{where}: scheme {config.scheme.name} has no fast kernel on this CPU "
+                         f"({cpu_features().describe()}; {'; '.join(reasons)}) and {STRICT_ENV} is set")
+    key = (config.scheme.name, str(config.act_dtype).removeprefix("torch."), config.device_type)
+    if key in _reported:
+        return
+    _reported.add(key)
+    device = cpu_features().describe() if config.device_type == "cpu" else config.device_type
+    if slow:
+        kernel_logger().warning(f"warning: scheme {key[0]} ({key[1]} activations) on {device} runs the reference kernel, which "
+             f"dequantizes the whole weight on every call: {REFERENCE_SLOWDOWN} "
+             f"(first at {where}; {'; '.join(reasons)}). Set {STRICT_ENV}=1 to refuse instead.")
+    else:
+        kernel_logger().info(f"scheme {key[0]} ({key[1]} activations) on {device}: kernel {kernel.name}")
 
 
 def select_kernel(config: LinearConfig, needs_gather: bool = False, where: str = "layer") -> LinearKernel:
     """The fastest kernel that runs `config` (and can look up embedding rows if `needs_gather`).
 
-    Raises NanoqError listing every kernel's reason when none fits.
+    Raises NanoqError listing every kernel's reason when none fits, or when only the CPU reference fits and
+    `NANOQ_STRICT_KERNELS=1`.
     """
     reasons = []
     for kernel in PRIORITY.get(config.device_type, (ReferenceKernel(),)):
@@ -30,6 +81,7 @@ def select_kernel(config: LinearConfig, needs_gather: bool = False, where: str =
         if ok and needs_gather and not kernel.supports_gather:
             ok, why = False, "cannot look up embedding rows"
         if ok:
+            _report(config, kernel, reasons, where)
             return kernel
         reasons.append(f"{kernel.name}: {why}")
     raise NanoqError(f"{where}: no kernel runs scheme {config.scheme.name} on {config.device_type} "

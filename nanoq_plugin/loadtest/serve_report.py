@@ -73,6 +73,9 @@ def markdown_table(report: dict) -> str:
         f"Engine: {report['engine']}. Baseline: **{baseline}** (ran first and last; ratios are to the mean of its "
         f"runs). Load: random token-id prompts of {report['load']['prompt_tokens']} tokens, "
         f"{report['load']['output_tokens']} output tokens (ignore_eos, greedy), prefix caching off.",
+        *([f"CPU: {cpu['described']}, commit {report['provenance']['commit'][:10]}"
+           f"{' (uncommitted changes)' if report['provenance']['dirty'] else ''}, {report['provenance']['date']}."]
+          if (cpu := report.get("provenance", {}).get("cpu")) else []),
         "",
         "| config | run | conc. | out tok/s | × baseline | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
         "| errors | peak RSS GiB | × | weights MiB | × |",

@@ -223,3 +223,25 @@ def test_wrong_shape_fails_at_start_naming_it(smollm2_w8, tmp_path, state_dir):
     output = start_with_edited_tensors(
         smollm2_w8, tmp_path, state_dir, lambda tensors: tensors.update({name: tensors[name][:-32]}))
     assert f"tensor '{name}' is int8 [544, 576]" in output
+
+
+def test_a_scheme_without_a_fast_kernel_warns_at_start_and_strict_mode_refuses(tiny_float_model, state_dir,
+                                                                               tmp_path, monkeypatch):
+    """NANOQ_CPU_ISA=none stands for a CPU with no kernel of ours (aarch64, old x86): the codebook layers fall to
+    the reference, and vLLM's start log says so in one line; NANOQ_STRICT_KERNELS=1 refuses to start."""
+    recipe_file = tmp_path / "codebook.yaml"
+    recipe_file.write_text(TINY_RECIPES["codebook"])
+    model = tmp_path / "nano"
+    quantize_checkpoint(tiny_float_model, model, load_recipe(str(recipe_file)), progress=False)
+    monkeypatch.setenv("NANOQ_CPU_ISA", "none")
+    with vllm_server(model, state_dir, "--quantization", "nano") as server:
+        _, ids = complete_ids(server.url, model, PROMPTS[0])
+        log = server.log_text()
+    assert len(ids) == NEW_TOKENS
+    warnings = [line for line in log.splitlines() if "nanoq: warning: scheme cb3g128" in line]
+    assert len(warnings) == 1, log[-3000:]  # once per scheme, not per layer or per process restart of the line
+    assert "runs the reference kernel" in warnings[0] and "slower" in warnings[0] and "cpu_codebook" in warnings[0]
+    monkeypatch.setenv("NANOQ_STRICT_KERNELS", "1")
+    status, output = run_to_exit(model, state_dir, "--quantization", "nano")
+    assert status != 0 and "Traceback" not in output, output[-3000:]
+    assert "has no fast kernel on this CPU" in output and "NANOQ_STRICT_KERNELS" in output

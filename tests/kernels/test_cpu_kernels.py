@@ -12,12 +12,8 @@ from nanoq_plugin.kernels.cpu_dense import DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS
 from nanoq_plugin.kernels.dispatch import select_kernel
 from nanoq_plugin.quantizers.codebook import quantize_codebook
 
+from cpu_expectations import expected_cpu_kernel
 from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
-
-EXPECTED_CPU_KERNEL = {
-    "int8": "cpu_int8pack",
-    "int8g128": "reference", "int8g32-asym": "reference",
-}
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -27,10 +23,7 @@ def test_prepared_cpu_kernel_matches_reference(name, dtype, n):
     k = 384 if "g128" in name else 192
     scheme, tensors, weight = stored_and_reference(name, n, k, 3)
     prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
-    expected = EXPECTED_CPU_KERNEL.get(name, "cpu_int4pack") if dtype != torch.float32 else "reference"
-    if name == "int8" and dtype == torch.bfloat16:  # bf16 dot products: test_int8_activations.py
-        expected = "cpu_int8_bf16dot"
-    assert prepared.kernel == expected
+    assert prepared.kernel == expected_cpu_kernel(scheme, dtype)
     bias = torch.randn(n)
     for rows in (1, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS):
         x = torch.randn(rows, 1, k).to(dtype)
@@ -171,25 +164,51 @@ def test_fused_codebook_tables_need_the_part_sizes():
         ops.prepare_linear(fused, scheme, 128, 128, torch.float32, "cpu", where="model.qkv_proj", part_sizes=[128])
 
 
-@pytest.mark.parametrize("name", ["cb2g64", "cb3g128", "cb4g32"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_cpu_codebook_kernel_matches_reference(name, dtype):
-    """The AVX-512 table-lookup kernel (built on first use) against the reference dequantization, on both of its
-    paths: direct up to DENSE_MIN_ROWS rows (1-4 rows per pass), expanded rows and oneDNN's GEMM from there."""
-    from nanoq_plugin.kernels.cpu_codebook import load_extension
+@pytest.fixture(params=["avx512", "avx2"])
+def codebook_isa(request, monkeypatch):
+    """Each build of the codebook kernel this CPU really runs, whatever the dispatcher prefers (the AVX2 build on
+    an AVX-512 machine too) and whatever `NANOQ_CPU_ISA` caps (lifted for the test); skipped, saying why, where
+    the CPU lacks the ISA or the build fails."""
+    from nanoq_plugin.kernels import cpu_isa
+    from nanoq_plugin.kernels.cpu_codebook import LOADERS
 
-    if load_extension():
-        pytest.skip(load_extension())
+    isa, real = request.param, cpu_isa.detect()
+    if not getattr(real, isa):
+        pytest.skip(f"this CPU has no {isa}: {real.describe()}")
+    capped = not getattr(cpu_isa.cpu_features(), isa)
+    if capped:  # features and loader re-read without the cap, and again with it after the test
+        monkeypatch.delenv(cpu_isa.ENV_CAP)
+        cpu_isa.cpu_features.cache_clear()
+        LOADERS[isa].cache_clear()
+    why = LOADERS[isa]()
+    if why:
+        pytest.skip(why)
+    yield isa
+    if capped:
+        cpu_isa.cpu_features.cache_clear()
+        LOADERS[isa].cache_clear()
+
+
+@pytest.mark.parametrize("name", ["cb2g64", "cb3g128", "cb4g32", "cb4g128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_cpu_codebook_kernel_matches_reference(name, dtype, codebook_isa):
+    """Each ISA's table-lookup kernel (built on first use) against the reference dequantization, on both of its
+    paths: direct up to DENSE_MIN_ROWS rows (1-4 rows per pass), expanded rows and oneDNN's GEMM from there;
+    tables of 8 levels (2-3 bits: one permute on AVX2) and of 16."""
+    from nanoq_plugin.kernels.cpu_codebook import CpuCodebookKernel
+
     n, k = 208, 384
     scheme = parse_scheme(name)
     tensors = quantize_codebook(torch.randn(n, k, generator=torch.Generator().manual_seed(4)), scheme)
     weight = dequantize(tensors, scheme, n, k)
-    prepared = ops.prepare_linear(tensors, scheme, n, k, dtype, "cpu")
-    assert prepared.kernel == "cpu_codebook"
+    kernel, config = CpuCodebookKernel(codebook_isa), LinearConfig(scheme, n, k, dtype, "cpu")
+    assert kernel.can_implement(config) == (True, "")
+    prepared = kernel.prepare(tensors, config)
+    assert prepared["table"].shape == (8 if scheme.bits <= 3 else 16,)
     bias = torch.randn(n)
-    for rows in (1, 2, 3, 4, 5, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, 70):
+    for rows in (1, 2, 3, 4, 5, 8, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS, DENSE_MIN_ROWS + 1, 70):
         x = torch.randn(rows, 1, k).to(dtype)
-        out = ops.apply_linear(x, prepared, bias)
+        out = kernel.apply(x, prepared, config) + bias.to(dtype)
         assert out.shape == (rows, 1, n) and out.dtype == dtype
         assert rel_error(out, x.float() @ weight.t() + bias) <= TOLERANCE[dtype], rows
 
@@ -208,32 +227,30 @@ def test_cpu_codebook_repack_puts_inputs_k_and_k_plus_16_in_one_byte():
                 assert byte & 15 == codes[block * 32 + j, n] and byte >> 4 == codes[block * 32 + 16 + j, n]
 
 
-def test_cpu_codebook_op_passes_opcheck():
-    from nanoq_plugin.kernels.cpu_codebook import NO_SIGNS, load_extension
+@pytest.mark.parametrize("name", ["cb2g64", "cb4g64"])
+def test_cpu_codebook_op_passes_opcheck(name, codebook_isa):
+    from nanoq_plugin.kernels.cpu_codebook import NO_SIGNS, OPS, CpuCodebookKernel
 
-    if load_extension():
-        pytest.skip(load_extension())
-    scheme = parse_scheme("cb2g64")
-    prepared = ops.prepare_linear(quantize_codebook(torch.randn(32, 128), scheme), scheme, 32, 128, torch.float32, "cpu")
-    tensors = prepared.tensors
+    scheme = parse_scheme(name)
+    config = LinearConfig(scheme, 32, 128, torch.float32, "cpu")
+    tensors = CpuCodebookKernel(codebook_isa).prepare(quantize_codebook(torch.randn(32, 128), scheme), config)
+    op = getattr(torch.ops.nano_cpu, OPS[codebook_isa]).default
     for rows, signs in ((3, tensors["signs"]), (20, tensors["signs"]), (3, NO_SIGNS)):
-        torch.library.opcheck(torch.ops.nano_cpu.codebook_linear.default,
-                              (torch.randn(rows, 128), signs, tensors["codes"], tensors["scales"], tensors["table"],
-                               64, 12, 1 << 22), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, (torch.randn(rows, 128), signs, tensors["codes"], tensors["scales"], tensors["table"],
+                                   64, 12, 1 << 22), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_cpu_codebook_weights_larger_than_one_chunk_are_done_in_row_chunks():
-    from nanoq_plugin.kernels.cpu_codebook import load_extension
+def test_cpu_codebook_weights_larger_than_one_chunk_are_done_in_row_chunks(codebook_isa):
+    from nanoq_plugin.kernels.cpu_codebook import OPS, CpuCodebookKernel
 
-    if load_extension():
-        pytest.skip(load_extension())
     scheme = parse_scheme("cb3g64")
     tensors = quantize_codebook(torch.randn(208, 128, generator=torch.Generator().manual_seed(5)), scheme)
-    prepared = ops.prepare_linear(tensors, scheme, 208, 128, torch.bfloat16, "cpu").tensors
+    prepared = CpuCodebookKernel(codebook_isa).prepare(tensors, LinearConfig(scheme, 208, 128, torch.bfloat16, "cpu"))
     x = torch.randn(20, 128, dtype=torch.bfloat16)
     args = (x, prepared["signs"], prepared["codes"], prepared["scales"], prepared["table"], 64, 12)
-    whole = torch.ops.nano_cpu.codebook_linear(*args, 1 << 22)
-    chunked = torch.ops.nano_cpu.codebook_linear(*args, 50 * 128)  # chunks of 50 rows, the last of 8
+    op = getattr(torch.ops.nano_cpu, OPS[codebook_isa])
+    whole = op(*args, 1 << 22)
+    chunked = op(*args, 50 * 128)  # chunks of 50 rows, the last of 8
     assert torch.equal(chunked, whole)
     weight = dequantize(tensors, scheme, 208, 128)
     assert rel_error(whole, x.float() @ weight.t()) <= TOLERANCE[torch.bfloat16]

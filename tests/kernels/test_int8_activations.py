@@ -1,6 +1,7 @@
-"""int8 per channel on our AVX-512 kernels. Scheme int8-a8 (per-token int8 activations x per-channel int8
-weights): the spec against integer arithmetic done another way, and the VNNI kernel against the spec, bit for
-bit. Weight-only int8 with bfloat16 activations: the bf16 dot-product kernel against float32 arithmetic."""
+"""int8 per channel on our CPU kernels. Scheme int8-a8 (per-token int8 activations x per-channel int8 weights):
+the spec against integer arithmetic done another way, and both int8-a8 kernels (AVX-512 VNNI, AVX2) against the
+spec, bit for bit, each wherever the hardware runs it. Weight-only int8 with bfloat16 activations: the bf16
+dot-product kernel against float32 arithmetic."""
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ from nanoq_plugin.format.schemes import INT8_CHANNEL, INT8_DYNAMIC_A8
 from nanoq_plugin.kernels import ops
 from nanoq_plugin.quantizers.rtn import quantize_rtn
 
+from cpu_expectations import expected_cpu_kernel, skip_unless_hardware_has
 from schemes_under_test import rel_error
+
+DYNAMIC_KERNELS = ["cpu_int8_vnni", "cpu_int8_avx2"]
 
 
 def stored_int8(n: int, k: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -44,29 +48,27 @@ def test_spec_is_close_to_the_weight_only_product():
     assert rel_error(int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]), x @ weight.t()) < 1e-2
 
 
-def vnni_or_skip():
-    from nanoq_plugin.kernels.cpu_int8_simd import load_extension
+def prepared_by(kernel_name: str, tensors, scheme, n: int, k: int, dtype) -> ops.PreparedLinear:
+    """The layer prepared by one named kernel (not dispatch), which must take it; skips where the hardware cannot
+    run that kernel. Callers use the `uncapped` fixture, so a NANOQ_CPU_ISA cap does not hide a kernel."""
+    from nanoq_plugin.kernels.base import LinearConfig
+    from nanoq_plugin.kernels.dispatch import KERNELS
 
-    if load_extension() or not torch.cpu._is_vnni_supported():
-        pytest.skip(load_extension() or "no AVX-512 VNNI")
+    skip_unless_hardware_has(kernel_name)
+    kernel, config = KERNELS[kernel_name], LinearConfig(scheme, n, k, dtype, "cpu")
+    ok, why = kernel.can_implement(config)
+    assert ok, why
+    return ops.PreparedLinear(kernel_name, config, kernel.prepare(dict(tensors), config))
 
 
-def bf16_dot_or_skip():
-    from nanoq_plugin.kernels.cpu_int8_simd import load_extension
-
-    if load_extension() or not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip(load_extension() or "no AVX-512 BF16")
-
-
+@pytest.mark.parametrize("kernel_name", DYNAMIC_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("n, k", [(16, 4), (80, 20), (208, 1100), (576, 576)])
-def test_vnni_kernel_matches_the_spec_bit_for_bit(dtype, n, k):
-    """Every row count a tile holds (1-6) and more (row tiles of 6, K in chunks of 256 with a remainder), outputs
-    in whole 64-wide blocks and in 16-wide remainders, a row of zeros."""
-    vnni_or_skip()
+def test_int8_a8_kernel_matches_the_spec_bit_for_bit(uncapped, kernel_name, dtype, n, k):
+    """Every row count a tile holds (1-6) and more (row tiles of 4 and 6, K in chunks of 256 with a remainder, K
+    not a multiple of 8), outputs in whole 64-wide blocks and in 16-wide remainders, a row of zeros."""
     tensors, _ = stored_int8(n, k, 2)
-    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, n, k, dtype, "cpu")
-    assert prepared.kernel == "cpu_int8_vnni"
+    prepared = prepared_by(kernel_name, tensors, INT8_DYNAMIC_A8, n, k, dtype)
     generator = torch.Generator().manual_seed(3)
     for rows in (1, 2, 3, 4, 5, 6, 7, 13, 20, 65):
         x = (torch.randn(rows, k, generator=generator) * 3).to(dtype)
@@ -76,31 +78,32 @@ def test_vnni_kernel_matches_the_spec_bit_for_bit(dtype, n, k):
         assert torch.equal(got, int8_dynamic_linear(x, tensors["qweight"], tensors["scales"])), rows
 
 
-def test_vnni_kernel_with_bias_and_leading_dims_and_the_direct_path():
-    vnni_or_skip()
+def test_int8_a8_with_bias_and_leading_dims_and_the_direct_path():
     tensors, _ = stored_int8(96, 128, 4)
     prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 96, 128, torch.bfloat16, "cpu")
+    assert prepared.kernel == expected_cpu_kernel(INT8_DYNAMIC_A8, torch.bfloat16)
     x, bias = torch.randn(2, 3, 128, dtype=torch.bfloat16), torch.randn(96)
     want = int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]) + bias.to(torch.bfloat16)
     assert torch.equal(ops.apply_linear(x, prepared, bias), want)
     assert torch.equal(ops.quantized_linear(x, tensors, INT8_DYNAMIC_A8, bias), want)  # the reference op
 
 
-def test_embedding_rows_come_back_from_the_packed_blocks():
-    vnni_or_skip()
+@pytest.mark.parametrize("kernel_name", DYNAMIC_KERNELS)
+def test_embedding_rows_come_back_from_the_packed_blocks(uncapped, kernel_name):
     tensors, weight = stored_int8(160, 64, 5)
-    prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
-    assert prepared.kernel == "cpu_int8_vnni" and set(prepared.tensors) == {"packed", "weight_sums", "scales"}
+    prepared = prepared_by(kernel_name, tensors, INT8_DYNAMIC_A8, 160, 64, torch.bfloat16)
+    assert {"packed", "scales"} <= set(prepared.tensors)
     ids = torch.tensor([[3, 159], [0, 17]])
     torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=1e-2, atol=1e-3)
 
 
 def test_outputs_not_a_multiple_of_16_run_the_reference_and_say_why():
     from nanoq_plugin.kernels.base import LinearConfig
-    from nanoq_plugin.kernels.cpu_int8_simd import CpuInt8DynamicKernel
+    from nanoq_plugin.kernels.cpu_int8_simd import CpuInt8DynamicAvx2Kernel, CpuInt8DynamicKernel
 
-    ok, why = CpuInt8DynamicKernel().can_implement(LinearConfig(INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu"))
-    assert not ok and "multiple of 16" in why
+    for kernel in (CpuInt8DynamicKernel(), CpuInt8DynamicAvx2Kernel()):  # the shape is the reason on any CPU
+        ok, why = kernel.can_implement(LinearConfig(INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu"))
+        assert not ok and "multiple of 16" in why, why
     tensors, _ = stored_int8(200, 64, 6)
     prepared = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 200, 64, torch.bfloat16, "cpu")
     assert prepared.kernel == "reference"
@@ -111,15 +114,15 @@ def test_outputs_not_a_multiple_of_16_run_the_reference_and_say_why():
 def test_weight_only_int8_never_gets_the_int8_activation_kernel():
     tensors, _ = stored_int8(64, 64, 7)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert ops.prepare_linear(tensors, INT8_CHANNEL, 64, 64, dtype, "cpu").kernel != "cpu_int8_vnni"
+        assert ops.prepare_linear(tensors, INT8_CHANNEL, 64, 64, dtype, "cpu").kernel not in DYNAMIC_KERNELS
 
 
 @pytest.mark.parametrize("n, k", [(16, 2), (80, 20), (208, 1100), (576, 576)])
-def test_bf16_dot_kernel_is_the_float32_product_rounded_once(n, k):
+def test_bf16_dot_kernel_is_the_float32_product_rounded_once(uncapped, n, k):
     """Weight-only int8 with bfloat16 activations: every row count a tile holds and more, K in chunks of 128 with
     a remainder, 16-wide output remainders. The kernel sums in float32 in its own order, so it may differ from
     float32 arithmetic by the last bfloat16 place, no more."""
-    bf16_dot_or_skip()
+    skip_unless_hardware_has("cpu_int8_bf16dot")
     tensors, _ = stored_int8(n, k, 9)
     prepared = ops.prepare_linear(tensors, INT8_CHANNEL, n, k, torch.bfloat16, "cpu")
     assert prepared.kernel == "cpu_int8_bf16dot" and set(prepared.tensors) == {"packed", "scales"}
@@ -134,8 +137,8 @@ def test_bf16_dot_kernel_is_the_float32_product_rounded_once(n, k):
         assert ((got.to(torch.float64) - exact).abs() <= ulp + 1e-6).all(), rows
 
 
-def test_bf16_dot_kernel_table_rows_and_fallbacks():
-    bf16_dot_or_skip()
+def test_bf16_dot_kernel_table_rows_and_fallbacks(uncapped):
+    skip_unless_hardware_has("cpu_int8_bf16dot")
     tensors, weight = stored_int8(160, 64, 11)
     prepared = ops.prepare_linear(tensors, INT8_CHANNEL, 160, 64, torch.bfloat16, "cpu", is_embedding=True)
     assert prepared.kernel == "cpu_int8_bf16dot"
@@ -145,19 +148,18 @@ def test_bf16_dot_kernel_table_rows_and_fallbacks():
     assert ops.prepare_linear(tensors, INT8_CHANNEL, 200, 64, torch.bfloat16, "cpu").kernel == "cpu_int8pack"
 
 
-def test_int8_ops_pass_opcheck():
-    vnni_or_skip()
-    bf16_dot_or_skip()
+@pytest.mark.parametrize("kernel_name, op, scheme, dtype, names", [
+    ("cpu_int8_vnni", "int8_dynamic_linear", INT8_DYNAMIC_A8, torch.float32, ("packed", "weight_sums", "scales")),
+    ("cpu_int8_avx2", "int8_dynamic_linear_avx2", INT8_DYNAMIC_A8, torch.float32, ("packed", "scales")),
+    ("cpu_int8_bf16dot", "int8_weight_only_linear", INT8_CHANNEL, torch.bfloat16, ("packed", "scales")),
+])
+def test_int8_ops_pass_opcheck(uncapped, kernel_name, op, scheme, dtype, names):
     tensors, _ = stored_int8(64, 32, 8)
-    dynamic = ops.prepare_linear(tensors, INT8_DYNAMIC_A8, 64, 32, torch.float32, "cpu").tensors
-    weight_only = ops.prepare_linear(tensors, INT8_CHANNEL, 64, 32, torch.bfloat16, "cpu").tensors
+    prepared = prepared_by(kernel_name, tensors, scheme, 64, 32, dtype).tensors
     for rows in (1, 9):
-        torch.library.opcheck(torch.ops.nano_cpu.int8_dynamic_linear.default,
-                              (torch.randn(rows, 32), dynamic["packed"], dynamic["weight_sums"], dynamic["scales"]),
+        torch.library.opcheck(getattr(torch.ops.nano_cpu, op).default,
+                              (torch.randn(rows, 32, dtype=dtype), *(prepared[name] for name in names)),
                               test_utils=("test_schema", "test_faketensor"))
-        torch.library.opcheck(torch.ops.nano_cpu.int8_weight_only_linear.default,
-                              (torch.randn(rows, 32, dtype=torch.bfloat16), weight_only["packed"],
-                               weight_only["scales"]), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_a_w8a8_checkpoint_in_transformers_is_the_reference_model_with_quantized_inputs(tmp_path, make_tiny_model):

@@ -1,0 +1,55 @@
+"""Which CPU kernel a layer must get on this machine: the tests' oracle, written out from each kernel's documented
+requirements and kept apart from `kernels.dispatch` (whose choice it checks).
+
+`cpu_features()` is the capped view (`NANOQ_CPU_ISA`), which dispatch follows; `detect()` is the hardware,
+which decides what the kernel tests can run directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from nanoq_plugin.format.schemes import Scheme, SchemeKind
+from nanoq_plugin.kernels.cpu_isa import CpuFeatures, cpu_features, detect
+
+EXERCISED: Counter[str] = Counter()  # kernel name -> `apply` calls this session (conftest.record_exercised_kernels)
+
+# Every CPU kernel of ours, with the instruction set it needs (`CpuFeatures` attribute).
+OUR_CPU_KERNELS = {
+    "cpu_int8_vnni": "avx512_vnni",
+    "cpu_int8_avx2": "avx2",
+    "cpu_int8_bf16dot": "avx512_bf16",
+    "cpu_codebook": "avx512",
+    "cpu_codebook_avx2": "avx2",
+}
+
+
+def expected_cpu_kernel(scheme: Scheme, act_dtype: torch.dtype, features: CpuFeatures | None = None) -> str:
+    """The kernel dispatch must pick for a layer of `scheme` whose shape every kernel takes (N a multiple of 64,
+    K a multiple of the group size and of 4, G in 32..256) on a CPU with `features` (default: this one, capped)."""
+    f = features or cpu_features()
+    sixteen_bit = act_dtype in (torch.bfloat16, torch.float16)
+    if scheme.kind is SchemeKind.INT8_CHANNEL and scheme.quantizes_activations:
+        return "cpu_int8_vnni" if f.avx512_vnni else "cpu_int8_avx2" if f.avx2 else "reference"
+    if scheme.kind is SchemeKind.INT8_CHANNEL:
+        if act_dtype == torch.bfloat16 and f.avx512_bf16:
+            return "cpu_int8_bf16dot"
+        return "cpu_int8pack" if sixteen_bit else "reference"  # PyTorch's own kernel, whatever the ISA
+    if scheme.kind is SchemeKind.INT_GROUP and scheme.bits <= 4:
+        return "cpu_int4pack" if sixteen_bit else "reference"
+    if scheme.kind is SchemeKind.CODEBOOK:
+        return "cpu_codebook" if f.avx512 else "cpu_codebook_avx2" if f.avx2 else "reference"
+    return "reference"
+
+
+def hardware_has(kernel_name: str) -> bool:
+    """True if this CPU itself (whatever the cap) runs `kernel_name`: its direct tests run here."""
+    return bool(getattr(detect(), OUR_CPU_KERNELS[kernel_name]))
+
+
+def skip_unless_hardware_has(kernel_name: str) -> None:
+    if not hardware_has(kernel_name):
+        pytest.skip(f"{kernel_name} needs {OUR_CPU_KERNELS[kernel_name]}, which this CPU lacks: {detect().describe()}")
