@@ -85,14 +85,26 @@ def record_exercised_kernels():
 
 
 @pytest.fixture
-def uncapped(monkeypatch):
-    """Lift a `NANOQ_CPU_ISA` cap for one test, so that a kernel's own tests run whatever the dispatcher is told."""
+def cpu_cap(monkeypatch):
+    """`cpu_cap(name)` sets `NANOQ_CPU_ISA` for one test (`None`: no cap), so that a kernel's own tests run whatever
+    the dispatcher was told, and the AVX2 kernels run on an AVX-512 machine as on an AVX2 one."""
     from nanoq_plugin.kernels.cpu_isa import ENV_CAP, cpu_features
 
-    monkeypatch.delenv(ENV_CAP, raising=False)
-    cpu_features.cache_clear()
-    yield
+    def set_cap(name: str | None) -> None:
+        if name is None:
+            monkeypatch.delenv(ENV_CAP, raising=False)
+        else:
+            monkeypatch.setenv(ENV_CAP, name)
+        cpu_features.cache_clear()
+
+    yield set_cap
     cpu_features.cache_clear()  # recomputed on next use, after monkeypatch restores the variable
+
+
+@pytest.fixture
+def uncapped(cpu_cap):
+    """No `NANOQ_CPU_ISA` cap for this test."""
+    cpu_cap(None)
 
 
 def pytest_terminal_summary(terminalreporter):

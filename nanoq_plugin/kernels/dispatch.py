@@ -19,13 +19,15 @@ from .cpu_int4 import CpuInt4GroupKernel
 from .cpu_int8 import CpuInt8ChannelKernel
 from .cpu_int8_simd import CpuInt8Bf16Kernel, CpuInt8DynamicAvx2Kernel, CpuInt8DynamicKernel
 from .cpu_isa import cpu_features
+from .cpu_weight_only_avx2 import CpuInt4Avx2Kernel, CpuInt8WeightOnlyAvx2Kernel
 from .reference_linear import ReferenceKernel
 from .triton_linear import TritonKernel
 
 PRIORITY: dict[str, tuple[LinearKernel, ...]] = {
     "cuda": (TritonKernel(), ReferenceKernel()),
-    "cpu": (CpuInt8DynamicKernel(), CpuInt8DynamicAvx2Kernel(), CpuInt8Bf16Kernel(), CpuInt8ChannelKernel(),
-            CpuInt4GroupKernel(), CpuCodebookKernel("avx512"), CpuCodebookKernel("avx2"), ReferenceKernel()),
+    "cpu": (CpuInt8DynamicKernel(), CpuInt8DynamicAvx2Kernel(), CpuInt8Bf16Kernel(), CpuInt8WeightOnlyAvx2Kernel(),
+            CpuInt8ChannelKernel(), CpuInt4Avx2Kernel(), CpuInt4GroupKernel(), CpuCodebookKernel("avx512"),
+            CpuCodebookKernel("avx2"), ReferenceKernel()),
 }
 KERNELS: dict[str, LinearKernel] = {k.name: k for kernels in PRIORITY.values() for k in kernels}
 STRICT_ENV = "NANOQ_STRICT_KERNELS"

@@ -12,7 +12,7 @@ from nanoq_plugin.format.schemes import INT8_CHANNEL, INT8_DYNAMIC_A8
 from nanoq_plugin.kernels import ops
 from nanoq_plugin.quantizers.rtn import quantize_rtn
 
-from cpu_expectations import expected_cpu_kernel, skip_unless_hardware_has
+from cpu_expectations import expected_cpu_kernel, prepare_with_kernel, skip_unless_hardware_has
 from schemes_under_test import rel_error
 
 DYNAMIC_KERNELS = ["cpu_int8_vnni", "cpu_int8_avx2"]
@@ -48,27 +48,14 @@ def test_spec_is_close_to_the_weight_only_product():
     assert rel_error(int8_dynamic_linear(x, tensors["qweight"], tensors["scales"]), x @ weight.t()) < 1e-2
 
 
-def prepared_by(kernel_name: str, tensors, scheme, n: int, k: int, dtype) -> ops.PreparedLinear:
-    """The layer prepared by one named kernel (not dispatch), which must take it; skips where the hardware cannot
-    run that kernel. Callers use the `uncapped` fixture, so a NANOQ_CPU_ISA cap does not hide a kernel."""
-    from nanoq_plugin.kernels.base import LinearConfig
-    from nanoq_plugin.kernels.dispatch import KERNELS
-
-    skip_unless_hardware_has(kernel_name)
-    kernel, config = KERNELS[kernel_name], LinearConfig(scheme, n, k, dtype, "cpu")
-    ok, why = kernel.can_implement(config)
-    assert ok, why
-    return ops.PreparedLinear(kernel_name, config, kernel.prepare(dict(tensors), config))
-
-
 @pytest.mark.parametrize("kernel_name", DYNAMIC_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("n, k", [(16, 4), (80, 20), (208, 1100), (576, 576)])
-def test_int8_a8_kernel_matches_the_spec_bit_for_bit(uncapped, kernel_name, dtype, n, k):
+def test_int8_a8_kernel_matches_the_spec_bit_for_bit(cpu_cap, kernel_name, dtype, n, k):
     """Every row count a tile holds (1-6) and more (row tiles of 4 and 6, K in chunks of 256 with a remainder, K
     not a multiple of 8), outputs in whole 64-wide blocks and in 16-wide remainders, a row of zeros."""
     tensors, _ = stored_int8(n, k, 2)
-    prepared = prepared_by(kernel_name, tensors, INT8_DYNAMIC_A8, n, k, dtype)
+    prepared = prepare_with_kernel(kernel_name, tensors, INT8_DYNAMIC_A8, n, k, dtype, cpu_cap)
     generator = torch.Generator().manual_seed(3)
     for rows in (1, 2, 3, 4, 5, 6, 7, 13, 20, 65):
         x = (torch.randn(rows, k, generator=generator) * 3).to(dtype)
@@ -89,9 +76,9 @@ def test_int8_a8_with_bias_and_leading_dims_and_the_direct_path():
 
 
 @pytest.mark.parametrize("kernel_name", DYNAMIC_KERNELS)
-def test_embedding_rows_come_back_from_the_packed_blocks(uncapped, kernel_name):
+def test_embedding_rows_come_back_from_the_packed_blocks(cpu_cap, kernel_name):
     tensors, weight = stored_int8(160, 64, 5)
-    prepared = prepared_by(kernel_name, tensors, INT8_DYNAMIC_A8, 160, 64, torch.bfloat16)
+    prepared = prepare_with_kernel(kernel_name, tensors, INT8_DYNAMIC_A8, 160, 64, torch.bfloat16, cpu_cap)
     assert {"packed", "scales"} <= set(prepared.tensors)
     ids = torch.tensor([[3, 159], [0, 17]])
     torch.testing.assert_close(ops.gather_embedding(ids, prepared, torch.float32), weight[ids], rtol=1e-2, atol=1e-3)
@@ -152,10 +139,11 @@ def test_bf16_dot_kernel_table_rows_and_fallbacks(uncapped):
     ("cpu_int8_vnni", "int8_dynamic_linear", INT8_DYNAMIC_A8, torch.float32, ("packed", "weight_sums", "scales")),
     ("cpu_int8_avx2", "int8_dynamic_linear_avx2", INT8_DYNAMIC_A8, torch.float32, ("packed", "scales")),
     ("cpu_int8_bf16dot", "int8_weight_only_linear", INT8_CHANNEL, torch.bfloat16, ("packed", "scales")),
+    ("cpu_int8_wo_avx2", "int8_weight_only_linear_avx2", INT8_CHANNEL, torch.bfloat16, ("packed", "scales")),
 ])
-def test_int8_ops_pass_opcheck(uncapped, kernel_name, op, scheme, dtype, names):
+def test_int8_ops_pass_opcheck(cpu_cap, kernel_name, op, scheme, dtype, names):
     tensors, _ = stored_int8(64, 32, 8)
-    prepared = prepared_by(kernel_name, tensors, scheme, 64, 32, dtype).tensors
+    prepared = prepare_with_kernel(kernel_name, tensors, scheme, 64, 32, dtype, cpu_cap).tensors
     for rows in (1, 9):
         torch.library.opcheck(getattr(torch.ops.nano_cpu, op).default,
                               (torch.randn(rows, 32, dtype=dtype), *(prepared[name] for name in names)),

@@ -102,7 +102,7 @@ inline void store_bf16(uint16_t* p, Vec v) {
 #else  // NANO_ISA_AVX2
 
 constexpr int kWidth = 8;
-constexpr int kMaxAccumulators = 8;  // of 16 registers: the rest hold the table, the levels, x
+constexpr int kMaxAccumulators = 4;  // of 16 registers: the rest hold the table, the levels, x
 using Vec = __m256;
 
 struct Table {
@@ -196,24 +196,23 @@ template <int ROWS, bool kSmall>
 void gemm_rows(const float* x, const uint8_t* codes, const at::Half* scales, const simd::Table& table, float* out,
                int64_t n0, int64_t n1, int64_t N, int64_t K, int64_t G) {
   constexpr int kChains = std::max(1, std::min(kRegs, simd::kMaxAccumulators / ROWS));
-  const int64_t groups = K / G;
+  const int64_t groups = K / G, blocks_per_group = G / kBlock;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = codes + n * (K / 2);
+    const uint8_t* block = codes + n * (K / 2);
     const at::Half* row_scales = scales + n * groups;
+    const float* xk = x;
     Vec total[ROWS];
     for (int r = 0; r < ROWS; ++r) total[r] = simd::zero();
     for (int64_t g = 0; g < groups; ++g) {
       Vec acc[ROWS][kChains];
       for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < kChains; ++c) acc[r][c] = simd::zero();
-      for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += kBlock) {
+      for (int64_t b = 0; b < blocks_per_group; ++b, block += kBlock / 2, xk += kBlock) {
         Vec levels[kRegs];
-        simd::decode<kSmall>(row + k0 / 2, table, levels);
-        for (int r = 0; r < ROWS; ++r) {
-          const float* xr = x + r * K + k0;
+        simd::decode<kSmall>(block, table, levels);
+        for (int r = 0; r < ROWS; ++r)
           for (int j = 0; j < kRegs; ++j)
-            acc[r][j % kChains] = simd::fmadd(levels[j], simd::load(xr + j * kWidth), acc[r][j % kChains]);
-        }
+            acc[r][j % kChains] = simd::fmadd(levels[j], simd::load(xk + r * K + j * kWidth), acc[r][j % kChains]);
       }
       const Vec scale = simd::broadcast(half_to_float(row_scales[g]));
       for (int r = 0; r < ROWS; ++r) {
