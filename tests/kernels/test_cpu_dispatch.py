@@ -101,3 +101,24 @@ def test_strict_mode_accepts_every_layer_a_fast_kernel_runs(cap, monkeypatch):
     monkeypatch.setenv(dispatch.STRICT_ENV, "1")
     scheme, tensors, _ = stored_and_reference("int4g128", 64, 256, 1)
     assert ops.prepare_linear(tensors, scheme, 64, 256, torch.bfloat16, "cpu").kernel == "cpu_int4pack"
+
+
+def test_transformers_load_warns_or_refuses_a_layer_without_a_fast_kernel(cap, monkeypatch, tmp_path,
+                                                                          make_tiny_model, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import nanoq_plugin  # noqa: F401  (registers the "nano" quantization method)
+    from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+    from nanoq_plugin.quantizers.recipe import load_recipe
+
+    source = make_tiny_model("llama", tmp_path / "src")
+    quantize_checkpoint(source, tmp_path / "nano", load_recipe("cb3g128"), progress=False)
+    cap("none")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "nano", dtype=torch.bfloat16)
+    assert model is not None
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nanoq: warning: scheme cb")]
+    assert len(warnings) == len({line.split()[3] for line in warnings}) >= 1  # one line per scheme
+    monkeypatch.setattr(dispatch, "_reported", set())
+    monkeypatch.setenv(dispatch.STRICT_ENV, "1")
+    with pytest.raises(NanoqError, match=r"has no fast kernel on this CPU"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "nano", dtype=torch.bfloat16)

@@ -28,16 +28,18 @@
 // permutes per block. AVX2: `vpermps` on 8 lanes reads 3 index bits, so 16 levels are two registers, each
 // permuted, and the code's bit 3 (moved to the sign bit) picks one with `vblendvps`; a table of 8 is one
 // register and one permute (the choice is a template argument, made once per call from the table's size).
+// The decode bounds the one-row GEMV: measured on a Zen 4 (one thread, SmolLM2's MLP shapes) the AVX2 build
+// takes ~1.05x the AVX-512 build's time with 8 levels and ~1.7x with 16 (per 8 codes two permutes, a blend and
+// a shift, where AVX-512 spends one permute per 16); with four rows per pass ~1.0x and ~1.25x.
 //
 // `codebook_linear` does all of it in one call (an op dispatched from Python costs ~30 us, as much as the
 // GEMV of a small layer): below `dense_min_rows` rows directly (four rows per pass over the codes, so one
-// decode serves four rows; per row several independent accumulators, so the FMA latency does not bound a
-// single row), from there on by expanding rows of W' in chunks (bfloat16 for bfloat16 activations, else
-// float32) and multiplying with ATen's GEMM (oneDNN), whose cost per row is far below the decode's.
+// decode serves four rows; a single row gets several accumulators, so the FMA latency does not bound it),
+// from there on by expanding rows of W' in chunks (bfloat16 for bfloat16 activations, else float32) and
+// multiplying with ATen's GEMM (oneDNN), whose cost per row is far below the decode's.
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -61,8 +63,8 @@ namespace simd {
 
 #if defined(NANO_ISA_AVX512)
 
-constexpr int kWidth = 16;        // float32 lanes per register
-constexpr int kMaxAccumulators = 16;  // per row tile of the direct path (of 32 registers)
+constexpr int kWidth = 16;  // float32 lanes per register
+constexpr int kMaxAccumulators = 2;  // FMA chains per row tile of the direct path (gemm_rows)
 using Vec = __m512;
 
 struct Table {
@@ -101,8 +103,8 @@ inline void store_bf16(uint16_t* p, Vec v) {
 
 #else  // NANO_ISA_AVX2
 
-constexpr int kWidth = 8;
-constexpr int kMaxAccumulators = 4;  // of 16 registers: the rest hold the table, the levels, x
+constexpr int kWidth = 8;  // float32 lanes per register
+constexpr int kMaxAccumulators = 4;  // FMA chains per row tile of the direct path (gemm_rows)
 using Vec = __m256;
 
 struct Table {
@@ -190,29 +192,33 @@ void with_table_size(const at::Tensor& table, Body&& body) {
   }
 }
 
-// ROWS activation rows (1..4) against outputs n0..n1: the codes are decoded once per block for all rows; each
-// row accumulates in kChains independent registers (the FMA latency would bound one chain at one row).
+// ROWS activation rows (1..4) against outputs n0..n1: the codes are decoded once per block for all rows. A row
+// accumulates in kChains registers: one row alone gets a chain per register of a block (else the FMA latency
+// bounds it); several rows are independent chains already, and more would only cost registers and adds
+// (kMaxAccumulators, the tile's chains in all, as measured best on Zen 4: 2 of 2/4/16 on AVX-512, 4 of 2/4/8
+// on AVX2).
 template <int ROWS, bool kSmall>
 void gemm_rows(const float* x, const uint8_t* codes, const at::Half* scales, const simd::Table& table, float* out,
                int64_t n0, int64_t n1, int64_t N, int64_t K, int64_t G) {
   constexpr int kChains = std::max(1, std::min(kRegs, simd::kMaxAccumulators / ROWS));
-  const int64_t groups = K / G, blocks_per_group = G / kBlock;
+  const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* block = codes + n * (K / 2);
+    const uint8_t* row = codes + n * (K / 2);
     const at::Half* row_scales = scales + n * groups;
-    const float* xk = x;
     Vec total[ROWS];
     for (int r = 0; r < ROWS; ++r) total[r] = simd::zero();
     for (int64_t g = 0; g < groups; ++g) {
       Vec acc[ROWS][kChains];
       for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < kChains; ++c) acc[r][c] = simd::zero();
-      for (int64_t b = 0; b < blocks_per_group; ++b, block += kBlock / 2, xk += kBlock) {
+      for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += kBlock) {
         Vec levels[kRegs];
-        simd::decode<kSmall>(block, table, levels);
-        for (int r = 0; r < ROWS; ++r)
+        simd::decode<kSmall>(row + k0 / 2, table, levels);
+        for (int r = 0; r < ROWS; ++r) {
+          const float* xr = x + r * K + k0;
           for (int j = 0; j < kRegs; ++j)
-            acc[r][j % kChains] = simd::fmadd(levels[j], simd::load(xk + r * K + j * kWidth), acc[r][j % kChains]);
+            acc[r][j % kChains] = simd::fmadd(levels[j], simd::load(xr + j * kWidth), acc[r][j % kChains]);
+        }
       }
       const Vec scale = simd::broadcast(half_to_float(row_scales[g]));
       for (int r = 0; r < ROWS; ++r) {
