@@ -7,7 +7,8 @@ as in the int4 kernel), and the table of `2**b` levels sits in registers: a 16-b
 permutes of the table by them give their levels, and fused multiply-adds with the rotated activations
 accumulate per group before the group's scale is applied. Up to `cpu_dense.DENSE_MIN_ROWS` activation rows
 the kernel multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'`
-at a time are expanded in bf16 (float32 for other activations) and multiplied by ATen's GEMM. The rotation
+at a time are expanded in bf16 (float32 for other activations, and on CPUs without native bfloat16 dot
+products, where a bf16 GEMM is emulated) and multiplied by ATen's GEMM. The rotation
 (a fast Walsh-Hadamard transform per group) runs in the same C++ call: one op per layer.
 
 The source is built twice, one library and op per ISA (both register into `nano_cpu`):
@@ -36,6 +37,7 @@ from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
 from .cpu_extension import build_cpu_extension, missing_isa
+from .cpu_isa import cpu_features
 
 BLOCK = 32  # inputs per 16 bytes of repacked codes
 TABLE_SIZES = (8, 16)  # levels zero-padded to one AVX2 register (<= 8 levels, one permute) or 16
@@ -115,13 +117,13 @@ class CpuCodebookKernel:
         signs = prepared.get("signs", NO_SIGNS)
         op = getattr(torch.ops.nano_cpu, OPS[self.isa])
         out = op(x.reshape(-1, config.in_features), signs, prepared["codes"], prepared["scales"], prepared["table"],
-                 config.scheme.group_size, DENSE_MIN_ROWS, SCRATCH_ELEMENTS)
+                 config.scheme.group_size, DENSE_MIN_ROWS, SCRATCH_ELEMENTS, cpu_features().avx512_bf16)
         return out.view(*x.shape[:-1], config.out_features)
 
 
 NO_SIGNS = torch.empty(0, dtype=torch.int8)  # `signs` of a part whose caller has rotated x (kernels.ops.PreparedParts)
 
 
-def _fake_codebook_linear(x, signs, codes, scales, table, group_size, dense_min_rows, chunk_elements):
+def _fake_codebook_linear(x, signs, codes, scales, table, group_size, dense_min_rows, chunk_elements, bf16_gemm):
     """Shape and dtype of `nano_cpu::codebook_linear[_avx2]` for torch.compile (the op is opaque to it)."""
     return x.new_empty((x.shape[0], codes.shape[0]))

@@ -237,7 +237,7 @@ def test_cpu_codebook_op_passes_opcheck(name, codebook_isa):
     op = getattr(torch.ops.nano_cpu, OPS[codebook_isa]).default
     for rows, signs in ((3, tensors["signs"]), (20, tensors["signs"]), (3, NO_SIGNS)):
         torch.library.opcheck(op, (torch.randn(rows, 128), signs, tensors["codes"], tensors["scales"], tensors["table"],
-                                   64, 12, 1 << 22), test_utils=("test_schema", "test_faketensor"))
+                                   64, 12, 1 << 22, True), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cpu_codebook_weights_larger_than_one_chunk_are_done_in_row_chunks(codebook_isa):
@@ -249,8 +249,9 @@ def test_cpu_codebook_weights_larger_than_one_chunk_are_done_in_row_chunks(codeb
     x = torch.randn(20, 128, dtype=torch.bfloat16)
     args = (x, prepared["signs"], prepared["codes"], prepared["scales"], prepared["table"], 64, 12)
     op = getattr(torch.ops.nano_cpu, OPS[codebook_isa])
-    whole = op(*args, 1 << 22)
-    chunked = op(*args, 50 * 128)  # chunks of 50 rows, the last of 8
-    assert torch.equal(chunked, whole)
     weight = dequantize(tensors, scheme, 208, 128)
-    assert rel_error(whole, x.float() @ weight.t()) <= TOLERANCE[torch.bfloat16]
+    for bf16_gemm in (True, False):  # the dense path in bfloat16 (native bf16 CPUs) or float32 (the others)
+        whole = op(*args, 1 << 22, bf16_gemm)
+        chunked = op(*args, 50 * 128, bf16_gemm)  # chunks of 50 rows, the last of 8
+        assert torch.equal(chunked, whole)
+        assert rel_error(whole, x.float() @ weight.t()) <= TOLERANCE[torch.bfloat16]

@@ -333,9 +333,11 @@ void codebook_dequantize(const at::Tensor& codes, const at::Tensor& scales, cons
 }
 
 // x [M, K] (float32 / bfloat16 / float16) -> y [M, N] in x's dtype; `signs` empty when x is already rotated.
+// `bf16_gemm`: the dense path multiplies bfloat16 x bfloat16 (when x is bfloat16 and the CPU has native
+// bfloat16 dot products); otherwise float32 — an emulated bfloat16 GEMM is several times slower than float32.
 at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const at::Tensor& codes,
                            const at::Tensor& scales, const at::Tensor& table, int64_t group_size,
-                           int64_t dense_min_rows, int64_t chunk_elements) {
+                           int64_t dense_min_rows, int64_t chunk_elements, bool bf16_gemm) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   check_inputs(codes, scales, table, K, group_size);
@@ -343,7 +345,7 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const a
     const at::Tensor rotated = signs.numel() ? rotate(x, signs, group_size) : x.to(at::kFloat).contiguous();
     return gemm(rotated, codes, scales, table, group_size).to(x.scalar_type());
   }
-  const auto dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;  // oneDNN's fast GEMMs
+  const auto dtype = bf16_gemm && x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor lhs = (signs.numel() ? rotate(x, signs, group_size) : x).to(dtype);
   const int64_t step = std::max<int64_t>(1, std::min<int64_t>(N, chunk_elements / K));
   at::Tensor weight = at::empty({step, K}, x.options().dtype(dtype));
@@ -365,7 +367,7 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& signs, const a
 
 TORCH_LIBRARY_FRAGMENT(nano_cpu, m) {
   m.def("codebook_linear" NANO_OP_SUFFIX "(Tensor x, Tensor signs, Tensor codes, Tensor scales, Tensor table, "
-        "int group_size, int dense_min_rows, int chunk_elements) -> Tensor");
+        "int group_size, int dense_min_rows, int chunk_elements, bool bf16_gemm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nano_cpu, CPU, m) {
