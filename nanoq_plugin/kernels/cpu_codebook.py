@@ -5,11 +5,12 @@ SmolLM2's gate_proj that is ~10 ms a call on one core, 60x a bf16 GEMM. Here the
 after loading into 4-bit nibbles per output row (`repack_codes`; 2- and 3-bit codes take 4 bits in memory,
 as in the int4 kernel), and the table of `2**b` levels sits in registers: a 16-byte load gives 32 codes,
 permutes of the table by them give their levels, and fused multiply-adds with the rotated activations
-accumulate per group before the group's scale is applied. Up to `cpu_dense.DENSE_MIN_ROWS` activation rows
-the kernel multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'`
-at a time are expanded in bf16 (float32 for other activations, and on CPUs without native bfloat16 dot
-products, where a bf16 GEMM is emulated) and multiplied by ATen's GEMM. The rotation
-(a fast Walsh-Hadamard transform per group) runs in the same C++ call: one op per layer.
+accumulate per group before the group's scale is applied. Below `cpu_dense.DENSE_MIN_ROWS` activation rows the
+kernel multiplies directly (four rows per pass over the codes); from there on, `SCRATCH_ELEMENTS` of `W'` at a
+time are expanded in bf16 (float32 for other activations) and multiplied by ATen's GEMM. On CPUs without native
+bfloat16 dot products a bf16 GEMM is emulated, so the expansion is float32 there and starts at
+`FLOAT32_DENSE_MIN_ROWS` (`CpuCodebookKernel.dense_path`). The rotation (a fast Walsh-Hadamard transform per
+group) runs in the same C++ call: one op per layer.
 
 The source is built twice, one library and op per ISA (both register into `nano_cpu`):
 
@@ -35,7 +36,7 @@ import torch
 from ..format.packing import unpack_codes
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .cpu_dense import DENSE_MIN_ROWS, SCRATCH_ELEMENTS
+from .cpu_dense import DENSE_MIN_ROWS, FLOAT32_DENSE_MIN_ROWS, SCRATCH_ELEMENTS
 from .cpu_extension import build_cpu_extension, missing_isa
 from .cpu_isa import cpu_features
 
@@ -117,8 +118,16 @@ class CpuCodebookKernel:
         signs = prepared.get("signs", NO_SIGNS)
         op = getattr(torch.ops.nano_cpu, OPS[self.isa])
         out = op(x.reshape(-1, config.in_features), signs, prepared["codes"], prepared["scales"], prepared["table"],
-                 config.scheme.group_size, DENSE_MIN_ROWS, SCRATCH_ELEMENTS, cpu_features().avx512_bf16)
+                 config.scheme.group_size, *self.dense_path())
         return out.view(*x.shape[:-1], config.out_features)
+
+
+    @staticmethod
+    def dense_path() -> tuple[int, int, bool]:
+        """(rows from which the dense path runs, scratch elements, whether it multiplies in bfloat16): bfloat16
+        where the CPU has native bfloat16 dot products, float32 (which overtakes the direct path later) elsewhere."""
+        native_bf16 = cpu_features().avx512_bf16
+        return (DENSE_MIN_ROWS if native_bf16 else FLOAT32_DENSE_MIN_ROWS), SCRATCH_ELEMENTS, native_bf16
 
 
 NO_SIGNS = torch.empty(0, dtype=torch.int8)  # `signs` of a part whose caller has rotated x (kernels.ops.PreparedParts)

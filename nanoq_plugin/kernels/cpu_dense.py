@@ -19,6 +19,9 @@ import torch
 # Rows at which the expanded path overtakes the per-row kernels (benchmarks/kernels.py measures both).
 DENSE_MIN_ROWS = 12
 INT4_DENSE_MIN_ROWS = 64  # the 4-bit expansion (unpack, reorder, scale) costs ~4x the int8 one
+# The codebook kernel's dense path in float32 (CPUs without native bfloat16): the float32 GEMM on the expanded
+# weight overtakes the direct path later, at 32-64 rows (measured with the AVX2 build, 2048x6144 and 4096x4096).
+FLOAT32_DENSE_MIN_ROWS = 48
 SCRATCH_ELEMENTS = 1 << 22  # 8 MiB of bf16: every linear of a small model in one chunk, an LM head in ~7
 
 _local = threading.local()
