@@ -31,8 +31,8 @@ from nanoq_plugin.eval.perplexity import evaluate_perplexity
 from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.block_tuning import TuneSettings
-from nanoq_plugin.quantizers.model_tuning import ModelTuneSettings, tune_checkpoint
+from nanoq_plugin.quantizers.model_tuning import tune_checkpoint
+from nanoq_plugin.quantizers.settings import ModelTuneSettings, TuneSettings
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
 

@@ -24,7 +24,8 @@ import torch
 
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.surgery.report import markdown_table
-from nanoq_plugin.surgery.search import SearchSettings, run_search
+from nanoq_plugin.surgery.search import run_search
+from nanoq_plugin.surgery.settings import SearchSettings
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"

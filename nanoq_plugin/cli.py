@@ -59,9 +59,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantizers.pipeline import quantize_checkpoint
     from .quantizers.recipe import load_recipe
 
-    from .quantizers.block_tuning import TuneSettings
-    from .quantizers.gptq import GptqSettings
-    from .quantizers.model_tuning import ModelTuneSettings
+    from .quantizers.settings import GptqSettings, ModelTuneSettings, TuneSettings
 
     recipe = load_recipe(args.recipe)
     if args.method:
@@ -120,7 +118,8 @@ def _print_e2e(manifest: dict) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .quantizers.model_tuning import ModelTuneSettings, tune_checkpoint
+    from .quantizers.model_tuning import tune_checkpoint
+    from .quantizers.settings import ModelTuneSettings
 
     result = tune_checkpoint(args.src, args.dir, args.out, args.calib,
                              ModelTuneSettings(steps=args.steps, lr=args.lr, windows=args.windows,
@@ -242,7 +241,8 @@ def cmd_surgery(args: argparse.Namespace) -> int:
     if args.text is None:
         raise NanoqError("--search needs --text FILE (perplexity is measured on it)")
     from .surgery.report import text_table
-    from .surgery.search import SearchSettings, run_search
+    from .surgery.search import run_search
+    from .surgery.settings import SearchSettings
 
     settings = SearchSettings(mode=args.search, **{flag: getattr(args, flag) for flag in _SEARCH_FLAGS
                                                    if getattr(args, flag) is not None})
@@ -265,11 +265,9 @@ def cmd_surgery(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantizers.block_tuning import TuneSettings
-    from .quantizers.model_tuning import ModelTuneSettings
+    from .quantizers.settings import ModelTuneSettings, TuneSettings
     from .quantizers.recipe import METHODS, PRESETS
-    from .surgery.candidates import MODES
-    from .surgery.search import SearchSettings
+    from .surgery.settings import MODES, SearchSettings
 
     parser = argparse.ArgumentParser(prog="nanoq", description="LLM weight quantization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -49,3 +49,30 @@ def test_format_layer_has_no_nn_modules():
                 assert not any(a.name.startswith("torch.nn") for a in node.names), path
             if isinstance(node, ast.Attribute):
                 assert not (node.attr == "nn" and getattr(node.value, "id", None) == "torch"), path
+
+
+def _run(code: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_command_line_parser_imports_neither_torch_nor_transformers():
+    """What keeps `nanoq --help` fast: the parser's defaults come from plain-data modules."""
+    _run("import sys; from nanoq_plugin.cli import build_parser; build_parser(); "
+         "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy")
+
+
+def test_the_format_layer_imports_without_transformers():
+    _run("import sys, nanoq_plugin.format.validate, nanoq_plugin.format.reference; "
+         "assert 'transformers' not in sys.modules")
+
+
+def test_importing_the_package_registers_nano_once_transformers_is_imported():
+    _run("import sys, nanoq_plugin; assert 'transformers' not in sys.modules; "
+         "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING; "
+         "assert 'nano' in AUTO_QUANTIZER_MAPPING and 'nano' in AUTO_QUANTIZATION_CONFIG_MAPPING")
+    _run("import transformers, nanoq_plugin; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; "
+         "assert 'nano' in AUTO_QUANTIZER_MAPPING")

@@ -78,7 +78,8 @@ def gather_packed_rows(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Te
 
 
 class PackedInt8Kernel:
-    """What both kernels share: which layers they take (class attributes say the rest) and table rows."""
+    """What the three kernels share: which layers they take, the repack, the call and table rows (class
+    attributes say the rest)."""
 
     supports_gather = True
     quantizes_activations: bool
@@ -86,6 +87,8 @@ class PackedInt8Kernel:
     act_dtypes: tuple[torch.dtype, ...]
     needs: str  # the cpu_isa.CpuFeatures instruction set the op runs (avx512_vnni, avx512_bf16, avx2)
     library: str  # its library: a key of LOADERS
+    op: str  # its `nano_cpu::` op
+    with_weight_sums: bool  # the op takes the weights' column sums (the VNNI kernel's +128 offset)
 
     def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
         scheme = config.scheme
@@ -105,73 +108,50 @@ class PackedInt8Kernel:
         why = LOADERS[self.library]()
         return (False, why) if why else (True, "")
 
+    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
+        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/depth, 16, depth]`, scales float32 `[N]`,
+        and for the VNNI op weight_sums int32 `[N]` (the +128 offset's correction)."""
+        qweight = tensors["qweight"]
+        prepared = {"packed": pack_weight(qweight, self.depth)}
+        if self.with_weight_sums:
+            prepared["weight_sums"] = qweight.sum(dim=0, dtype=torch.int32).contiguous()
+        prepared["scales"] = tensors["scales"].to(torch.float32).contiguous()
+        return prepared
+
+    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
+        """`x [..., K]` -> `[..., N]` in x.dtype: `nano_cpu::<op>(x, packed[, weight_sums], scales)`."""
+        flat = x.reshape(-1, config.in_features).contiguous()
+        names = ("packed", "weight_sums", "scales") if self.with_weight_sums else ("packed", "scales")
+        out = getattr(torch.ops.nano_cpu, self.op)(flat, *(prepared[name] for name in names))
+        return out.view(*x.shape[:-1], config.out_features)
+
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
                     dtype: torch.dtype) -> torch.Tensor:
         return gather_packed_rows(ids, prepared["packed"], prepared["scales"], config.in_features, dtype)
 
 
 class CpuInt8DynamicKernel(PackedInt8Kernel):
-    """`x @ W.T` for int8-a8: per-token int8 activations times per-channel int8 weights."""
+    """`x @ W.T` for int8-a8: per-token int8 activations times per-channel int8 weights (AVX-512 VNNI)."""
 
-    name = "cpu_int8_vnni"
-    quantizes_activations = True
-    depth = DYNAMIC_DEPTH
+    name, op = "cpu_int8_vnni", "int8_dynamic_linear"
+    quantizes_activations, depth, with_weight_sums = True, DYNAMIC_DEPTH, True
     act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     needs, library = "avx512_vnni", "avx512"
-
-    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
-        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, weight_sums int32 `[N]`,
-        scales float32 `[N]`."""
-        qweight = tensors["qweight"]
-        return {"packed": pack_weight(qweight, DYNAMIC_DEPTH),
-                "weight_sums": qweight.sum(dim=0, dtype=torch.int32).contiguous(),
-                "scales": tensors["scales"].to(torch.float32).contiguous()}
-
-    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        """`x [..., K]` -> `[..., N]` in x.dtype."""
-        flat = x.reshape(-1, config.in_features).contiguous()
-        out = torch.ops.nano_cpu.int8_dynamic_linear(flat, prepared["packed"], prepared["weight_sums"],
-                                                     prepared["scales"])
-        return out.view(*x.shape[:-1], config.out_features)
 
 
 class CpuInt8Bf16Kernel(PackedInt8Kernel):
     """`x @ W.T` for weight-only int8 per channel with bfloat16 activations: bfloat16 dot products."""
 
-    name = "cpu_int8_bf16dot"
-    quantizes_activations = False
-    depth = BF16_DEPTH
+    name, op = "cpu_int8_bf16dot", "int8_weight_only_linear"
+    quantizes_activations, depth, with_weight_sums = False, BF16_DEPTH, False
     act_dtypes = (torch.bfloat16,)
     needs, library = "avx512_bf16", "avx512"
-
-    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
-        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/2, 16, 2]`, scales float32 `[N]`."""
-        return {"packed": pack_weight(tensors["qweight"], BF16_DEPTH),
-                "scales": tensors["scales"].to(torch.float32).contiguous()}
-
-    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        """`x [..., K]` bfloat16 -> `[..., N]` bfloat16."""
-        flat = x.reshape(-1, config.in_features).contiguous()
-        out = torch.ops.nano_cpu.int8_weight_only_linear(flat, prepared["packed"], prepared["scales"])
-        return out.view(*x.shape[:-1], config.out_features)
 
 
 class CpuInt8DynamicAvx2Kernel(PackedInt8Kernel):
     """`x @ W.T` for int8-a8 on AVX2: per-token int8 activations times per-channel int8 weights."""
 
-    name = "cpu_int8_avx2"
-    quantizes_activations = True
-    depth = DYNAMIC_DEPTH
+    name, op = "cpu_int8_avx2", "int8_dynamic_linear_avx2"
+    quantizes_activations, depth, with_weight_sums = True, DYNAMIC_DEPTH, False
     act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     needs, library = "avx2", "avx2"
-
-    def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
-        """qweight int8 `[K, N]`, scales `[N]` -> packed int8 `[N/16, K/4, 16, 4]`, scales float32 `[N]`."""
-        return {"packed": pack_weight(tensors["qweight"], DYNAMIC_DEPTH),
-                "scales": tensors["scales"].to(torch.float32).contiguous()}
-
-    def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        """`x [..., K]` -> `[..., N]` in x.dtype."""
-        flat = x.reshape(-1, config.in_features).contiguous()
-        out = torch.ops.nano_cpu.int8_dynamic_linear_avx2(flat, prepared["packed"], prepared["scales"])
-        return out.view(*x.shape[:-1], config.out_features)

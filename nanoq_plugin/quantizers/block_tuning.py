@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,34 +29,12 @@ from ..format.layout import SCALE_DTYPE
 from ..format.packing import unpack_codes
 from ..format.reference import dequantize
 from ..format.schemes import Scheme, SchemeKind
+from .settings import HELD_OUT, TuneSettings
 
 # call(block, x [b, L, H], overrides) -> the block's output [b, L, H] with the parameters in `overrides`
 # (BlockRunner.call)
 BlockCall = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 TUNABLE_KINDS = (SchemeKind.INT_GROUP, SchemeKind.INT8_CHANNEL, SchemeKind.CODEBOOK)
-HELD_OUT = 4  # windows kept out of training to decide whether the tuned block is better
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """Block-output tuning: `steps` Adam steps per block on `batch` windows each (0 steps: off), `lr` the
-    rate of relative change of scales, levels and norm weights."""
-
-    steps: int = 0
-    lr: float = 5e-3
-    batch: int = 2
-
-    @property
-    def enabled(self) -> bool:
-        return self.steps > 0
-
-    def describe(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "batch": self.batch, "held_out_windows": HELD_OUT,
-                "target": "float block on the float model's hidden states",
-                "note": f"with fewer than {4 * HELD_OUT} calibration windows a quarter of them (at least 1) is "
-                        "held out: each block's record says how many"}
-
-
 class _LevelLookup(torch.autograd.Function):
     """`levels[codes]` whose backward sums the gradient per level with one bincount (autograd's index_put
     with accumulation is ~10x slower on the CPU for a table of a few entries and millions of codes)."""

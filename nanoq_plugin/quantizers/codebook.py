@@ -22,7 +22,8 @@ from ..format.hadamard import random_signs, rotate_hessian, rotate_weight, unrot
 from ..format.layout import SCALE_DTYPE
 from ..format.packing import pack_codes
 from ..format.schemes import Scheme
-from .gptq import GptqSettings, gptq_solve
+from .gptq import gptq_solve
+from .settings import GptqSettings
 
 ROTATION_SEED = 0
 LLOYD_ITERATIONS = 30

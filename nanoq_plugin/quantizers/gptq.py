@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +25,7 @@ from ..format.layout import SCALE_DTYPE
 from ..format.reference import compress, symmetric_zero
 from ..format.schemes import Scheme, SchemeKind
 from .rtn import rtn_scales
+from .settings import GptqSettings
 
 
 class HessianAccumulator:
@@ -56,16 +56,6 @@ class HessianAccumulator:
         """The symmetric `[K, K]` float32 Hessian."""
         upper = torch.triu(self._upper)
         return upper + torch.triu(upper, diagonal=1).t()
-
-
-@dataclass(frozen=True)
-class GptqSettings:
-    """Knobs of the algorithm (defaults follow the paper and GPTQModel)."""
-
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    clip_search: bool = True  # group scales from the error-minimizing clip range (rtn.rtn_scales)
 
 
 def _column_quant_params(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, in_features: int):

@@ -38,32 +38,7 @@ from .block_tuning import TUNABLE_KINDS, TunableLinear, cosine_schedule, norm_we
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
 from .recipe import AWQ_METHODS
-
-
-@dataclass(frozen=True)
-class ModelTuneSettings:
-    """End-to-end tuning: `steps` Adam steps of one window each over `windows` calibration windows
-    (`held_out` more decide whether the result is kept), `lr` the peak rate of relative change."""
-
-    steps: int = 0
-    lr: float = 2e-3
-    windows: int = 32
-    held_out: int = 4
-    seq_len: int = 512
-    recompute: bool = True  # QuantizedModel.final_hidden: one block's activations at a time, ~1.1x the time
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.windows < 1 or self.held_out < 1 or not self.lr > 0:
-            raise NanoqError(f"end-to-end tuning: steps ({self.steps}) must be >= 0, windows ({self.windows}) and "
-                             f"held-out windows ({self.held_out}) >= 1, and the rate ({self.lr}) > 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.steps > 0
-
-    def describe(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "windows": self.windows, "held_out_windows": self.held_out,
-                "seq_len": self.seq_len, "recompute": self.recompute, "loss": "KL(float model || quantized model), next-token distributions"}
+from .settings import ModelTuneSettings
 
 
 def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,15 @@ from .recipe import AWQ_METHODS, CALIBRATED_METHODS, Plan, PlannedModule, Recipe
 from .allocator import allocate, apply_allocation, build_units, measure_group, weigh_errors
 from .awq import search_scales
 from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner, resolve_device
-from .block_tuning import TUNABLE_KINDS, TunableLinear, TuneSettings, norm_weights, tune_block
+from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .codebook import quantize_codebook
 from .data_free import quantize_data_free
 from .nvfp4 import global_scale_for, packed_entropy_bits, quantize_nvfp4
-from .gptq import GptqSettings, HessianAccumulator, flush_denormals, gptq_quantize
+from .gptq import HessianAccumulator, flush_denormals, gptq_quantize
 from .loss_weights import head_loss_gradient, residual_fisher
-from .model_tuning import ModelTuneSettings, tune_checkpoint
+from .model_tuning import tune_checkpoint
+from .settings import GptqSettings, ModelTuneSettings, TuneSettings
 from .rtn import quantize_rtn
 
 

@@ -23,14 +23,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..errors import NanoqError
-from ..format.layout import check_shape_fits
 from ..format.schemes import (ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, INT8_DYNAMIC_A8, NVFP4, Scheme, SchemeKind,
                                parse_scheme)
-from .architectures import Architecture
+
+if TYPE_CHECKING:  # the recipe module stays free of torch: `nanoq --help` lists its presets
+    from .architectures import Architecture
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")  # these need --calib text
@@ -207,6 +209,7 @@ def fit_group_size(requested: Scheme, fallback: bool, recipe_name: str, module: 
                    in_features: int) -> Scheme:
     """`requested`, or with `fallback` the same scheme with the largest smaller group size that divides
     `in_features`; NanoqError naming the recipe and module when the shape does not fit."""
+    from ..format.layout import check_shape_fits  # imports torch: only when a plan is made
     if requested.kind not in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK) or in_features % requested.group_size == 0:
         check_shape_fits(requested, out_features, in_features, f"recipe {recipe_name}: {module}.weight")
         return requested

@@ -19,8 +19,8 @@ import torch
 
 from ..errors import NanoqError
 from .plan import LayerMap, build_layer_map
+from .settings import MODES
 
-MODES = ("drop1", "swap-adjacent", "drop1+swap")
 
 
 @torch.inference_mode()

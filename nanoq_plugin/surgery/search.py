@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,38 +32,11 @@ from ..eval.perplexity import evaluate_perplexity
 from ..format.checkpoint import write_json
 from .apply import open_float_source, write_surgery
 from .cache import EvalCache, file_digest
-from .candidates import MODES, block_influence, drop_one, stage_budgets, swap_adjacent
+from .candidates import block_influence, drop_one, stage_budgets, swap_adjacent
 from .inmemory import surgered
 from .plan import LayerMap, build_layer_map
 from .qa import DEFAULT_QA_FILE, answer_questions, load_questions, score_answers, suite_fingerprint
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """What the search evaluates and how it ranks (the CLI's defaults are these)."""
-
-    mode: str = "drop1"
-    budget: int = 8
-    ctx: int = 512
-    windows: int = 8
-    holdout_windows: int = 8
-    confirm: int = 3
-    max_qa_loss: float = 0.1
-    max_new_tokens: int = 8
-
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise NanoqError(f"--search {self.mode!r}: expected one of {', '.join(MODES)}")
-        for name in ("budget", "windows", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise NanoqError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("holdout_windows", "confirm"):
-            if getattr(self, name) < 0:
-                raise NanoqError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        if self.ctx < 16:
-            raise NanoqError(f"--ctx {self.ctx}: windows need at least 16 tokens")
-        if not 0 <= self.max_qa_loss <= 1:
-            raise NanoqError(f"--max-qa-loss {self.max_qa_loss}: a fraction of the questions, 0..1")
+from .settings import SearchSettings
 
 
 def _model_identity(source) -> dict:

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.reference import compress, dequantize
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.block_tuning import TunableLinear, TuneSettings
+from nanoq_plugin.quantizers.block_tuning import TunableLinear
+from nanoq_plugin.quantizers.settings import TuneSettings
 from nanoq_plugin.quantizers.codebook import quantize_codebook
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe

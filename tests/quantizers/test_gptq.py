@@ -11,7 +11,8 @@ import nanoq_plugin  # noqa: F401  (registers the transformers quantizer)
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import parse_scheme
-from nanoq_plugin.quantizers.gptq import GptqSettings, HessianAccumulator, gptq_quantize
+from nanoq_plugin.quantizers.gptq import HessianAccumulator, gptq_quantize
+from nanoq_plugin.quantizers.settings import GptqSettings
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 from nanoq_plugin.quantizers.rtn import quantize_rtn

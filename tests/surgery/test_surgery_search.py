@@ -10,7 +10,8 @@ from nanoq_plugin.cli import main
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.surgery.cache import EvalCache
 from nanoq_plugin.surgery.candidates import block_influence, drop_one, stage_budgets, swap_adjacent
-from nanoq_plugin.surgery.search import SearchSettings, rank_candidates, run_search
+from nanoq_plugin.surgery.search import rank_candidates, run_search
+from nanoq_plugin.surgery.settings import SearchSettings
 
 TINY = dict(ctx=64, windows=2, holdout_windows=1, confirm=1, max_new_tokens=3)
 

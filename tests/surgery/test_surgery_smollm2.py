@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanoq_plugin.eval.perplexity import evaluate_perplexity
 from nanoq_plugin.surgery.qa import DEFAULT_QA_FILE
-from nanoq_plugin.surgery.search import SearchSettings, run_search
+from nanoq_plugin.surgery.search import run_search
+from nanoq_plugin.surgery.settings import SearchSettings
 
 pytestmark = pytest.mark.slow
 

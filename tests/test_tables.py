@@ -1,0 +1,45 @@
+"""The README's and docs' result tables are what benchmarks/tables.py makes from benchmarks/results/*.json."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("tables", REPO / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("page", ["README.md", *(f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md")))])
+def test_page_tables_match_the_result_files(tables, page):
+    text = (REPO / page).read_text()
+    assert tables.render(text) == text, f"{page} is out of date: run python benchmarks/tables.py"
+
+
+def test_the_readme_shows_generated_tables_and_stays_short(tables):
+    text = (REPO / "README.md").read_text()
+    assert len(text.encode()) <= 12 * 1024
+    names = [m.group("name") for m in tables.MARKER.finditer(text)]
+    assert {"quality", "cpu-serving-isa", "gpu"} <= set(names)
+
+
+def test_a_table_names_its_source_files_and_their_commits(tables):
+    rendered = tables.TABLES["cpu-serving-isa"]()
+    assert "Source: [serve-cpu-" in rendered and "commit " in rendered
+
+
+def test_every_result_file_records_where_it_came_from():
+    import json
+
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
+        provenance = json.loads(path.read_text()).get("provenance")
+        assert provenance, f"{path.name} has no provenance"
+        for field in ("commit", "command", "date", "versions"):
+            assert field in provenance, f"{path.name}: provenance has no {field}"
+        assert "cpu" in provenance or "gpu" in provenance, f"{path.name}: provenance names no device"
