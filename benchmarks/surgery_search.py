@@ -28,7 +28,7 @@ from nanoq_plugin.surgery.search import run_search
 from nanoq_plugin.surgery.settings import SearchSettings
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKITEXT = REPO / "tests/data/wikitext-2-raw/wiki.test.raw"
 RESULTS = REPO / "benchmarks/results"
 CACHE = REPO / ".cache"
 

@@ -70,14 +70,15 @@ def quality_table() -> str:
 def quality_all_table() -> str:
     """Every row of the quality benchmark: config, method, calibration windows, ratio, bits per weight."""
     data = load("quality-smollm2.json")
-    lines = ["| result | method | calibration windows | perplexity ratio | bits / weight (quantized linears) |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| result | method | calibration windows | perplexity ratio | bits / weight (quantized linears) | commit |",
+             "|---|---|---:|---:|---:|---|"]
     for row in data["results"]:
         windows = (row.get("calibration") or {}).get("windows")
         ratio = row["ppl_ratio"]
         shown = f"{ratio:.4f}" if ratio < 100 else f"{ratio:.3g} (diverges)"
+        commit = (row.get("commit") or "")[:10] or "not recorded"  # merged rows keep their own commit
         lines.append(f"| `{row['preset']}` | {row['method']} | {windows or '—'} | {shown} | "
-                     f"{row['bits_per_weight_quantized_modules']:.2f} |")
+                     f"{row['bits_per_weight_quantized_modules']:.2f} | {commit} |")
     return "\n".join([*lines, "", f"Base perplexity {data['base_perplexity']:.2f}. " + source("quality-smollm2.json")])
 
 

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = REPO / "tests" / "data" / "wikitext-2-raw" / "wiki.test.raw"  # CC BY-SA 3.0: tests/data/README.md
 CACHE = Path(os.environ.get("NANOQ_TEST_CACHE", REPO / ".cache"))
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3")
@@ -130,6 +130,5 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    if not WIKITEXT.is_file():
-        pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
+    """WikiText-2's test split, shipped with the tests."""
     return WIKITEXT

@@ -8,13 +8,13 @@ needs whole groups per rank); per-channel int8 scales `[N]` are sliced with N or
 layer holds one table per fused part (`[parts, 2**b]`, loaded by shard id) and the rotation's `signs [K]`
 (sliced like K on row-parallel layers), see `common`.
 A quantized embedding table is stored like a linear with N = vocab; each rank loads its vocab slice.
-After loading, every layer is repacked once for its kernel (`kernels.ops.prepare_linear`: PyTorch's
-int8 / int4 weight-only kernels on the CPU, Triton on CUDA) and the stored copies are freed.
+After loading, every layer is repacked once for its kernel (`kernels.ops.prepare_linear`, docs/kernels.md)
+and the stored copies are freed.
 """
 
 from __future__ import annotations
 
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,8 +51,9 @@ class NanoVllmConfig(QuantizationConfig):
     def __init__(self, quant_config: NanoQuantConfig | None = None) -> None:
         super().__init__()
         if quant_config is None:  # vLLM builds the config without arguments for a float checkpoint
-            raise NanoqError("--quantization nano: the checkpoint's config.json has no nano quantization_config "
-                             "(quantize it first with `nanoq quantize`)")
+            with _one_line_exit():
+                raise NanoqError("--quantization nano: the checkpoint's config.json has no nano quantization_config "
+                                 "(quantize it first with `nanoq quantize`)")
         self.quant_config = quant_config
 
     def __repr__(self) -> str:
@@ -74,16 +75,19 @@ class NanoVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "NanoVllmConfig":
-        return cls(NanoQuantConfig.from_dict(config, "config.json: quantization_config"))
+        with _one_line_exit():
+            return cls(NanoQuantConfig.from_dict(config, "config.json: quantization_config"))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         """Validate a local checkpoint (config, manifest, every tensor's name, dtype and shape) before loading;
         under NANOQ_STRICT_KERNELS=1 on the CPU, refuse a layer that only the reference kernel runs (here, in the
         API server's process, so the refusal is one line; vLLM-CPU computes in bfloat16)."""
-        if Path(model_name).is_dir():
-            checkpoint = load_nano_checkpoint(model_name)
-            from vllm.platforms import current_platform
+        if not Path(model_name).is_dir():
+            return
+        from vllm.platforms import current_platform
 
+        with _one_line_exit():
+            checkpoint = load_nano_checkpoint(model_name)
             if current_platform.is_cpu():
                 layers = [(module, scheme, *checkpoint.module_shape(module))
                           for module, scheme in checkpoint.quant_config.modules.items()]
@@ -205,28 +209,21 @@ class NanoEmbeddingMethod(QuantizeMethodBase):
         return apply_linear(x, self._prepared(layer), bias)
 
 
-def _report_nanoq_errors_in_one_line() -> None:
-    """Print a NanoqError that ends the process (e.g. a bad checkpoint found at start-up) as one line
-    instead of vLLM's stack; every other exception goes to the previous hook unchanged."""
-    previous = sys.excepthook
-    if getattr(previous, "nanoq_one_line", False):
-        return
-
-    def hook(exc_type, exc, traceback):
-        if issubclass(exc_type, NanoqError):
-            print(f"error: {exc}", file=sys.stderr)
-        else:
-            previous(exc_type, exc, traceback)
-
-    hook.nanoq_one_line = True
-    sys.excepthook = hook
+@contextmanager
+def _one_line_exit():
+    """A NanoqError found while vLLM builds its config (the API server's process, before any engine starts) ends
+    the process with one line `error: ...` and status 1, instead of vLLM's stack: SystemExit prints no traceback.
+    Only these config hooks are wrapped; nothing process-wide is changed."""
+    try:
+        yield
+    except NanoqError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def register() -> None:
     """Entry point for `vllm.general_plugins`: register `nano` (idempotent)."""
     from vllm.model_executor.layers.quantization import get_quantization_config
 
-    _report_nanoq_errors_in_one_line()
     try:
         if get_quantization_config(QUANT_METHOD) is NanoVllmConfig:
             return

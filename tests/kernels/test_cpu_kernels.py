@@ -12,7 +12,7 @@ from nanoq_plugin.kernels.cpu_dense import DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS
 from nanoq_plugin.kernels.dispatch import select_kernel
 from nanoq_plugin.quantizers.codebook import quantize_codebook
 
-from cpu_expectations import expected_cpu_kernel
+from cpu_expectations import expected_cpu_kernel, prepare_with_kernel
 from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
 
 
@@ -42,10 +42,10 @@ def test_int4_kernel_needs_n_multiple_of_16_and_falls_back():
     assert rel_error(ops.apply_linear(x, prepared), x.float() @ weight.t()) <= 1e-2
 
 
-def test_int8_table_rows_from_the_prepared_kernel():
+def test_int8_table_rows_from_pytorchs_int8_kernel(cpu_cap):
     scheme, tensors, weight = stored_and_reference("int8", 160, 64, 9)
-    prepared = ops.prepare_linear(tensors, scheme, 160, 64, torch.float16, "cpu", is_embedding=True)
-    assert prepared.kernel == "cpu_int8pack" and set(prepared.tensors) == {"weight_nk", "scales"}
+    prepared = prepare_with_kernel("cpu_int8pack", tensors, scheme, 160, 64, torch.float16, cpu_cap)
+    assert set(prepared.tensors) == {"weight_nk", "scales"}
     ids = torch.tensor([[3, 159], [0, 3]])
     rows = ops.gather_embedding(ids, prepared, torch.float32)
     torch.testing.assert_close(rows, weight[ids], rtol=1e-2, atol=1e-3)
@@ -85,12 +85,14 @@ def test_reference_ops_pass_opcheck():
 
 @pytest.mark.parametrize("name, n, chunk_rows, dtype", [("int8", 208, 50, torch.float16),
                                                         ("int4g64-asym", 320, 100, torch.bfloat16)])
-def test_weights_larger_than_the_scratch_buffer_are_done_in_row_chunks(monkeypatch, name, n, chunk_rows, dtype):
+def test_weights_larger_than_the_scratch_buffer_are_done_in_row_chunks(monkeypatch, cpu_cap, name, n, chunk_rows,
+                                                                        dtype):
+    """PyTorch's kernels' expanded path (cpu_dense.chunked_matmul), whichever kernel this CPU would choose."""
     from nanoq_plugin.kernels import cpu_dense
 
     scheme, tensors, weight = stored_and_reference(name, n, 192, 7)
-    prepared = ops.prepare_linear(tensors, scheme, n, 192, dtype, "cpu")
-    assert prepared.kernel in ("cpu_int8pack", "cpu_int4pack")
+    kernel = "cpu_int8pack" if name == "int8" else "cpu_int4pack"
+    prepared = prepare_with_kernel(kernel, tensors, scheme, n, 192, dtype, cpu_cap)
     x = torch.randn(INT4_DENSE_MIN_ROWS + 3, 192, dtype=dtype)
     whole = ops.apply_linear(x, prepared)
     # int8: chunks of 50 rows, the last of 8; int4: 100 rounded down to whole 64-row blocks, the last of 64
