@@ -38,7 +38,7 @@ from nanoq_plugin.quantizers.settings import ModelTuneSettings, TuneSettings
 from provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared/data"
+DATA = REPO / "tests" / "data"  # WikiText-2, CC BY-SA 3.0 (tests/data/README.md)
 CONFIGS: dict[str, Recipe] = {
     "w8": load_recipe("w8"),
     "w4g128": load_recipe("w4g128"),
@@ -128,7 +128,7 @@ def merge_rows(rows: list[dict], reports: list[str], result, base_perplexity: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--text", default=str(REPO / "tests/data/wikitext-2-raw/wiki.test.raw"))
+    parser.add_argument("--text", default=str(DATA / "wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--work", default=str(REPO / ".cache/bench"))
     parser.add_argument("--calib", default=str(DATA / "wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--calib-windows", type=int, default=128)

@@ -44,7 +44,7 @@ from nanoq_plugin.loadtest.vllm_process import vllm_python, vllm_server  # noqa:
 from provenance import provenance  # noqa: E402
 
 SERVING = REPO / "serving_configs"
-CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+CALIB = REPO / "tests" / "data" / "wikitext-2" / "wiki.valid.tokens"
 BASELINE = "w8a8-native"
 ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w8a8", "nano-w8a8-embed", "nano-w4g128", "w4a16-native",
          "nano-qkv-fp16", "nano-alloc-3.0bpw", "nano-cb3g128")
