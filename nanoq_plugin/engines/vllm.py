@@ -89,7 +89,8 @@ class NanoVllmConfig(QuantizationConfig):
         with _one_line_exit():
             checkpoint = load_nano_checkpoint(model_name)
             if current_platform.is_cpu():
-                layers = [(module, scheme, *checkpoint.module_shape(module))
+                tables = {self._embedding_module(), checkpoint.quant_config.tied_lm_head}
+                layers = [(module, scheme, *checkpoint.module_shape(module), module in tables)
                           for module, scheme in checkpoint.quant_config.modules.items()]
                 refuse_slow_layers(layers, torch.bfloat16, "cpu")
 

@@ -108,12 +108,14 @@ def select_kernel(config: LinearConfig, needs_gather: bool = False, where: str =
                      f"({'; '.join(reasons)})")
 
 
-def refuse_slow_layers(layers: Iterable[tuple[str, Scheme, int, int]], act_dtype: torch.dtype,
+def refuse_slow_layers(layers: Iterable[tuple[str, Scheme, int, int, bool]], act_dtype: torch.dtype,
                        device_type: str) -> None:
-    """Under `NANOQ_STRICT_KERNELS=1`, raise NanoqError for the first layer `(where, scheme, out, in)` that would
-    run the CPU reference — before any weight is loaded, so that an engine refuses to start in its own process
-    with one line. Without the variable, nothing: each layer reports itself when it is prepared."""
+    """Under `NANOQ_STRICT_KERNELS=1`, raise NanoqError for the first layer `(where, scheme, out, in, is_table)`
+    that would run the CPU reference (a table: a kernel that can also look up rows) — before any weight is
+    loaded, so that an engine refuses to start in its own process with one line. Without the variable, nothing:
+    each layer reports itself when it is prepared."""
     if os.environ.get(STRICT_ENV, "") in ("", "0"):
         return
-    for where, scheme, out_features, in_features in layers:
-        select_kernel(LinearConfig(scheme, out_features, in_features, act_dtype, device_type), where=where)
+    for where, scheme, out_features, in_features, is_table in layers:
+        select_kernel(LinearConfig(scheme, out_features, in_features, act_dtype, device_type), needs_gather=is_table,
+                      where=where)

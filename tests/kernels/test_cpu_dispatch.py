@@ -125,3 +125,16 @@ def test_transformers_load_warns_or_refuses_a_layer_without_a_fast_kernel(cap, m
     monkeypatch.setenv(dispatch.STRICT_ENV, "1")
     with pytest.raises(NanoqError, match=r"has no fast kernel on this CPU"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "nano", dtype=torch.bfloat16)
+
+
+def test_the_engines_pre_check_refuses_under_strict_mode_only(cap, monkeypatch):
+    """`refuse_slow_layers` (vLLM's API server, before loading) asks what each layer's prepare will ask: a table
+    needs a kernel that also looks up rows, and no int4 kernel does."""
+    cap("native")
+    int4 = parse_scheme("int4g128")
+    dispatch.refuse_slow_layers([("model.embed_tokens", int4, 320, 256, True)], torch.bfloat16, "cpu")  # not strict
+    monkeypatch.setenv(dispatch.STRICT_ENV, "1")
+    dispatch.refuse_slow_layers([("model.layers.0.mlp.up_proj", int4, 320, 256, False)], torch.bfloat16, "cpu")
+    with pytest.raises(NanoqError, match=r"model.embed_tokens: scheme int4g128 has no fast kernel on this CPU .*"
+                                         r"cannot look up embedding rows"):
+        dispatch.refuse_slow_layers([("model.embed_tokens", int4, 320, 256, True)], torch.bfloat16, "cpu")
