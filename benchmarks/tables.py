@@ -70,8 +70,8 @@ def quality_table() -> str:
 def quality_all_table() -> str:
     """Every row of the quality benchmark: config, method, calibration windows, ratio, bits per weight."""
     data = load("quality-smollm2.json")
-    lines = ["| result | method | calibration windows | perplexity ratio | bits / weight (quantized linears) | commit |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| result | method | calibration windows | perplexity ratio | bits / weight (quantized linears) "
+             "| commit |", "|---|---|---:|---:|---:|---|"]
     for row in data["results"]:
         windows = (row.get("calibration") or {}).get("windows")
         ratio = row["ppl_ratio"]
@@ -131,7 +131,8 @@ def isa_serving_table() -> str:
 def cpu_kernel_table() -> str:
     """Per scheme and CPU ISA: the layer's speed-up over bf16 `F.linear` at 1 and 16 rows (4096 x 4096)."""
     files = sorted(p.name for p in RESULTS.glob("kernels-cpu-*threads.json"))
-    lines = ["| ISA | scheme | kernel | M=1 × bf16 | M=16 × bf16 | M=1 × reference |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| ISA | scheme | kernel | M=1 × bf16 | M=16 × bf16 | M=1 × reference |",
+             "|---|---|---|---:|---:|---:|"]
     for name in files:
         data = load(name)
         isa = data["provenance"]["cpu"]["kernel_isa"]

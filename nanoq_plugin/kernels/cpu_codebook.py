@@ -29,8 +29,6 @@ why and the next kernel in the dispatcher's list runs instead.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..format.packing import unpack_codes
@@ -45,27 +43,11 @@ TABLE_SIZES = (8, 16)  # levels zero-padded to one AVX2 register (<= 8 levels, o
 OPS = {"avx512": "codebook_linear", "avx2": "codebook_linear_avx2"}  # nano_cpu:: op of each build
 
 
-def _loader(isa: str):
-    """The loader of the `isa` build: builds (once per machine, cached by torch) and loads the library and its
-    op once per process; `cache_clear()` to ask again (tests lift the `NANOQ_CPU_ISA` cap that way)."""
-
-    @functools.cache
-    def load() -> str:
-        why = build_cpu_extension(f"nanoq_cpu_codebook_{isa}", "codebook_cpu.cpp", isa)
-        if not why:
-            torch.library.register_fake(f"nano_cpu::{OPS[isa]}")(_fake_codebook_linear)
-        return why
-
-    return load
-
-
-LOADERS = {isa: _loader(isa) for isa in OPS}
-
-
 def load_extension(isa: str = "avx512") -> str:
     """Load the `nano_cpu::` op of `isa` ('avx512' or 'avx2'), building it on first use; '' on success, else
     why not."""
-    return LOADERS[isa]()
+    return build_cpu_extension(f"nanoq_cpu_codebook_{isa}", "codebook_cpu.cpp", isa,
+                               fakes={OPS[isa]: _fake_codebook_linear})
 
 
 def repack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -22,42 +22,35 @@ rows are read back from the same blocks (`gather_packed_rows`), so a tied table 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .cpu_extension import build_cpu_extension
-from .cpu_isa import cpu_features
+from .cpu_extension import build_cpu_extension, missing_isa
 
 LANES = 16  # outputs per register
 DYNAMIC_DEPTH, BF16_DEPTH = 4, 2  # inputs per 32-bit lane of vpdpbusd / vdpbf16ps
 BUILD_FLAGS = ("-mavx512vnni", "-mavx512bf16")  # beside cpu_extension.ISA_FLAGS["avx512"]
 
 
-@functools.cache
+def _outputs(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """The `[M, N]` output of an op on `x [M, K]` and `packed [N/16, ...]`, for torch.compile's fake tensors."""
+    return x.new_empty((x.shape[0], packed.shape[0] * LANES))
+
+
 def load_extension() -> str:
     """Build (once per machine) and load the AVX-512 `nano_cpu::int8_*` ops; '' on success, else why not.
 
     Each kernel checks the instructions its op runs (VNNI or BF16) before calling it."""
-    why = build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", "avx512", BUILD_FLAGS)
-    if not why:
-        torch.library.register_fake("nano_cpu::int8_dynamic_linear")(
-            lambda x, packed, weight_sums, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
-        torch.library.register_fake("nano_cpu::int8_weight_only_linear")(
-            lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
-    return why
+    return build_cpu_extension("nanoq_cpu_int8", "int8_linear_avx512.cpp", "avx512", BUILD_FLAGS, fakes={
+        "int8_dynamic_linear": lambda x, packed, weight_sums, scales: _outputs(x, packed),
+        "int8_weight_only_linear": lambda x, packed, scales: _outputs(x, packed)})
 
 
-@functools.cache
 def load_avx2_extension() -> str:
     """Build (once per machine) and load `nano_cpu::int8_dynamic_linear_avx2`; '' on success, else why not."""
-    why = build_cpu_extension("nanoq_cpu_int8_avx2", "int8_linear_avx2.cpp", "avx2")
-    if not why:
-        torch.library.register_fake("nano_cpu::int8_dynamic_linear_avx2")(
-            lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * LANES)))
-    return why
+    return build_cpu_extension("nanoq_cpu_int8_avx2", "int8_linear_avx2.cpp", "avx2", fakes={
+        "int8_dynamic_linear_avx2": lambda x, packed, scales: _outputs(x, packed)})
 
 
 LOADERS = {"avx512": load_extension, "avx2": load_avx2_extension}
@@ -102,10 +95,7 @@ class PackedInt8Kernel:
         if config.out_features % LANES or config.in_features % self.depth:
             return False, (f"needs output features a multiple of {LANES} and input features a multiple of "
                            f"{self.depth} (layer {config.out_features}x{config.in_features})")
-        features = cpu_features()
-        if not getattr(features, self.needs):
-            return False, f"needs {self.needs.upper().replace('AVX512_', 'AVX-512 ')} (this CPU: {features.describe()})"
-        why = LOADERS[self.library]()
+        why = missing_isa(self.needs) or LOADERS[self.library]()
         return (False, why) if why else (True, "")
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:

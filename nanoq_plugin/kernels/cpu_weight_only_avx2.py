@@ -20,8 +20,6 @@ the reference, is faster at prefill sizes).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..format.packing import unpack_codes
@@ -35,16 +33,12 @@ BLOCK = 16  # outputs per block
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@functools.cache
 def load_extension() -> str:
     """Build (once per machine) and load the `nano_cpu::` weight-only AVX2 ops; '' on success, else why not."""
-    why = build_cpu_extension("nanoq_cpu_weight_only_avx2", "weight_only_avx2.cpp", "avx2")
-    if not why:
-        torch.library.register_fake("nano_cpu::int8_weight_only_linear_avx2")(
-            lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * BLOCK)))
-        torch.library.register_fake("nano_cpu::int4_linear_avx2")(
-            lambda x, packed, scales, offsets, group_size: x.new_empty((x.shape[0], packed.shape[0] * BLOCK)))
-    return why
+    return build_cpu_extension("nanoq_cpu_weight_only_avx2", "weight_only_avx2.cpp", "avx2", fakes={
+        "int8_weight_only_linear_avx2": lambda x, packed, scales: x.new_empty((x.shape[0], packed.shape[0] * BLOCK)),
+        "int4_linear_avx2": lambda x, packed, scales, offsets, group_size: x.new_empty(
+            (x.shape[0], packed.shape[0] * BLOCK))})
 
 
 class WeightOnlyAvx2Kernel:

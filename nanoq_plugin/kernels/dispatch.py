@@ -43,6 +43,11 @@ REFERENCE_SLOWDOWN = "measured 50-700x slower per layer at one token than the fa
 _reported: set[tuple[str, str, str]] = set()
 
 
+def strict_kernels() -> bool:
+    """`NANOQ_STRICT_KERNELS` is set (to anything but 0): a layer only the CPU reference runs is refused."""
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is when a record is emitted (not the one at creation)."""
 
@@ -72,7 +77,7 @@ def _report(config: LinearConfig, kernel: LinearKernel, reasons: list[str], wher
     """Log the kernel chosen for a new (scheme, dtype, device); warn, or refuse under strict mode, when the CPU
     runs the reference."""
     slow = config.device_type == "cpu" and isinstance(kernel, ReferenceKernel)
-    if slow and os.environ.get(STRICT_ENV, "") not in ("", "0"):
+    if slow and strict_kernels():
         raise NanoqError(f"{where}: scheme {config.scheme.name} has no fast kernel on this CPU "
                          f"({cpu_features().describe()}; {'; '.join(reasons)}) and {STRICT_ENV} is set")
     key = (config.scheme.name, str(config.act_dtype).removeprefix("torch."), config.device_type)
@@ -114,7 +119,7 @@ def refuse_slow_layers(layers: Iterable[tuple[str, Scheme, int, int, bool]], act
     that would run the CPU reference (a table: a kernel that can also look up rows) — before any weight is
     loaded, so that an engine refuses to start in its own process with one line. Without the variable, nothing:
     each layer reports itself when it is prepared."""
-    if os.environ.get(STRICT_ENV, "") in ("", "0"):
+    if not strict_kernels():
         return
     for where, scheme, out_features, in_features, is_table in layers:
         select_kernel(LinearConfig(scheme, out_features, in_features, act_dtype, device_type), needs_gather=is_table,

@@ -12,7 +12,7 @@ from nanoq_plugin.kernels.cpu_dense import DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS
 from nanoq_plugin.kernels.dispatch import select_kernel
 from nanoq_plugin.quantizers.codebook import quantize_codebook
 
-from cpu_expectations import expected_cpu_kernel, prepare_with_kernel
+from cpu_expectations import expected_cpu_kernel, prepare_with_kernel, skip_unless_hardware_has
 from schemes_under_test import SCHEMES, TOLERANCE, rel_error, stored_and_reference
 
 
@@ -167,28 +167,19 @@ def test_fused_codebook_tables_need_the_part_sizes():
 
 
 @pytest.fixture(params=["avx512", "avx2"])
-def codebook_isa(request, monkeypatch):
+def codebook_isa(request, cpu_cap):
     """Each build of the codebook kernel this CPU really runs, whatever the dispatcher prefers (the AVX2 build on
     an AVX-512 machine too) and whatever `NANOQ_CPU_ISA` caps (lifted for the test); skipped, saying why, where
     the CPU lacks the ISA or the build fails."""
-    from nanoq_plugin.kernels import cpu_isa
-    from nanoq_plugin.kernels.cpu_codebook import LOADERS
+    from nanoq_plugin.kernels.cpu_codebook import load_extension
 
-    isa, real = request.param, cpu_isa.detect()
-    if not getattr(real, isa):
-        pytest.skip(f"this CPU has no {isa}: {real.describe()}")
-    capped = not getattr(cpu_isa.cpu_features(), isa)
-    if capped:  # features and loader re-read without the cap, and again with it after the test
-        monkeypatch.delenv(cpu_isa.ENV_CAP)
-        cpu_isa.cpu_features.cache_clear()
-        LOADERS[isa].cache_clear()
-    why = LOADERS[isa]()
+    isa = request.param
+    skip_unless_hardware_has("cpu_codebook" if isa == "avx512" else f"cpu_codebook_{isa}")
+    cpu_cap(None)
+    why = load_extension(isa)
     if why:
         pytest.skip(why)
-    yield isa
-    if capped:
-        cpu_isa.cpu_features.cache_clear()
-        LOADERS[isa].cache_clear()
+    return isa
 
 
 @pytest.mark.parametrize("name", ["cb2g64", "cb3g128", "cb4g32", "cb4g128"])
