@@ -47,7 +47,7 @@ def add_ratios(runs: list[dict], baseline: str) -> dict:
     reference = baseline_reference(runs, baseline)
     for run in runs:
         run["peak_rss_ratio"] = round(run["peak_rss_bytes"] / reference["peak_rss_bytes"], 3) if run.get(
-            "peak_rss_bytes") else None
+            "peak_rss_bytes") and reference["peak_rss_bytes"] else None
         run["weight_bytes_ratio"] = round(run["weight_bytes"] / reference["weight_bytes"], 3)
         for level in run.get("levels", []):
             ref = reference["levels"].get(level["concurrency"])

@@ -135,16 +135,18 @@ def tree_rss_bytes(pid: int) -> int:
     """Summed resident memory of process `pid` and all its descendants (0 once it is gone)."""
     import psutil
 
+    # psutil.Error, not only NoSuchProcess: a child that exits between listing and reading can surface as
+    # AccessDenied or ZombieProcess, and an exception here would end the sampler thread for good.
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return 0
     total = 0
     for process in processes:
         try:
             total += process.memory_info().rss
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     return total
 
@@ -164,14 +166,21 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), tree_rss_bytes(self.pid)))
+            self.sample()
             self._stop.wait(self.sample_seconds)
 
+    def sample(self) -> None:
+        self.samples.append((time.monotonic(), tree_rss_bytes(self.pid)))
+
     def mark(self) -> float:
-        return time.monotonic()
+        """A start time for `peak_since`; samples once, so a window shorter than the period still has one."""
+        start = time.monotonic()
+        self.sample()
+        return start
 
     def peak_since(self, start: float) -> int:
-        """Largest sample taken at or after `start` (a `mark()`), in bytes."""
+        """Largest sample taken at or after `start` (a `mark()`) and now, in bytes (0 once the server is gone)."""
+        self.sample()
         return max((rss for t, rss in self.samples if t >= start), default=0)
 
     def stop(self) -> None:

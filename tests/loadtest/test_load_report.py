@@ -85,3 +85,24 @@ def test_socket_folder_fits_a_unix_socket_address_for_any_state_folder(tmp_path)
         env = server_env(state)
         assert env["VLLM_RPC_BASE_PATH"] == str(sockets) and sockets.is_dir()
     assert rpc_dir(deep) != deep / "rpc" and rpc_dir(deep) != rpc_dir(tmp_path / ("e" * 60) / "state")
+
+
+def test_memory_peak_of_a_window_shorter_than_the_sampling_period_is_measured():
+    import os
+
+    from nanoq_plugin.loadtest.vllm_process import MemorySampler
+
+    sampler = MemorySampler(os.getpid(), sample_seconds=3600)  # the thread samples once, then sleeps
+    try:
+        start = sampler.mark()
+        assert sampler.peak_since(start) > 2**20  # this Python process holds more than 1 MiB
+    finally:
+        sampler.stop()
+
+
+def test_a_baseline_without_a_memory_figure_gives_no_memory_ratio():
+    level = {"concurrency": 1, "completed": 1, "output_tokens_per_s": 10.0, "ttft_ms_p50": 1.0, "tpot_ms_p50": 1.0}
+    runs = [{"config": "base", "run": 1, "levels": [dict(level)], "peak_rss_bytes": 0, "weight_bytes": 2},
+            {"config": "ours", "run": 1, "levels": [dict(level)], "peak_rss_bytes": 5, "weight_bytes": 1}]
+    add_ratios(runs, "base")
+    assert runs[1]["peak_rss_ratio"] is None and runs[1]["weight_bytes_ratio"] == 0.5
