@@ -37,7 +37,7 @@ from nanoq_plugin.kernels.custom_ops import triton_weight_format
 from nanoq_plugin.kernels.ops import apply_linear, prepare_linear
 from nanoq_plugin.kernels.base import LinearConfig
 from nanoq_plugin.kernels.cpu_isa import cpu_features
-from nanoq_plugin.kernels.reference_linear import ReferenceKernel, op_args, third_tensor
+from nanoq_plugin.kernels.reference_linear import ReferenceKernel
 from nanoq_plugin.quantizers.data_free import quantize_data_free
 from provenance import provenance
 
@@ -209,7 +209,7 @@ def main() -> None:
                 if prepared.kernel == "triton":
                     from nanoq_plugin.kernels.triton_gemm import tuned_config
 
-                    fmt = triton_weight_format(*op_args(prepared.config), third_tensor(prepared.tensors))
+                    fmt, _ = triton_weight_format(prepared.config.scheme, prepared.tensors)
                     chosen = tuned_config(m, n, k, fmt, torch.bfloat16)
                     entry["tile"] = dataclasses.asdict(chosen) if chosen else None
                 if on_gpu:

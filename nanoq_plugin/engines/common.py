@@ -11,6 +11,9 @@ Roles (docs/FORMAT.md, "Tensor-parallel sharding"), for a linear of `N` outputs 
 | scales (int8)            | `[N]`                     | CHANNEL_SCALE | replicated| 0          |
 | codebook                 | `[parts, 2**b]`           | PART_TABLE    | replicated| replicated |
 | signs (codebook)         | `[K]`                     | INPUT_VECTOR  | 0         | replicated |
+| global_scale (nvfp4)     | `[1]`                     | REPLICATED    | replicated| replicated |
+
+The role follows from each tensor's `format.tensor_spec.Sharding`, which its scheme kind declares.
 
 A codebook module stores one table of levels `[2**b]` per checkpoint module; an engine layer that fuses q/k/v
 or gate/up loads each part's table into its row of `codebook` (by the loader's shard id), so one fused layer
@@ -27,7 +30,7 @@ from enum import Enum
 import torch
 
 from ..errors import NanoqError
-from ..format.layout import TensorSpec, check_shape_fits, param_specs
+from ..format.layout import Sharding, TensorSpec, check_shape_fits, param_specs
 from ..format.quant_config import NanoQuantConfig
 from ..format.schemes import Scheme, SchemeKind
 from ..kernels.ops import prepare_linear
@@ -41,6 +44,12 @@ class ParamRole(str, Enum):
     CHANNEL_SCALE = "channel_scale"
     PART_TABLE = "part_table"
     INPUT_VECTOR = "input_vector"
+    REPLICATED = "replicated"
+
+
+ROLE_OF = {Sharding.INPUT_OUTPUT: ParamRole.GROUP_SCALE, Sharding.OUTPUT: ParamRole.CHANNEL_SCALE,
+           Sharding.PART_TABLE: ParamRole.PART_TABLE, Sharding.INPUT: ParamRole.INPUT_VECTOR,
+           Sharding.REPLICATED: ParamRole.REPLICATED}
 
 
 QKV_PART_INDEX = {"q": 0, "k": 1, "v": 2}
@@ -116,25 +125,18 @@ def layer_params(scheme: Scheme, prefix: str, out_features: int, in_features: in
 
     Raises NanoqError naming `prefix` when a tensor-parallel split of the input dim cuts a group.
     """
-    grouped = scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK)
-    if grouped and in_features != input_size and in_features % scheme.group_size:
+    block = scheme.kind.input_block(scheme)
+    if in_features != input_size and in_features % block:
         raise NanoqError(
             f"{prefix}: input features per tensor-parallel rank ({in_features} of {input_size}) must be a multiple "
-            f"of the group size {scheme.group_size}: use a smaller tensor-parallel size"
+            f"of the group size {block}: use a smaller tensor-parallel size"
         )
     check_shape_fits(scheme, out_features, in_features, prefix)
     params = []
     for name, spec in param_specs(scheme, out_features, in_features).items():
-        if name == "qweight":
-            role = ParamRole.WEIGHT
-        elif name == "scales" and scheme.kind is SchemeKind.INT8_CHANNEL:
-            role = ParamRole.CHANNEL_SCALE
-        elif name == "codebook":
-            role, spec = ParamRole.PART_TABLE, TensorSpec((parts, *spec.shape), spec.dtype)
-        elif name == "signs":
-            role = ParamRole.INPUT_VECTOR
-        else:
-            role = ParamRole.GROUP_SCALE
+        role = ParamRole.WEIGHT if name == "qweight" else ROLE_OF[spec.sharding]
+        if role is ParamRole.PART_TABLE:
+            spec = TensorSpec((parts, *spec.shape), spec.dtype, spec.sharding)
         params.append(LayerParam(name, spec, role))
     return params
 
@@ -199,7 +201,7 @@ def register_stored_params(
         param_class = param_classes[entry.role]
         if entry.role is ParamRole.CHANNEL_SCALE:
             param = param_class(data=data, output_dim=0, weight_loader=counting_loader)
-        elif entry.role is ParamRole.PART_TABLE:
+        elif entry.role in (ParamRole.PART_TABLE, ParamRole.REPLICATED):
             param = param_class(data=data, weight_loader=counting_loader)
         elif entry.role is ParamRole.INPUT_VECTOR:
             param = param_class(data=data, input_dim=0, weight_loader=counting_loader)

@@ -35,7 +35,8 @@ from .common import ParamRole, fused_scheme, part_table_parameter, register_stor
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
                  ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
-                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter)}
+                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter),
+                 ParamRole.REPLICATED: BasevLLMParameter}
 
 # SGLang's Llama/Qwen classes declare no packed_modules_mapping; its own quantization utils fall back to these.
 FALLBACK_FUSED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}

@@ -121,7 +121,8 @@ class NanoVllmConfig(QuantizationConfig):
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
                  ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
-                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter)}
+                 ParamRole.PART_TABLE: part_table_parameter(BasevLLMParameter),
+                 ParamRole.REPLICATED: BasevLLMParameter}
 
 
 @register_weight_loader_v2_supported_method

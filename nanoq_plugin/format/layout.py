@@ -1,6 +1,6 @@
-"""Names, shapes and dtypes of the tensors that a quantized linear `P` stores as `P.<name>`.
-
-For a linear with weight `[N, K]` (N = out features, K = in features), G = group size, b = bits:
+"""Names, shapes and dtypes of the tensors that a quantized linear `P` stores as `P.<name>`: each scheme kind
+says (format.kinds; docs/FORMAT.md has the table). For a linear with weight `[N, K]` (N = out features,
+K = in features), G = group size, b = bits:
 
 | scheme     | tensor   | dtype   | shape              | sharding: output dim / input dim |
 |------------|----------|---------|--------------------|----------------------------------|
@@ -22,75 +22,18 @@ A float module keeps its ordinary `P.weight` in the stored dtype. A bias is alwa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .schemes import Scheme
+from .tensor_spec import NVFP4_SCALE_DTYPE, SCALE_DTYPE, ZERO_DTYPE, Sharding, TensorSpec, stored_bytes
 
-import torch
-
-from ..errors import NanoqError
-from .packing import PACK_BLOCK, packed_rows
-from .schemes import Scheme, SchemeKind
-
-SCALE_DTYPE = torch.float16
-ZERO_DTYPE = torch.uint8
-NVFP4_SCALE_DTYPE = torch.float8_e4m3fn
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Expected shape and dtype of one stored tensor."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    def describe(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')} {list(self.shape)}"
+__all__ = ["NVFP4_SCALE_DTYPE", "SCALE_DTYPE", "ZERO_DTYPE", "Sharding", "TensorSpec", "check_shape_fits",
+           "param_specs", "stored_bytes"]
 
 
 def check_shape_fits(scheme: Scheme, out_features: int, in_features: int, where: str) -> None:
     """Raise NanoqError unless a `[out_features, in_features]` weight can be stored with `scheme`."""
-    if scheme.kind in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK):
-        if in_features % scheme.group_size:
-            fits = [g for g in (128, 64, 32) if in_features % g == 0]
-            hint = f"choose group size {' or '.join(map(str, fits))}" if fits else "keep it in float"
-            raise NanoqError(
-                f"{where}: group size {scheme.group_size} does not divide input dim {in_features} ({hint})"
-            )
-        if in_features % PACK_BLOCK:
-            raise NanoqError(f"{where}: input dim {in_features} must be a multiple of {PACK_BLOCK} to pack codes")
-    if scheme.kind is SchemeKind.NVFP4 and in_features % scheme.group_size:
-        raise NanoqError(f"{where}: nvfp4 needs an input dim that is a multiple of 16, got {in_features}")
+    scheme.kind.check_shape_fits(scheme, out_features, in_features, where)
 
 
 def param_specs(scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
     """The tensors (name -> spec) stored for one linear of shape `[out_features, in_features]`."""
-    n, k = out_features, in_features
-    if scheme.kind is SchemeKind.FLOAT:
-        return {}
-    if scheme.kind is SchemeKind.INT8_CHANNEL:
-        return {"qweight": TensorSpec((k, n), torch.int8), "scales": TensorSpec((n,), SCALE_DTYPE)}
-    check_shape_fits(scheme, n, k, "linear")
-    groups = k // scheme.group_size
-    if scheme.kind is SchemeKind.NVFP4:
-        return {"qweight": TensorSpec((k // 2, n), torch.uint8), "scales": TensorSpec((groups, n), NVFP4_SCALE_DTYPE),
-                "global_scale": TensorSpec((1,), torch.float32)}
-    specs = {
-        "qweight": TensorSpec((packed_rows(k, scheme.bits), n), torch.int32),
-        "scales": TensorSpec((groups, n), SCALE_DTYPE),
-    }
-    if scheme.kind is SchemeKind.CODEBOOK:
-        specs["codebook"] = TensorSpec((1 << scheme.bits,), torch.float32)
-        specs["signs"] = TensorSpec((k,), torch.int8)
-    elif not scheme.symmetric:
-        specs["zeros"] = TensorSpec((groups, n), ZERO_DTYPE)
-    return specs
-
-
-def stored_bytes(specs: dict[str, TensorSpec]) -> int:
-    """Bytes the tensors of `specs` take on disk (safetensors data, headers not counted)."""
-    total = 0
-    for spec in specs.values():
-        count = 1
-        for dim in spec.shape:
-            count *= dim
-        total += count * spec.dtype.itemsize
-    return total
+    return scheme.kind.param_specs(scheme, out_features, in_features)

@@ -23,7 +23,8 @@ import torch
 
 from ..errors import NanoqError
 from ..format.hadamard import rotate_inputs
-from ..format.schemes import Scheme, SchemeKind
+from ..format.layout import Sharding, param_specs
+from ..format.schemes import Scheme
 from .base import LinearConfig
 from .dispatch import KERNELS, select_kernel
 from .reference_linear import ReferenceKernel
@@ -76,32 +77,42 @@ def prepare_linear(
     """
     device_type = device_type or tensors["qweight"].device.type
     config = LinearConfig(scheme, out_features, in_features, act_dtype, device_type)
-    tables = tensors.get("codebook") if scheme.kind is SchemeKind.CODEBOOK else None
-    if tables is not None and tables.dim() == 2:
-        if part_sizes is None or len(part_sizes) != tables.shape[0] or sum(part_sizes) != out_features:
-            raise NanoqError(f"{where}: {tables.shape[0]} codebooks need the output widths of as many parts "
+    specs = param_specs(scheme, out_features, in_features)
+    table_names = [name for name, spec in specs.items() if spec.sharding is Sharding.PART_TABLE]
+    per_part = [name for name in table_names if tensors[name].dim() == len(specs[name].shape) + 1]
+    if per_part:
+        parts = tensors[per_part[0]].shape[0]
+        if part_sizes is None or len(part_sizes) != parts or sum(part_sizes) != out_features:
+            raise NanoqError(f"{where}: {parts} tables of '{per_part[0]}' need the output widths of as many parts "
                              f"(got {part_sizes} for {out_features} outputs)")
-        if bool((tables == tables[:1]).all()):
-            return prepare_linear({**tensors, "codebook": tables[0]}, scheme, out_features, in_features, act_dtype,
-                                  device_type, is_embedding, where)
-        return _prepare_parts(tensors, config, part_sizes, where)
+        if all(bool((tensors[name] == tensors[name][:1]).all()) for name in per_part):
+            return prepare_linear({**tensors, **{name: tensors[name][0] for name in per_part}}, scheme, out_features,
+                                  in_features, act_dtype, device_type, is_embedding, where)
+        return _prepare_parts(tensors, config, part_sizes, specs, where)
     kernel = select_kernel(config, needs_gather=is_embedding, where=where)
     return PreparedLinear(kernel.name, config, kernel.prepare(dict(tensors), config))
 
 
 def _prepare_parts(tensors: Mapping[str, torch.Tensor], config: LinearConfig, part_sizes: Sequence[int],
-                   where: str) -> PreparedParts:
-    """Split a fused codebook layer's stored tensors `[.., N]` into its parts' columns, each with its own table."""
+                   specs: Mapping, where: str) -> PreparedParts:
+    """Split a fused layer's stored tensors into its parts (columns `[.., N]`, one row of each part table),
+    each part prepared as a linear on the inputs the kind's rotation made once."""
+    rotation = config.scheme.kind.input_rotation(tensors, config.scheme)
+    if rotation is None:
+        raise NanoqError(f"{where}: parts with their own tables are supported for kinds that rotate their inputs")
     parts, start = [], 0
     for index, size in enumerate(part_sizes):
         part_config = replace(config, out_features=size, rotated_inputs=True)
-        stored = {"qweight": tensors["qweight"][:, start:start + size].contiguous(),
-                  "scales": tensors["scales"][:, start:start + size].contiguous(),
-                  "codebook": tensors["codebook"][index].contiguous()}
+        stored = {}
+        for name, spec in specs.items():
+            if spec.sharding in (Sharding.INPUT_OUTPUT, Sharding.OUTPUT):
+                stored[name] = tensors[name][..., start:start + size].contiguous()
+            elif spec.sharding is Sharding.PART_TABLE:
+                stored[name] = tensors[name][index].contiguous()
         kernel = select_kernel(part_config, where=f"{where} (part {index})")
         parts.append(PreparedLinear(kernel.name, part_config, kernel.prepare(stored, part_config)))
         start += size
-    return PreparedParts(tensors["signs"], config.scheme.group_size, parts)
+    return PreparedParts(*rotation, parts)
 
 
 def apply_linear(x: torch.Tensor, prepared: PreparedLinear | PreparedParts,

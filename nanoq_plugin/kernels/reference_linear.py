@@ -5,44 +5,29 @@ from __future__ import annotations
 import torch
 
 from ..format.hadamard import rotate_inputs
-from ..format.schemes import SchemeKind
 from .base import LinearConfig
-from .custom_ops import embedding, int8_dynamic_linear, reference_linear
-
-
-def op_args(config: LinearConfig) -> tuple[int, int]:
-    """(bits, group_size) as the custom ops take them (custom_ops: 0 is int8 per channel, 16 is nvfp4)."""
-    scheme = config.scheme
-    return scheme.bits, 0 if scheme.kind is SchemeKind.INT8_CHANNEL else scheme.group_size
-
-
-def third_tensor(prepared: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """What the ops take in their `zeros` slot (custom_ops): the zeros, nvfp4's global scale, or the codebook."""
-    for name in ("zeros", "global_scale", "codebook"):
-        if name in prepared:
-            return prepared[name]
-    return None
+from .custom_ops import embedding, int8_dynamic_linear, op_tensors, reference_linear
 
 
 class StoredTensorKernel:
-    """A kernel that reads the stored tensors as they are (no repack): `linear_op` is its `nano::` op."""
+    """A kernel that reads the stored tensors as they are (no repack): `linear_op` is its `nano::` op, called with
+    the scheme's name and the tensors its kind's kernels read (custom_ops.op_tensors)."""
 
     supports_gather = True
     linear_op = None  # set by each subclass
 
     def apply(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig) -> torch.Tensor:
-        bits, group_size = op_args(config)
-        if config.scheme.kind is SchemeKind.CODEBOOK and not config.rotated_inputs:  # codes describe W' = W Rᵀ
-            x = rotate_inputs(x, prepared["signs"], group_size)
-        return self.linear_op(x, prepared["qweight"], prepared["scales"], third_tensor(prepared),
-                              bits, group_size, config.out_features)
+        scheme = config.scheme
+        rotation = None if config.rotated_inputs else scheme.kind.input_rotation(prepared, scheme)
+        if rotation is not None:  # the kind's codes describe the rotated weight
+            x = rotate_inputs(x, *rotation)
+        return self.linear_op(x, op_tensors(prepared, scheme), scheme.name, config.out_features)
 
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
                     dtype: torch.dtype) -> torch.Tensor:
         """Embedding rows through `nano::embedding` (the Triton gather on CUDA, the reference elsewhere)."""
-        bits, group_size = op_args(config)
-        return embedding(ids, prepared["qweight"], prepared["scales"], third_tensor(prepared),
-                         bits, group_size, config.in_features, dtype)
+        scheme = config.scheme
+        return embedding(ids, op_tensors(prepared, scheme), scheme.name, config.in_features, dtype)
 
 
 class ReferenceKernel(StoredTensorKernel):

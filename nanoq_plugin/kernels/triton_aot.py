@@ -108,7 +108,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
     act = _DTYPE_NAME[variant.act_dtype]
     third = "*u8" if has_zeros else "*fp32" if fmt == FMT_CODEBOOK else "*fp16"
     pointers = {"qweight_ptr": "*i8" if fmt == FMT_INT8_CHANNEL else "*i32", "scales_ptr": "*fp16",
-                "zeros_ptr": third}
+                "side_ptr": third}
     if variant.kernel == "gemm":
         fn = dequant_gemm_kernel
         config = TileConfig(variant.block_m, variant.block_n, variant.block_k, variant.split_k,

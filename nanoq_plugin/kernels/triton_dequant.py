@@ -13,7 +13,7 @@ Stored layout read here (docs/FORMAT.md; K = input features, N = output features
 | FMT_INT_GROUP asym    | zeros   | uint8   | [K/G, N]         | zero (symmetric: 2**(b-1))                       |
 | FMT_INT8_CHANNEL      | qweight | int8    | [K, N]           | w = code * scales[n] (scale applied by the caller)|
 | FMT_CODEBOOK          | qweight, scales | as FMT_INT_GROUP | | w = codebook[code] * scale (the rotated weight) |
-| FMT_CODEBOOK          | codebook (in zeros_ptr) | float32 | [2**b] | levels                                   |
+| FMT_CODEBOOK          | codebook (in side_ptr) | float32 | [2**b] | levels                                   |
 
 `offs_n` may be any vector of column indices (the embedding kernel passes token ids).
 """
@@ -103,14 +103,14 @@ def _per_column(vector, K_LAST: tl.constexpr):
 
 
 @triton.jit
-def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
+def _group_values(qweight_ptr, scales_ptr, side_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
                   IS_CODEBOOK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                   BLOCK_K: tl.constexpr, K_LAST: tl.constexpr):
     """Float32 `[BLOCK_K, BLOCK_N]` (`[BLOCK_N, BLOCK_K]` with K_LAST) of a grouped format: (code - zero) *
     scale, or level[code] * scale."""
     codes = _load_codes(qweight_ptr, k0, offs_n, mask_n, K, stride_q, BITS, BLOCK_K, K_LAST)
     if IS_CODEBOOK:
-        values = tl.load(zeros_ptr + codes)  # codes < 2**b: every index is in the table
+        values = tl.load(side_ptr + codes)  # codes < 2**b: every index is in the table
     else:
         values = codes.to(tl.float32)
     GROUPS: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP  # powers of two: BLOCK_K / GROUP, or 1
@@ -124,7 +124,7 @@ def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, str
         if IS_CODEBOOK:
             shifted = values
         elif HAS_ZEROS:
-            shifted = values - _per_column(tl.load(zeros_ptr + offsets, mask=valid, other=0).to(tl.float32), K_LAST)
+            shifted = values - _per_column(tl.load(side_ptr + offsets, mask=valid, other=0).to(tl.float32), K_LAST)
         else:
             shifted = values - (1 << (BITS - 1))
         out = shifted * _per_column(scales, K_LAST)
@@ -136,7 +136,7 @@ def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, str
         if IS_CODEBOOK:
             zeros = tl.zeros_like(scales)
         elif HAS_ZEROS:
-            zeros = tl.load(zeros_ptr + group_offsets, mask=valid, other=0).to(tl.float32)
+            zeros = tl.load(side_ptr + group_offsets, mask=valid, other=0).to(tl.float32)
         else:
             zeros = tl.zeros_like(scales) + (1 << (BITS - 1))
         if K_LAST:
@@ -152,7 +152,7 @@ def _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, str
 def load_weight_tile(
     qweight_ptr,  # see the layout table
     scales_ptr,  # float16 [K/G, N] (int_group); unused for int8 per channel
-    zeros_ptr,  # uint8 [K/G, N] (asymmetric int_group); float32 [2**b] levels (codebook); unused otherwise
+    side_ptr,  # uint8 [K/G, N] (asymmetric int_group); float32 [2**b] levels (codebook); unused otherwise
     k0,  # first input row of the tile, a multiple of BLOCK_K
     offs_n,  # int32 [BLOCK_N] output columns of the tile (any column indices: token ids for embeddings)
     mask_n,  # bool [BLOCK_N] columns that exist
@@ -178,6 +178,6 @@ def load_weight_tile(
                         mask=_valid(offs_k < K, mask_n, K_LAST), other=0)
         tile = codes.to(tl.float32)
     else:
-        tile = _group_values(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
+        tile = _group_values(qweight_ptr, scales_ptr, side_ptr, k0, offs_n, mask_n, K, stride_q, stride_s,
                              FMT == JIT_FMT_CODEBOOK, BITS, GROUP, HAS_ZEROS, BLOCK_K, K_LAST)
     return tile

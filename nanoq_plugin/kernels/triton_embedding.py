@@ -21,7 +21,7 @@ def embedding_gather_kernel(
     ids_ptr,  # int64 [T] token ids in [0, V)
     qweight_ptr,  # stored table codes, K = H, N = V (triton_dequant layout table)
     scales_ptr,  # float16 [H/G, V] or [V]
-    zeros_ptr,  # uint8 [H/G, V] or a dummy
+    side_ptr,  # uint8 [H/G, V] or a dummy
     out_ptr,  # [T, H] output dtype
     T, H,
     stride_q, stride_s,
@@ -35,7 +35,7 @@ def embedding_gather_kernel(
     mask_t = offs_t < T
     ids = tl.load(ids_ptr + offs_t, mask=mask_t, other=0).to(tl.int32)
     mask = (offs_h < H)[:, None] & mask_t[None, :]
-    rows = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, pid_h * BLOCK_H, ids, mask_t, H, stride_q, stride_s,
+    rows = load_weight_tile(qweight_ptr, scales_ptr, side_ptr, pid_h * BLOCK_H, ids, mask_t, H, stride_q, stride_s,
                             FMT, BITS, GROUP, HAS_ZEROS, BLOCK_H)  # [BLOCK_H, BLOCK_T]
     if FMT == JIT_FMT_INT8_CHANNEL:
         rows *= tl.load(scales_ptr + ids, mask=mask_t, other=0).to(tl.float32)[None, :]
@@ -46,7 +46,7 @@ def embedding_gather(
     ids: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    side: torch.Tensor | None,
     weight: WeightFormat,
     hidden: int,
     dtype: torch.dtype,
@@ -60,7 +60,7 @@ def embedding_gather(
         block_h = min(block_h, triton.next_power_of_2(hidden))
         grid = (triton.cdiv(flat.numel(), block_t), triton.cdiv(hidden, block_h))
         embedding_gather_kernel[grid](
-            flat, qweight, scales, zeros if zeros is not None else scales, out,
+            flat, qweight, scales, side if side is not None else scales, out,
             flat.numel(), hidden, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
             **weight.constexprs(), BLOCK_T=block_t, BLOCK_H=block_h,
         )

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .cuda_graph import capture_calls
-from .triton_dequant import JIT_FMT_INT8_CHANNEL, load_weight_tile
+from .triton_dequant import FMT_CODEBOOK, FMT_INT8_CHANNEL, FMT_INT_GROUP, JIT_FMT_INT8_CHANNEL, load_weight_tile
 
 DECODE_MAX_M = 64
 
@@ -54,6 +54,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False  # decode: compute out.T = W @ x.T (see the kernel)
+    dequantize_first: bool = False  # not a tile: see DEQUANTIZE_THEN_GEMM
 
 
 DECODE_CONFIGS = tuple(
@@ -78,7 +79,7 @@ PREFILL_CONFIGS = (
 # Not a tile: "dequantize the whole weight to the activation dtype (`dequantize_kernel`), then the
 # framework's GEMM (cuBLAS)". A prefill candidate: at large M the GEMM is compute-bound, cuBLAS's tiles beat
 # ours, and one pass writing W costs little next to it (vLLM's AWQ path does the same from 256 tokens).
-DEQUANTIZE_THEN_GEMM = TileConfig(0, 64, 64, 1)
+DEQUANTIZE_THEN_GEMM = TileConfig(64, 64, 64, 1, dequantize_first=True)
 
 MAX_M_BUCKET = 4096
 
@@ -118,7 +119,7 @@ def dequant_gemm_kernel(
     x_ptr,  # [M, K] float16 / bfloat16 / float32, row stride stride_xm, unit column stride
     qweight_ptr,  # stored codes (triton_dequant layout table)
     scales_ptr,  # float16 [K/G, N] (int_group) or [N] (int8 per channel)
-    zeros_ptr,  # uint8 [K/G, N] or a dummy
+    side_ptr,  # the format's side tensor (triton_dequant): zeros uint8 [K/G, N], codebook levels, or a dummy
     out_ptr,  # [M, N] in x's dtype; float32 [split_k, M, N] partial sums if WRITE_PARTIALS
     M, N, K,
     stride_xm, stride_om, stride_osplit, stride_q, stride_s,
@@ -145,7 +146,7 @@ def dequant_gemm_kernel(
             offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                           mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
-            w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
+            w = load_weight_tile(qweight_ptr, scales_ptr, side_ptr, k_start + k_offset, offs_n, mask_n, K,
                                  stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K, True)
             acc_t = _dot(x_t, w, acc_t, True, DOT_FP32, IEEE_DOT)
         acc = tl.trans(acc_t)
@@ -155,7 +156,7 @@ def dequant_gemm_kernel(
             offs_k = k_start + k_offset + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k_start + k_offset, offs_n, mask_n, K,
+            w = load_weight_tile(qweight_ptr, scales_ptr, side_ptr, k_start + k_offset, offs_n, mask_n, K,
                                  stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
             acc = _dot(x, w, acc, False, DOT_FP32, IEEE_DOT)
     if FMT == JIT_FMT_INT8_CHANNEL:
@@ -170,7 +171,7 @@ def dequant_gemm_kernel(
 
 @triton.jit
 def dequantize_kernel(
-    qweight_ptr, scales_ptr, zeros_ptr,  # as in dequant_gemm_kernel
+    qweight_ptr, scales_ptr, side_ptr,  # as in dequant_gemm_kernel
     out_ptr,  # [K, N] row-major, the activation dtype
     N, K, stride_q, stride_s,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -179,7 +180,7 @@ def dequantize_kernel(
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w = load_weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, mask_n, K,
+    w = load_weight_tile(qweight_ptr, scales_ptr, side_ptr, k0, offs_n, mask_n, K,
                          stride_q, stride_s, FMT, BITS, GROUP, HAS_ZEROS, BLOCK_K)
     if FMT == JIT_FMT_INT8_CHANNEL:
         w *= tl.load(scales_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
@@ -202,6 +203,20 @@ class WeightFormat:
         return dict(FMT=self.fmt, BITS=self.bits, GROUP=self.group_size, HAS_ZEROS=self.has_zeros)
 
 
+# The kinds the Triton dequantizer reads, and the tensor each passes in the kernels' side slot.
+TRITON_FORMATS = {"int_group": FMT_INT_GROUP, "int8_channel": FMT_INT8_CHANNEL, "codebook": FMT_CODEBOOK}
+SIDE_TENSOR = {"int_group": "zeros", "codebook": "codebook"}
+
+
+def weight_format_of(scheme, tensors) -> tuple[WeightFormat, torch.Tensor | None]:
+    """The `WeightFormat` of a scheme (format.schemes.Scheme) of a kind in `TRITON_FORMATS`, and the stored
+    tensor (name -> tensor `tensors`) its kernels read in the side slot, None where it has none."""
+    fmt = TRITON_FORMATS[scheme.kind.value]
+    side = tensors.get(SIDE_TENSOR.get(scheme.kind.value, ""))
+    has_zeros = fmt == FMT_INT_GROUP and side is not None
+    return WeightFormat(fmt, scheme.bits, scheme.group_size or 0, has_zeros), side
+
+
 def split_k_of(m: int, k: int, config: TileConfig) -> tuple[int, int]:
     """(number of K slices, K elements per slice) that `launch` uses for `x [m, k]` with `config`."""
     split_k = config.split_k if m <= DECODE_MAX_M else 1
@@ -220,14 +235,14 @@ def kernel_constexprs(weight: WeightFormat, config: TileConfig, split_k: int, ac
     )
 
 
-def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, side: torch.Tensor | None,
                       weight: WeightFormat, out_features: int, in_features: int, dtype: torch.dtype,
                       block_k: int = 64, block_n: int = 64) -> torch.Tensor:
     """The stored weight as `W.T [K, N]` in `dtype` (a codebook's *rotated* weight), in one Triton pass."""
     out = torch.empty((in_features, out_features), dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
     dequantize_kernel[grid](
-        qweight, scales, zeros if zeros is not None else scales, out,
+        qweight, scales, side if side is not None else scales, out,
         out_features, in_features, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
         **weight.constexprs(), BLOCK_K=block_k, BLOCK_N=block_n,
     )
@@ -238,7 +253,7 @@ def launch(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    side: torch.Tensor | None,
     weight: WeightFormat,
     out_features: int,
     config: TileConfig,
@@ -251,8 +266,8 @@ def launch(
     """
     m, k = x.shape
     n = out_features
-    if config.block_m == DEQUANTIZE_THEN_GEMM.block_m:
-        weight_t = dequantize_weight(qweight, scales, zeros, weight, n, k, x.dtype, config.block_k, config.block_n)
+    if config.dequantize_first:
+        weight_t = dequantize_weight(qweight, scales, side, weight, n, k, x.dtype, config.block_k, config.block_n)
         return torch.matmul(x, weight_t) if out is None else torch.matmul(x, weight_t, out=out)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -268,7 +283,7 @@ def launch(
             raise ValueError(f"partials must be float32 [{split_k}, {m}, {n}], got {list(target.shape)}")
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
     dequant_gemm_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales, target,
+        x, qweight, scales, side if side is not None else scales, target,
         m, n, k,
         x.stride(0), n, m * n, qweight.stride(0), scales.stride(0) if scales.dim() == 2 else 0,
         k_per_split,
@@ -323,13 +338,13 @@ def candidate_configs(m: int, n: int, k: int) -> list[TileConfig]:
         block_k = min(c.block_k, max(32, triton.next_power_of_2(k)))
         split_k = max(1, min(c.split_k, k // block_k))
         clamped = TileConfig(c.block_m if m > DECODE_MAX_M else 16, block_n, block_k, split_k,
-                             c.num_warps, c.num_stages, c.swap_ab)
+                             c.num_warps, c.num_stages, c.swap_ab, c.dequantize_first)
         if clamped not in out:
             out.append(clamped)
     return out
 
 
-def choose_config(x: torch.Tensor, qweight, scales, zeros, weight: WeightFormat, out_features: int) -> TileConfig:
+def choose_config(x: torch.Tensor, qweight, scales, side, weight: WeightFormat, out_features: int) -> TileConfig:
     """The tuned configuration for this (M bucket, N, K, format); tunes on first use unless interpreting."""
     m, k = x.shape
     key = (m_bucket(m), out_features, k, weight, x.dtype)
@@ -344,7 +359,7 @@ def choose_config(x: torch.Tensor, qweight, scales, zeros, weight: WeightFormat,
         timings = []
         for candidate in candidates:
             try:
-                ms = _time_ms(lambda c=candidate: launch(probe, qweight, scales, zeros, weight, out_features, c))
+                ms = _time_ms(lambda c=candidate: launch(probe, qweight, scales, side, weight, out_features, c))
             except OutOfResources:  # e.g. a large tile with too many stages for this GPU's shared memory
                 continue
             timings.append((ms, candidate))
@@ -359,7 +374,7 @@ def dequant_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    side: torch.Tensor | None,
     weight: WeightFormat,
     out_features: int,
     config: TileConfig | None = None,
@@ -369,15 +384,15 @@ def dequant_gemm(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty((*lead, out_features))
-    chosen = config or choose_config(x2, qweight, scales, zeros, weight, out_features)
-    return launch(x2, qweight, scales, zeros, weight, out_features, chosen).view(*lead, out_features)
+    chosen = config or choose_config(x2, qweight, scales, side, weight, out_features)
+    return launch(x2, qweight, scales, side, weight, out_features, chosen).view(*lead, out_features)
 
 
-def warm_up(qweight, scales, zeros, weight: WeightFormat, out_features: int, in_features: int,
+def warm_up(qweight, scales, side, weight: WeightFormat, out_features: int, in_features: int,
             dtype: torch.dtype, max_m: int = 512) -> None:
     """Tune every M bucket of one layer shape now (call after loading, before CUDA-graph capture)."""
     m = 1
     while m <= max_m:
         x = torch.randn((m, in_features), dtype=dtype, device=qweight.device)  # zeros can time faster than data
-        dequant_gemm(x, qweight, scales, zeros, weight, out_features)
+        dequant_gemm(x, qweight, scales, side, weight, out_features)
         m *= 2

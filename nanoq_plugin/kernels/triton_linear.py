@@ -9,7 +9,7 @@ import torch
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .custom_ops import triton_linear, triton_weight_format
-from .reference_linear import StoredTensorKernel, op_args, third_tensor
+from .reference_linear import StoredTensorKernel
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -38,9 +38,7 @@ class TritonKernel(StoredTensorKernel):
         from .triton_gemm import warm_up
 
         prepared = {name: t.contiguous() for name, t in tensors.items()}
-        bits, group_size = op_args(config)
-        third = third_tensor(prepared)
-        warm_up(prepared["qweight"], prepared["scales"], third, triton_weight_format(bits, group_size, third),
-                config.out_features,
-                config.in_features, config.act_dtype)
+        weight, side = triton_weight_format(config.scheme, prepared)
+        warm_up(prepared["qweight"], prepared["scales"], side, weight, config.out_features, config.in_features,
+                config.act_dtype)
         return prepared

@@ -9,9 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from nanoq_plugin.kernels import triton_gemm  # noqa: E402
-from nanoq_plugin.kernels.custom_ops import triton_linear, triton_weight_format  # noqa: E402
-from nanoq_plugin.kernels.reference_linear import op_args  # noqa: E402
-from nanoq_plugin.kernels.base import LinearConfig  # noqa: E402
+from nanoq_plugin.kernels.custom_ops import op_tensors, triton_linear, triton_weight_format  # noqa: E402
 
 from schemes_under_test import SCHEMES, TOLERANCE, TRITON_DEVICE, rel_error, stored_and_reference  # noqa: E402
 
@@ -29,9 +27,8 @@ CONFIGS = [
 ]
 
 
-def _fmt(scheme, n, k, third):
-    bits, group_size = op_args(LinearConfig(scheme, n, k, torch.float32, "cpu"))
-    return triton_weight_format(bits, group_size, third)
+def _fmt(scheme, tensors):
+    return triton_weight_format(scheme, tensors)[0]
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -44,7 +41,7 @@ def test_kernel_matches_reference_and_writes_every_element(name, dtype):
         scheme, tensors, weight = stored_and_reference(name, n, k, seed, DEVICE)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
         ref = x.float() @ weight.t()
-        fmt = _fmt(scheme, n, k, tensors.get("zeros"))
+        fmt = _fmt(scheme, tensors)
         for config in CONFIGS:
             split_k, _ = triton_gemm.split_k_of(m, k, config)
             out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
@@ -61,8 +58,7 @@ def test_custom_op_on_3d_input_and_fake_impl(name):
     n, k = 80, 256
     scheme, tensors, weight = stored_and_reference(name, n, k, 7, DEVICE)
     x = torch.randn(2, 3, k, dtype=torch.bfloat16, device=DEVICE)
-    bits, group_size = op_args(LinearConfig(scheme, n, k, x.dtype, "cpu"))
-    args = (x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), bits, group_size, n)
+    args = (x, op_tensors(tensors, scheme), scheme.name, n)
     out = triton_linear(*args)
     assert out.shape == (2, 3, n) and out.dtype == torch.bfloat16
     assert rel_error(out, x.float() @ weight.t()) <= 1e-2
@@ -103,7 +99,7 @@ def test_codebook_kernel_on_rotated_inputs_matches_the_reference(name, dtype):
         x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
         ref = x.float() @ weight.t()
         rotated = rotate_inputs(x, tensors["signs"], scheme.group_size)
-        fmt = _fmt(scheme, n, k, tensors["codebook"])
+        fmt = _fmt(scheme, tensors)
         for config in CONFIGS:
             split_k, _ = triton_gemm.split_k_of(m, k, config)
             out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)

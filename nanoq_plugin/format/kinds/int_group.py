@@ -1,0 +1,107 @@
+"""Kind `int_group` (schemes `int{2,3,4,8}g{32,64,128}` and their `-asym` forms): integer codes, one scale per
+group of G inputs, symmetric or with an integer zero point per group. Weight `W [N, K]`:
+
+    qweight int32 [K*b/32, N]  (format.packing)   scales float16 [K/G, N]   zeros uint8 [K/G, N] (asym only)
+    W[n, k] = (q[k, n] - z[k // G, n]) * s[k // G, n]      z = 2**(b-1) when symmetric
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ...errors import NanoqError
+from ..packing import pack_codes, packed_rows, unpack_codes
+from ..tensor_spec import SCALE_DTYPE, ZERO_DTYPE, TensorSpec, expand_groups
+from .base import Scheme, SchemeKind, register_kind
+from .grouped import ALLOWED_GROUP_SIZES, check_groups_fit
+
+ALLOWED_BITS = (2, 3, 4, 8)
+_NAME = re.compile(r"^int(\d+)g(\d+)(-asym|-sym)?$")
+
+
+def symmetric_zero(bits: int) -> int:
+    """The implicit zero point of a symmetric `bits`-bit group scheme."""
+    return 1 << (bits - 1)
+
+
+class IntGroupKind(SchemeKind):
+    value = "int_group"
+    grammar = "int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym"
+
+    def parse(self, name: str) -> Scheme | None:
+        match = _NAME.match(name)
+        if not match:
+            return None
+        return Scheme(self, int(match.group(1)), int(match.group(2)), symmetric=match.group(3) != "-asym")
+
+    def validate(self, scheme: Scheme) -> None:
+        if scheme.bits not in ALLOWED_BITS:
+            raise NanoqError(f"scheme bits {scheme.bits} is not supported (allowed: {ALLOWED_BITS})")
+        if scheme.group_size not in ALLOWED_GROUP_SIZES:
+            raise NanoqError(f"scheme group size {scheme.group_size} is not supported "
+                             f"(allowed: {sorted(ALLOWED_GROUP_SIZES)})")
+
+    def scheme_name(self, scheme: Scheme) -> str:
+        return f"int{scheme.bits}g{scheme.group_size}" + ("" if scheme.symmetric else "-asym")
+
+    def fields_to_dict(self, scheme: Scheme) -> dict:
+        return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+
+    def from_dict(self, data: dict, activation_bits: int) -> Scheme:
+        return Scheme(self, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)),
+                      activation_bits)
+
+    def check_shape_fits(self, scheme: Scheme, out_features: int, in_features: int, where: str) -> None:
+        check_groups_fit(scheme.group_size, in_features, where)
+
+    def input_block(self, scheme: Scheme) -> int:
+        return scheme.group_size
+
+    def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        self.check_shape_fits(scheme, out_features, in_features, "linear")
+        groups = in_features // scheme.group_size
+        specs = {"qweight": TensorSpec((packed_rows(in_features, scheme.bits), out_features), torch.int32),
+                 "scales": TensorSpec((groups, out_features), SCALE_DTYPE)}
+        if not scheme.symmetric:
+            specs["zeros"] = TensorSpec((groups, out_features), ZERO_DTYPE)
+        return specs
+
+    def kernel_tensors(self, scheme: Scheme) -> tuple[str, ...]:
+        return ("qweight", "scales") if scheme.symmetric else ("qweight", "scales", "zeros")
+
+    def encode(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
+               zeros: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes uint8 `[K, N]` of `weight [N, K]` rounded with `scales [K/G, N]` as stored (float16) and
+        `zeros` uint8 `[K/G, N]` (None when symmetric)."""
+        s = scales.to(SCALE_DTYPE).to(torch.float32)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = symmetric_zero(scheme.bits) if zeros is None else expand_groups(zeros.to(torch.float32), scheme.group_size)
+        q = torch.round(weight.t().to(torch.float32) / expand_groups(s, scheme.group_size)) + z
+        return torch.clamp(q, 0, (1 << scheme.bits) - 1).to(torch.uint8)
+
+    def compress(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
+                 zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if scheme.symmetric != (zeros is None):
+            raise NanoqError(f"scheme {scheme.name}: zeros must be given exactly when the scheme is asymmetric")
+        out = {"qweight": pack_codes(self.encode(weight, scheme, scales, zeros), scheme.bits),
+               "scales": scales.to(SCALE_DTYPE).contiguous()}
+        if zeros is not None:
+            out["zeros"] = zeros.to(ZERO_DTYPE).contiguous()
+        return out
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
+                   in_features: int) -> torch.Tensor:
+        groups, g = in_features // scheme.group_size, scheme.group_size
+        codes = unpack_codes(tensors["qweight"], scheme.bits).view(groups, g, out_features).to(torch.float32)
+        if scheme.symmetric:
+            centered = codes - float(symmetric_zero(scheme.bits))
+        else:
+            centered = codes - tensors["zeros"].to(torch.float32).view(groups, 1, out_features)
+        scales = tensors["scales"].to(torch.float32)
+        return (centered * scales.view(groups, 1, out_features)).view(in_features, out_features).t()
+
+
+INT_GROUP_KIND = register_kind(IntGroupKind())

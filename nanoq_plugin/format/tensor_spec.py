@@ -1,0 +1,54 @@
+"""What one stored tensor is: its shape, dtype, and how an engine shards it under tensor parallelism.
+
+Every scheme kind (format.kinds) describes the tensors it stores with these specs; engines, the checkpoint
+validator and the storage accounting read only the specs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+SCALE_DTYPE = torch.float16
+ZERO_DTYPE = torch.uint8
+NVFP4_SCALE_DTYPE = torch.float8_e4m3fn
+
+
+class Sharding(str, Enum):
+    """How a stored tensor of a linear with `N` outputs and `K` inputs splits under tensor parallelism."""
+
+    INPUT_OUTPUT = "input_output"  # `[K', N]` (K' a multiple-of-K row count): rows along K, columns along N
+    OUTPUT = "output"  # `[N]`: split with the outputs, whole on every rank when the inputs split
+    INPUT = "input"  # `[K]`: split with the inputs, whole on every rank when the outputs split
+    PART_TABLE = "part_table"  # one small table per checkpoint module a fused engine layer holds; never split
+    REPLICATED = "replicated"  # whole on every rank
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected shape and dtype of one stored tensor, and its sharding."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sharding: Sharding = Sharding.INPUT_OUTPUT
+
+    def describe(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')} {list(self.shape)}"
+
+
+def stored_bytes(specs: dict[str, TensorSpec]) -> int:
+    """Bytes the tensors of `specs` take on disk (safetensors data, headers not counted)."""
+    total = 0
+    for spec in specs.values():
+        count = 1
+        for dim in spec.shape:
+            count *= dim
+        total += count * spec.dtype.itemsize
+    return total
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[K/G, N]` -> `[K, N]` by repeating each group row G times."""
+    return per_group.repeat_interleave(group_size, dim=0)
