@@ -1,17 +1,25 @@
 """The `nanoq` command: quantize, tune, inspect, eval, export, surgery, example-model.
 
-Every user-input problem is a NanoqError: printed on one line as `nanoq: error: ...`, exit status 2.
+Every user-input problem is one line `nanoq: error: ...` and exit status 2: a NanoqError, a bad argument
+(checked where it is parsed), or an OSError (permissions, a full disk, a path that is a file), which names
+its path. SIGTERM and SIGHUP stop a run as Ctrl-C does: what it was writing is removed. Anything else is a
+bug: one line `nanoq: internal error: ...` and exit status 1 (NANOQ_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
 from collections import Counter
 
 from .errors import NanoqError
+
+DEBUG_ENV = "NANOQ_DEBUG"
 
 
 def _mib(num_bytes: int) -> str:
@@ -45,14 +53,41 @@ def _scheme_table(manifest: dict) -> list[str]:
 
 
 def _parse_size(text: str) -> int:
-    """`60MB`, `1.5GiB`, `123456` -> bytes."""
+    """`60MB`, `1.5GiB`, `123456` -> bytes (a positive, finite size)."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1, "": 1}
     lowered = text.strip().lower()
     number = lowered.rstrip("kmgib")
     try:
-        return int(float(number) * units[lowered[len(number):]])
+        size = float(number) * units[lowered[len(number):]]
     except (KeyError, ValueError):
         raise NanoqError(f"--target-size {text!r}: expected a size like 60MiB, 1.5GB or a byte count") from None
+    if not math.isfinite(size) or size < 1:
+        raise NanoqError(f"--target-size {text!r}: expected a positive, finite size like 60MiB")
+    return int(size)
+
+
+def _number(kind, test, allowed: str):
+    """An argparse `type` converting with `kind` and refusing values for which `test` fails, saying `allowed`."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    convert.__name__ = allowed  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+count_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a positive finite number")
+nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction 0..1")
+window_int = _number(int, lambda v: v >= 2, "an integer >= 2 (tokens per window)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -132,9 +167,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .format.validate import load_nano_checkpoint
+    from .format.validate import load_nano_checkpoint, verify_tensor_values
 
     checkpoint = load_nano_checkpoint(args.dir)
+    verify_tensor_values(checkpoint)
     manifest = checkpoint.manifest
     print(f"{checkpoint.directory}: nano format v{checkpoint.quant_config.format_version}")
     print(f"{'module':<44} {'scheme':<12} {'requested':<12} {'group':>5} {'shape':>12} {'stored':>10} {'rel err':>8}")
@@ -153,6 +189,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.stride > args.ctx:
+        raise NanoqError(f"--stride {args.stride} exceeds --ctx {args.ctx}: windows would skip tokens (stride <= ctx)")
     import torch
 
     from .eval.runner import run_eval
@@ -264,12 +302,19 @@ def cmd_surgery(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one `nanoq: error:` line like every other (a NanoqError)."""
+
+    def error(self, message: str):
+        raise NanoqError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quantizers.settings import ModelTuneSettings, TuneSettings
     from .quantizers.recipe import METHODS, PRESETS
     from .surgery.settings import MODES, SearchSettings
 
-    parser = argparse.ArgumentParser(prog="nanoq", description="LLM weight quantization toolkit")
+    parser = _Parser(prog="nanoq", description="LLM weight quantization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint into a nano checkpoint")
@@ -279,33 +324,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=list(METHODS), help="algorithm, overriding the recipe's (default: rtn)")
     q.add_argument("--calib", help="calibration text file, or `self` for text sampled from the model "
                    "(gptq, awq, awq-gptq and the allocator need it; rtn does not read it)")
-    q.add_argument("--calib-windows", type=int, default=128, help="calibration windows (calibrated methods)")
-    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
+    q.add_argument("--calib-windows", type=positive_int, default=128, help="calibration windows (calibrated methods)")
+    q.add_argument("--calib-seq-len", type=window_int, default=512, help="tokens per calibration window")
+    q.add_argument("--damp", type=nonnegative_float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     q.add_argument("--no-clip-search", action="store_true",
                    help="GPTQ group scales from the plain min-max range instead of the error-minimizing clip")
-    q.add_argument("--tune-steps", type=int, default=0,
+    q.add_argument("--tune-steps", type=count_int, default=0,
                    help="after GPTQ/AWQ, Adam steps per block fitting its scales, codebook levels and norms to the "
                         "float model's block outputs (0: off; 128 is a good start, ~0.2 s a step on 2 cores)")
-    q.add_argument("--tune-lr", type=float, default=TuneSettings.lr, help="block tuning: rate of relative change")
-    q.add_argument("--e2e-steps", type=int, default=0,
+    q.add_argument("--tune-lr", type=positive_float, default=TuneSettings.lr, help="block tuning: rate of relative change")
+    q.add_argument("--e2e-steps", type=count_int, default=0,
                    help="after quantizing, Adam steps (one window each) tuning every scale, codebook level and norm of "
                         "the model at once to the float model's next-token distributions (0: off; 256 is a good "
                         "start; holds the whole quantized model; gptq or rtn)")
-    q.add_argument("--e2e-lr", type=float, default=ModelTuneSettings.lr, help="end-to-end tuning: peak rate")
-    q.add_argument("--e2e-windows", type=int, default=ModelTuneSettings.windows,
+    q.add_argument("--e2e-lr", type=positive_float, default=ModelTuneSettings.lr, help="end-to-end tuning: peak rate")
+    q.add_argument("--e2e-windows", type=positive_int, default=ModelTuneSettings.windows,
                    help="end-to-end tuning: calibration windows trained on (4 more are held out)")
-    q.add_argument("--target-bpw", type=float, help="allocator: bits per weight over the block linears "
+    q.add_argument("--target-bpw", type=positive_float, help="allocator: bits per weight over the block linears "
                    "(each linear or fused group gets the candidate scheme that fits the budget with least predicted loss)")
     q.add_argument("--target-size", help="allocator: size of the whole checkpoint, e.g. 60MiB")
     q.add_argument("--candidates", help="allocator: comma-separated schemes (default int2g64,int3g128,int4g128,int8)")
-    q.add_argument("--sensitivity-windows", type=int, default=32, help="allocator: calibration windows measured")
-    q.add_argument("--max-ppl-ratio", type=float,
+    q.add_argument("--sensitivity-windows", type=positive_int, default=32, help="allocator: calibration windows measured")
+    q.add_argument("--max-ppl-ratio", type=positive_float,
                    help="quality gate: remove the result if its perplexity exceeds the base's by this ratio on "
                         "16 held-out windows of the --calib text")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
-    q.add_argument("--max-shard-mb", type=int, default=512, help="largest output shard (MiB)")
+    q.add_argument("--max-shard-mb", type=positive_int, default=512, help="largest output shard (MiB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
 
@@ -315,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir", help="nano checkpoint folder (gptq or rtn)")
     t.add_argument("out", help="output folder (must not exist or be empty)")
     t.add_argument("--calib", required=True, help="calibration text file, or `self` for text sampled from the model")
-    t.add_argument("--steps", type=int, required=True, help="Adam steps, one window each (128 is a good start)")
-    t.add_argument("--lr", type=float, default=ModelTuneSettings.lr, help="peak rate of relative change")
-    t.add_argument("--windows", type=int, default=ModelTuneSettings.windows,
+    t.add_argument("--steps", type=positive_int, required=True, help="Adam steps, one window each (128 is a good start)")
+    t.add_argument("--lr", type=positive_float, default=ModelTuneSettings.lr, help="peak rate of relative change")
+    t.add_argument("--windows", type=positive_int, default=ModelTuneSettings.windows,
                    help="calibration windows trained on (4 more are held out)")
-    t.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    t.add_argument("--calib-seq-len", type=window_int, default=512, help="tokens per calibration window")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to tune")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tune)
@@ -332,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="nano checkpoint folder, or a .gguf file (from `nanoq export gguf`)")
     e.add_argument("--base", help="base (float) model folder to compare with")
     e.add_argument("--text", help="text file for perplexity (e.g. WikiText-2 raw test)")
-    e.add_argument("--ctx", type=int, default=512, help="window length in tokens")
-    e.add_argument("--stride", type=int, default=256, help="tokens between window starts")
-    e.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    e.add_argument("--ctx", type=window_int, default=512, help="window length in tokens")
+    e.add_argument("--stride", type=positive_int, default=256, help="tokens between window starts")
+    e.add_argument("--max-windows", type=positive_int, default=None, help="stop after this many windows")
     e.add_argument("--json", help="also write the summary to this file")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -362,20 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--search", choices=list(MODES),
                     help="evaluate candidates instead (drop1+swap: the best deletion, then adjacent swaps on it)")
     search = SearchSettings()
-    sg.add_argument("--budget", type=int, help=f"search: most candidates evaluated, best proxy first ({search.budget})")
+    sg.add_argument("--budget", type=positive_int, help=f"search: most candidates evaluated, best proxy first ({search.budget})")
     sg.add_argument("--text", help="search: text file; perplexity on its first windows, held-out check on the next")
     sg.add_argument("--qa", help="search: question suite (JSONL; default: the packaged 30 questions)")
     sg.add_argument("--json", help="search: report file (default nanoq-surgery-search.json)")
     sg.add_argument("--cache", help="search: evaluation cache (default: the report path with .cache.jsonl)")
-    sg.add_argument("--ctx", type=int, help=f"search: tokens per window ({search.ctx})")
-    sg.add_argument("--windows", type=int, help=f"search: windows of the search slice ({search.windows})")
-    sg.add_argument("--holdout-windows", type=int,
+    sg.add_argument("--ctx", type=window_int, help=f"search: tokens per window ({search.ctx})")
+    sg.add_argument("--windows", type=positive_int, help=f"search: windows of the search slice ({search.windows})")
+    sg.add_argument("--holdout-windows", type=count_int,
                     help=f"search: windows of the held-out slice, after the search slice ({search.holdout_windows})")
-    sg.add_argument("--confirm", type=int,
+    sg.add_argument("--confirm", type=count_int,
                     help=f"search: top-ranked candidates re-scored on the held-out slice ({search.confirm})")
-    sg.add_argument("--max-qa-loss", type=float,
+    sg.add_argument("--max-qa-loss", type=fraction,
                     help=f"search: eligible if QA accuracy >= baseline's minus this fraction ({search.max_qa_loss})")
-    sg.add_argument("--max-new-tokens", type=int, help=f"search: greedy tokens per answer ({search.max_new_tokens})")
+    sg.add_argument("--max-new-tokens", type=positive_int, help=f"search: greedy tokens per answer ({search.max_new_tokens})")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")
     sg.set_defaults(func=cmd_surgery)
 
@@ -385,20 +430,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `nanoq` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that it unwinds (and cleans up) as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum, frame):
+    for stop in STOP_SIGNALS:  # a second signal must not interrupt the cleanup of the first
+        signal.signal(stop, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _run(args: list[str] | None) -> int:
     try:
-        return args.func(args)
+        parsed = build_parser().parse_args(args)
+        return parsed.func(parsed)
     except NanoqError as err:
-        print(f"nanoq: error: {err}", file=sys.stderr)
+        print(f"nanoq: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(f"nanoq: terminated ({stop})", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("nanoq: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as err:  # permissions, a full disk, a path that exists or is a file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"nanoq: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"nanoq: internal error: {type(err).__name__}: {_one_line(err)} "
+              f"(run with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `nanoq` console script; returns the exit status."""
+    if threading.current_thread() is not threading.main_thread():
+        return _run(argv)
+    previous = {stop: signal.signal(stop, _raise_terminated) for stop in STOP_SIGNALS}
+    try:
+        return _run(argv)
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..format.checkpoint import check_loaded_finite
 from ..format.layout import param_specs
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
@@ -177,10 +178,24 @@ class NanoHfQuantizer(HfQuantizer):
 
     requires_calibration = True
 
+    _tensors = None  # the validated checkpoint folder's tensors
+
+    def update_tp_plan(self, config):
+        """Validate a local checkpoint folder here, the first hook that sees the config (and the folder it came
+        from) before transformers resolves the shard files: an index naming shards outside the folder, or a
+        missing one, is refused before transformers opens them."""
+        folder = Path(str(getattr(config, "_name_or_path", "") or ""))
+        if folder.name and (folder / "config.json").is_file():
+            self._tensors = load_nano_checkpoint(folder).tensors
+        return config
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        """Validate the checkpoint folder (tensors vs manifest vs config), then swap in `NanoLinear`s."""
+        """Validate the checkpoint folder (tensors vs manifest vs config vs the model's own tensors) unless
+        `update_tp_plan` did, then swap in `NanoLinear`s."""
         if checkpoint_files:
-            load_nano_checkpoint(Path(checkpoint_files[0]).parent)
+            folder = Path(checkpoint_files[0]).parent
+            if self._tensors is None or self._tensors.directory.resolve() != folder.resolve():
+                self._tensors = load_nano_checkpoint(folder).tensors
         quant_config = self.quantization_config.parsed()
         replace_modules(model, quant_config)
         swapped = set(quant_config.modules)
@@ -190,6 +205,9 @@ class NanoHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        """Refuse a NaN or infinite loaded value (naming its file, tensor and index), then repack for the kernels."""
+        if self._tensors is not None:
+            check_loaded_finite(model.state_dict(), self._tensors)
         prepare_modules(model)
         return model
 

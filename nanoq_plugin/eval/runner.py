@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import NanoqError
-from ..format.checkpoint import write_json
+from ..format.checkpoint import check_loaded_finite, write_json
 from ..format.validate import load_nano_checkpoint
+from ..quantizers.architectures import open_float_source
 from .gguf_model import gguf_storage, load_gguf
 from .model_card import render_model_card
 from .perplexity import evaluate_perplexity
@@ -24,6 +26,25 @@ def _load_model(directory: Path, dtype: torch.dtype):
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     return model.eval()
+
+
+def _read_text(text_file: str) -> str:
+    """The UTF-8 text of `--text`; NanoqError for a missing, unreadable or non-UTF-8 file."""
+    path = Path(text_file)
+    if not path.is_file():
+        raise NanoqError(f"--text {text_file}: file not found")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise NanoqError(f"--text {text_file}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start})") from None
+
+
+def _check_fits(config: dict, where: str, ctx: int | None) -> None:
+    """NanoqError when windows of `ctx` tokens exceed the model's max_position_embeddings."""
+    positions = config.get("max_position_embeddings")
+    if ctx is not None and isinstance(positions, int) and ctx > positions:
+        raise NanoqError(f"--ctx {ctx} exceeds the model's max_position_embeddings {positions} ({where})")
 
 
 def run_eval(
@@ -45,10 +66,14 @@ def run_eval(
     start = time.perf_counter()
     gguf_file = Path(checkpoint_dir) if Path(checkpoint_dir).suffix == ".gguf" else None
     checkpoint = None if gguf_file else load_nano_checkpoint(checkpoint_dir)
-    if text_file is not None and not Path(text_file).is_file():
-        raise NanoqError(f"--text {text_file}: file not found")
+    text = _read_text(text_file) if text_file is not None else None
     if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
         raise NanoqError(f"--base {base_dir}: no config.json (not a Hugging Face model folder)")
+    if checkpoint is not None:
+        _check_fits(checkpoint.tensors.config, str(checkpoint.directory / "config.json"), ctx if text else None)
+    base = None
+    if base_dir is not None:
+        base, _ = open_float_source(base_dir, instead="compare with the float model it was made from")
     if gguf_file is not None:
         model, tokenizer = load_gguf(gguf_file, dtype)
         models, storage = {"quantized": model}, gguf_storage(gguf_file)
@@ -60,8 +85,15 @@ def run_eval(
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
         models, storage = {"quantized": _load_model(checkpoint.directory, dtype)}, checkpoint.manifest["totals"]
         summary_path = checkpoint.directory / SUMMARY_NAME
-    if base_dir is not None:
-        models["base"] = _load_model(Path(base_dir), dtype)
+    if gguf_file is not None:
+        _check_fits(models["quantized"].config.to_dict(), str(gguf_file), ctx if text else None)
+    if base is not None:
+        vocab, base_vocab = models["quantized"].config.vocab_size, base.config.get("vocab_size")
+        if base_vocab != vocab:
+            raise NanoqError(f"--base {base_dir}: vocab_size {base_vocab}, the evaluated model has {vocab}: "
+                             "compare with the model it was made from")
+        models["base"] = _load_model(base.directory, dtype)
+        check_loaded_finite(models["base"].state_dict(), base)
 
     summary: dict = {
         "checkpoint": str((gguf_file or checkpoint.directory).resolve()),
@@ -72,10 +104,16 @@ def run_eval(
         "written": [str(summary_path)] + ([] if gguf_file else [str(checkpoint.directory / "README.md")]),
     }
     if text_file is not None:
-        token_ids = tokenizer(Path(text_file).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+        token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        if token_ids.numel() < 2:
+            raise NanoqError(f"--text {text_file}: {token_ids.numel()} token(s), perplexity needs at least 2")
         result = evaluate_perplexity(
             models, token_ids, ctx, stride, max_windows, reference="base" if base_dir else None, progress=progress
         )
+        for name, value in result.perplexity.items():
+            if not math.isfinite(value):
+                raise NanoqError(f"{gguf_file or checkpoint.directory}: the {name} model's perplexity on "
+                                 f"{text_file} is {value}, not a finite number; nothing written")
         summary["protocol"] = {"ctx": ctx, "stride": stride, "windows": result.windows,
                                "scored_tokens": result.scored_tokens, "max_windows": max_windows}
         summary["perplexity"] = result.perplexity["quantized"]

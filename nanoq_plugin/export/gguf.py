@@ -25,7 +25,6 @@ written and dropped; the file is written beside OUT under a temp name and rename
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NanoqError
-from ..format.checkpoint import SourceCheckpoint
+from ..format.checkpoint import SourceCheckpoint, discard_staging, make_staging_file, publish_file
+from ..format.expected_tensors import check_float_tensors
 from .gguf_vocab import read_vocab
 
 TYPES = ("f16", "q8_0", "q4_0")
@@ -165,10 +165,28 @@ def _write_order(item: _Planned) -> tuple[int, str]:
     return (-1 if item.name.startswith("token_embd") else 1 << 30), item.name
 
 
+F16_MAX = 65504.0
+# Largest magnitude each type stores: F16 itself; Q8_0 / Q4_0 keep an F16 scale of amax / 127 and amax / 8.
+_LIMITS = {"F16": F16_MAX, "Q8_0": F16_MAX * 127, "Q4_0": F16_MAX * 8}
+
+
+def _check_range(source: SourceCheckpoint, item: _Planned, data: np.ndarray) -> None:
+    """NanoqError naming the tensor when its values exceed what its GGML type holds (they would be stored
+    as infinities)."""
+    limit = _LIMITS.get(item.qtype.name)
+    if limit is None or not data.size:
+        return
+    amax = float(np.abs(data).max())
+    if amax > limit:
+        raise NanoqError(f"{source.file_of(item.source)}: tensor '{item.source}' has values up to {amax:.4g}, beyond "
+                         f"what GGUF {item.qtype.name} holds (at most {limit:.6g}); nothing written")
+
+
 def _tensor_data(source: SourceCheckpoint, item: _Planned, config: dict, arch: _Arch) -> np.ndarray:
     import gguf
 
     data = source.get(item.source).to(torch.float32).numpy()
+    _check_range(source, item, data)
     if arch.permute_qk and item.name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config["num_attention_heads"] if "attn_q" in item.name else config.get("num_key_value_heads") or config["num_attention_heads"]
         data = llama_permute(data, heads)
@@ -191,6 +209,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
     where = str(source.directory / "config.json")
     config = source.config
     arch = _check_config(config, where)
+    check_float_tensors(source)
     output = Path(output).resolve()
     if output.exists():
         raise NanoqError(f"{output}: already exists (remove it or choose another OUT)")
@@ -212,23 +231,18 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
             byte_shape = gguf.quants.quant_shape_to_byte_shape(item.shape, item.qtype)
             writer.add_tensor_info(item.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=item.qtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.nanoq-tmp-", dir=output.parent)
-    os.close(fd)
+    temp = make_staging_file(output)
     try:
-        writer.write_header_to_file(Path(temp))
+        writer.write_header_to_file(temp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for item in tqdm(planned, desc=f"gguf {tensor_type}", unit="tensor", disable=not progress):
             writer.write_tensor_data(_tensor_data(source, item, config, arch))
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, output)
+        publish_file(temp, output)
     except BaseException:
         writer.close()
-        Path(temp).unlink(missing_ok=True)
+        discard_staging(temp)
         raise
     counts = Counter(item.qtype.name for item in planned)
     params = sum(int(np.prod(item.shape)) for item in planned)

@@ -1,14 +1,23 @@
 """Reading a Hugging Face safetensors folder lazily, and writing one atomically.
 
 `SourceCheckpoint` opens every shard's header once (a corrupt or truncated file fails here, naming the
-file) and loads one tensor at a time. `CheckpointWriter` streams tensors into shards inside a temp dir
-beside the destination and renames it into place only in `commit()`; any failure removes the temp dir.
+file; an index may name only shards inside the folder) and loads one tensor at a time, refusing a float
+tensor with a NaN or infinite value. `CheckpointWriter` streams tensors into shards inside a staging dir
+beside the destination and renames it into place only in `commit()`; any failure removes the staging dir.
+
+A staging dir (or file) is named `.OUT.nanoq-tmp-XXXXXXXX` and its writer holds an exclusive `flock` on it
+while it lives. The lock dies with the process however it ends (SIGKILL, power loss), so the next run on the
+same OUT tells a leftover (lock free: removed) from a live writer (lock held: refused).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,55 +52,239 @@ _DTYPES = {
 }
 
 
+_log = logging.getLogger("nanoq")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json(path: Path) -> dict:
-    """Load a JSON object, naming the file on any error."""
+    """Load a JSON object, naming the file on any error (NaN and Infinity, which are not JSON, included)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = json.load(handle, parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise NanoqError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise NanoqError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise NanoqError(f"{path}: cannot read ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise NanoqError(f"{path}: expected a JSON object")
     return data
 
 
+def non_finite_path(data, where: str = "") -> str | None:
+    """The JSON path (e.g. `modules.m.rel_error`) of the first NaN or infinite float in `data`, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "(top level)"
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = non_finite_path(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+# ---- staging: a dir or file beside OUT, locked while its writer lives ----
+
+STAGING_MARK = ".nanoq-tmp-"
+_held: dict[str, int] = {}  # staging path -> the descriptor holding its flock
+
+
+def _staging_prefix(destination: Path) -> str:
+    return f".{destination.name}{STAGING_MARK}"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor of `path` with its exclusive flock, or None when another open file holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _hold(path: Path) -> None:
+    fd = _try_lock(path)
+    if fd is None:  # a path this process just created: nobody else can hold it
+        raise NanoqError(f"{path}: cannot lock the staging folder")
+    _held[str(path)] = fd
+
+
+def release_staging(path: Path) -> None:
+    """Drop this process's lock on the staging dir or file `path` (after it is renamed or removed)."""
+    fd = _held.pop(str(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_staging(path: Path) -> None:
+    """Remove the staging dir or file `path` and drop its lock."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    release_staging(path)
+
+
+def clear_stale_staging(destination: Path) -> list[Path]:
+    """Remove the staging dirs and files beside `destination` that killed runs left (their lock is free);
+    returns them. NanoqError when a live run holds one: it is writing `destination` now."""
+    pattern = re.compile(re.escape(_staging_prefix(destination)) + r"[a-z0-9_]+")
+    removed = []
+    try:
+        candidates = sorted(destination.parent.iterdir())
+    except OSError:  # no parent yet, or unreadable: nothing of ours there
+        return removed
+    for path in candidates:
+        if not pattern.fullmatch(path.name) or str(path) in _held:  # not a staging, or this process's own
+            continue
+        try:
+            fd = _try_lock(path)
+        except OSError:  # removed meanwhile, or not ours to open
+            continue
+        if fd is None:
+            raise NanoqError(f"{destination}: another nanoq run is writing it (its staging {path} is locked); "
+                             "wait for it to finish or choose another OUT")
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        finally:
+            os.close(fd)
+        _log.warning("nanoq: removed %s, left behind by an interrupted run", path)
+        removed.append(path)
+    return removed
+
+
+def _output_error(destination: Path, err: OSError) -> NanoqError:
+    blocking = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return NanoqError(f"{destination}: cannot be created: {blocking} is a file, not a folder")
+    return NanoqError(f"{destination}: cannot be created ({err.strerror or err}: {err.filename or destination.parent})")
+
+
 def make_staging_dir(destination: Path) -> Path:
-    """A fresh temp dir beside `destination` (same filesystem, so the final rename is atomic).
+    """A fresh, locked staging dir beside `destination` (same filesystem, so the final rename is atomic), after
+    removing what killed runs left there.
 
     Refuses a `destination` that exists and is not an empty folder, so no user data is ever replaced.
     """
+    destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise NanoqError(f"{destination}: already exists and is not empty (remove it or choose another OUT)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.nanoq-tmp-", dir=destination.parent))
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_staging(destination)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(destination), dir=destination.parent))
+    except OSError as err:
+        raise _output_error(destination, err) from None
+    _hold(staging)
+    return staging
+
+
+def make_staging_file(destination: Path) -> Path:
+    """A fresh, locked, empty staging file beside the file `destination` (see `make_staging_dir`)."""
+    destination = Path(destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_staging(destination)
+        fd, name = tempfile.mkstemp(prefix=_staging_prefix(destination), dir=destination.parent)
+    except OSError as err:
+        raise _output_error(destination, err) from None
+    os.close(fd)
+    staging = Path(name)
+    _hold(staging)
+    return staging
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def publish_dir(staging: Path, destination: Path) -> Path:
-    """Give `staging` the usual umask permissions and rename it to `destination` (empty or absent)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give `staging` the usual umask permissions and rename it to `destination` (empty or absent).
+
+    A `destination` that is itself a staging dir of this process stays locked under its new contents."""
+    umask = _umask()
     for path in [staging, *staging.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    relock = str(destination) in _held
     if destination.exists():
         destination.rmdir()
     os.replace(staging, destination)
+    release_staging(staging)
+    if relock:
+        release_staging(destination)
+        _hold(destination)
+    return destination
+
+
+def publish_file(staging: Path, destination: Path) -> Path:
+    """Give the staging file the usual umask permissions and rename it to `destination`."""
+    os.chmod(staging, 0o666 & ~_umask())
+    os.replace(staging, destination)
+    release_staging(staging)
     return destination
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON via a temp file in the same folder and rename it into place."""
+    """Write JSON via a temp file in the same folder and rename it into place; NanoqError for a NaN or
+    infinite value (which JSON cannot hold), naming the file and the key."""
     path = Path(path)
+    bad = non_finite_path(data)
+    if bad is not None:
+        raise NanoqError(f"{path}: '{bad}' is not a finite number; refusing to write it")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
+            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def first_non_finite(tensor: torch.Tensor) -> tuple[list[int], float] | None:
+    """`(index, value)` of the first NaN or infinite element of a float tensor, or None when all are finite
+    (or the tensor is not a float one). One `isfinite` pass; the index is searched only when it fails."""
+    if not tensor.is_floating_point():
+        return None
+    values = tensor if tensor.dtype.itemsize > 1 else tensor.to(torch.float32)  # no isfinite for float8
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return None
+    index = (~finite).nonzero()[0].tolist()
+    return index, float(values[tuple(index)])
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str | os.PathLike) -> torch.Tensor:
+    """`tensor`, or NanoqError naming `where`, the tensor and its first NaN / infinite element."""
+    found = first_non_finite(tensor)
+    if found is not None:
+        index, value = found
+        raise NanoqError(f"{where}: tensor '{name}' has a non-finite value ({value}) at index {index}")
+    return tensor
+
+
+def check_loaded_finite(state: dict[str, torch.Tensor], tensors: "SourceCheckpoint") -> None:
+    """Check each float tensor of a loaded model's `state` that `tensors` stores (see `check_finite`)."""
+    for name, tensor in state.items():
+        if name in tensors:
+            check_finite(tensor, name, tensors.file_of(name))
 
 
 class SourceCheckpoint:
@@ -104,8 +297,30 @@ class SourceCheckpoint:
         self.config = read_json(self.directory / "config.json")
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._listed = None
         for file in self._shard_files():
             self._index_file(file)
+        if self._listed is not None:
+            self._check_index()
+
+    def _shard_path(self, index: Path, tensor: str, name) -> Path:
+        """The shard file `name` that the index lists for `tensor`: a relative path inside the model folder."""
+        if not isinstance(name, str) or not name:
+            raise NanoqError(f"{index}: tensor '{tensor}' maps to {name!r}, not a shard file name")
+        parts = Path(os.path.normpath(name)).parts
+        if os.path.isabs(name) or not parts or parts[0] == ".." or "\0" in name:
+            raise NanoqError(f"{index}: tensor '{tensor}' maps to {name!r}, outside the model folder "
+                             "(shards must be files inside it)")
+        return self.directory / os.path.normpath(name)
+
+    def _check_index(self) -> None:
+        index = self.directory / INDEX_NAME
+        for tensor, file in self._listed.items():
+            if self._file_of.get(tensor) != file:
+                raise NanoqError(f"{index}: tensor '{tensor}' is listed in {file.name}, which does not store it")
+        for tensor, file in self._file_of.items():
+            if tensor not in self._listed:
+                raise NanoqError(f"{file}: tensor '{tensor}' is not listed in {INDEX_NAME}")
 
     def _shard_files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
@@ -113,9 +328,12 @@ class SourceCheckpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise NanoqError(f"{index}: missing 'weight_map'")
-            files = sorted({self.directory / name for name in weight_map.values()})
+            self._listed: dict[str, Path] = {}
+            for tensor, name in weight_map.items():
+                self._listed[tensor] = self._shard_path(index, tensor, name)
+            files = sorted(set(self._listed.values()))
             for file in files:
-                if not file.exists():
+                if not file.is_file():
                     raise NanoqError(f"{file}: listed in {INDEX_NAME} but missing")
             return files
         files = sorted(self.directory.glob("*.safetensors"))
@@ -124,6 +342,8 @@ class SourceCheckpoint:
         return files
 
     def _index_file(self, file: Path) -> None:
+        if not file.is_file():
+            raise NanoqError(f"{file}: not a file")
         try:
             if file.stat().st_size < 8:
                 raise NanoqError(f"{file}: truncated safetensors file ({file.stat().st_size} bytes)")
@@ -167,7 +387,8 @@ class SourceCheckpoint:
         return name
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into memory (a copy, independent of the file).
+        """Load one tensor into memory (a copy, independent of the file); NanoqError naming the file, the
+        tensor and the first bad index when a float tensor holds a NaN or an infinity.
 
         The file is opened (memory-mapped) for this one read and closed again, so the mapped pages of
         tensors already processed do not stay resident: memory does not grow with the number of layers.
@@ -175,9 +396,12 @@ class SourceCheckpoint:
         file = self._file_of[self._require(name)]
         try:
             with safe_open(str(file), framework="pt") as handle:
-                return handle.get_tensor(name).clone()
+                tensor = handle.get_tensor(name).clone()
         except SafetensorError as err:
             raise NanoqError(f"{file}: tensor '{name}' cannot be read ({err})") from None
+        except OSError as err:
+            raise NanoqError(f"{file}: cannot read ({err.strerror or err})") from None
+        return check_finite(tensor, name, file)
 
     def items(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(name, tensor)` for `names`, loading each only when asked for."""
@@ -189,7 +413,8 @@ class CheckpointWriter:
     """Streams tensors into safetensors shards in a temp dir beside `destination`; `commit()` renames it.
 
     Memory held is bounded by `max_shard_bytes` (one shard's worth of tensors), whatever the model size.
-    Use as a context manager: leaving the block without `commit()` removes the temp dir.
+    Use as a context manager: leaving the block without `commit()` removes the temp dir. A float tensor with a
+    NaN or an infinity (e.g. a float16 scale of a weight beyond float16's range) is refused, not written.
     """
 
     def __init__(self, destination: str | os.PathLike, max_shard_bytes: int = 512 * 2**20) -> None:
@@ -205,14 +430,18 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.staging.exists():
-            shutil.rmtree(self.staging, ignore_errors=True)
+        discard_staging(self.staging)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor; flushes a shard when the queue reaches `max_shard_bytes`."""
         if name in self._pending or any(name in names for _, names in self._shards):
             raise NanoqError(f"tensor '{name}' written twice")
         tensor = tensor.detach().to("cpu").contiguous()
+        found = first_non_finite(tensor)
+        if found is not None:
+            raise NanoqError(f"{self.destination}: tensor '{name}' would be stored with a non-finite value "
+                             f"({found[1]}) at index {found[0]}: its source values exceed what "
+                             f"{str(tensor.dtype).removeprefix('torch.')} holds; nothing written")
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -224,7 +453,10 @@ class CheckpointWriter:
         if not self._pending:
             return
         path = self.staging / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(path), metadata={"format": "pt"})
+        except (SafetensorError, OSError) as err:  # e.g. the disk is full
+            raise NanoqError(f"{path}: cannot write ({str(err).strip().splitlines()[0]})") from None
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

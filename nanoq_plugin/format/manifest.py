@@ -16,9 +16,12 @@ Schema (format version 1):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import NanoqError
 
 from .layout import TensorSpec
 from .schemes import Scheme
@@ -113,3 +116,58 @@ def _numel(spec: TensorSpec) -> int:
     for dim in spec.shape:
         count *= dim
     return count
+
+
+TOTALS_KEYS = ("params", "original_bytes", "stored_bytes", "ratio", "bits_per_weight", "quantized_params",
+               "quantized_original_bytes", "quantized_stored_bytes", "quantized_bits_per_weight")
+_COUNT_KEYS = ("params", "original_bytes", "stored_bytes", "quantized_params", "quantized_original_bytes",
+               "quantized_stored_bytes")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_manifest(manifest: dict, where) -> None:
+    """NanoqError naming `where` (the manifest's path) and the key at the first field missing or of the wrong
+    type, so that every reader of the schema above can index it without further checks."""
+    modules, floats, totals = manifest.get("modules"), manifest.get("float_tensors", {}), manifest.get("totals")
+    if not isinstance(modules, dict):
+        raise NanoqError(f"{where}: missing 'modules' (an object of module -> record)")
+    for module, record in modules.items():
+        at = f"{where}: module '{module}'"
+        if not isinstance(record, dict):
+            raise NanoqError(f"{at}: the record is not a JSON object")
+        for key in ("scheme", "requested_scheme", "source_dtype"):
+            if not isinstance(record.get(key), str) or not record[key]:
+                raise NanoqError(f"{at}: '{key}' is missing or not a name")
+        shape = record.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) and d > 0 for d in shape)):
+            raise NanoqError(f"{at}: 'shape' is {shape!r}, expected [out, in] (two positive integers)")
+        for key in ("original_bytes", "stored_bytes"):
+            if not _is_count(record.get(key)):
+                raise NanoqError(f"{at}: '{key}' is {record.get(key)!r}, expected a byte count")
+        if not _is_number(record.get("rel_error")) or record["rel_error"] < 0:
+            raise NanoqError(f"{at}: 'rel_error' is {record.get('rel_error')!r}, expected a finite number >= 0")
+        if not isinstance(record.get("tensors"), dict):
+            raise NanoqError(f"{at}: 'tensors' is missing or not an object")
+    if not isinstance(floats, dict):
+        raise NanoqError(f"{where}: 'float_tensors' is not an object")
+    for name, record in floats.items():
+        if not (isinstance(record, dict) and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
+                and all(_is_count(d) for d in record["shape"]) and _is_count(record.get("bytes"))):
+            raise NanoqError(f"{where}: float tensor '{name}' needs 'dtype', 'shape' and 'bytes', found {record!r}")
+    if not isinstance(totals, dict):
+        raise NanoqError(f"{where}: missing 'totals' (an object: {', '.join(TOTALS_KEYS)})")
+    for key in TOTALS_KEYS:
+        value = totals.get(key)
+        valid = _is_count(value) if key in _COUNT_KEYS else (value is None or (_is_number(value) and value >= 0))
+        if key not in totals or not valid:
+            raise NanoqError(f"{where}: totals '{key}' is {value!r}, expected "
+                             + ("a count" if key in _COUNT_KEYS else "a finite number or null"))
+    if not isinstance(manifest.get("provenance", {}), dict):
+        raise NanoqError(f"{where}: 'provenance' is not an object")

@@ -10,8 +10,9 @@ import torch
 
 from ..errors import NanoqError
 from .checkpoint import SourceCheckpoint, read_json
+from .expected_tensors import check_nano_tensors
 from .layout import check_shape_fits, param_specs
-from .manifest import MANIFEST_NAME, dtype_name
+from .manifest import MANIFEST_NAME, check_manifest, dtype_name
 from .quant_config import NanoQuantConfig
 
 
@@ -43,6 +44,8 @@ def _describe(dtype_str: str, shape) -> str:
 def load_nano_checkpoint(directory: str | os.PathLike) -> NanoCheckpoint:
     """Open and validate `directory`; raises NanoqError naming the file and tensor at the first problem."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise NanoqError(f"{directory}: not a directory (a nano checkpoint is a folder)")
     config_path = directory / "config.json"
     config = read_json(config_path)
     if "quantization_config" not in config:
@@ -50,10 +53,9 @@ def load_nano_checkpoint(directory: str | os.PathLike) -> NanoCheckpoint:
     quant_config = NanoQuantConfig.from_dict(config["quantization_config"], f"{config_path}: quantization_config")
     manifest_path = directory / MANIFEST_NAME
     manifest = read_json(manifest_path)
+    check_manifest(manifest, manifest_path)
     tensors = SourceCheckpoint(directory)
-    records = manifest.get("modules")
-    if not isinstance(records, dict):
-        raise NanoqError(f"{manifest_path}: missing 'modules'")
+    records = manifest["modules"]
 
     for module, scheme in quant_config.modules.items():
         record = records.get(module)
@@ -102,4 +104,13 @@ def load_nano_checkpoint(directory: str | os.PathLike) -> NanoCheckpoint:
         listed = _describe(record.get("dtype"), record.get("shape", []))
         if found != listed:
             raise NanoqError(f"{tensors.file_of(name)}: tensor '{name}' is {found}, the manifest says {listed}")
+    check_nano_tensors(tensors, quant_config, {module: records[module]["shape"] for module in quant_config.modules},
+                       manifest_path)
     return NanoCheckpoint(directory, quant_config, manifest, tensors)
+
+
+def verify_tensor_values(checkpoint: NanoCheckpoint) -> None:
+    """Read every tensor of `checkpoint` once (streamed, one at a time): NanoqError naming the file, the tensor
+    and the first bad index of a NaN or infinite value (`SourceCheckpoint.get` checks each)."""
+    for name in checkpoint.tensors.keys():
+        checkpoint.tensors.get(name)

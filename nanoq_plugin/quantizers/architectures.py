@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint
+from ..format.expected_tensors import check_float_tensors
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def architecture_for(config: dict, where: str) -> Architecture:
 def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[SourceCheckpoint, Architecture]:
     """The float checkpoint at `source_dir` and its architecture; NanoqError naming its config.json when the model
     type is unsupported, the checkpoint is already quantized (`instead` says what to do), or `num_hidden_layers`
-    is missing."""
+    is missing; naming the tensor when the stored tensors are not exactly those the config describes
+    (`format.expected_tensors`)."""
     source = SourceCheckpoint(source_dir)
     where = str(source.directory / "config.json")
     arch = architecture_for(source.config, where)
@@ -73,4 +75,5 @@ def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[Sour
     layers = source.config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         raise NanoqError(f"{where}: missing or invalid num_hidden_layers")
+    check_float_tensors(source)
     return source, arch
