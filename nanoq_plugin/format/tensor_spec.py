@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-SCALE_DTYPE = torch.float16
-ZERO_DTYPE = torch.uint8
-NVFP4_SCALE_DTYPE = torch.float8_e4m3fn
+# Stored dtypes, looked up in torch on first use (module __getattr__): the scheme grammar and the kinds' names
+# import this module, and `nanoq --help` must not wait for torch.
+_DTYPES = {"SCALE_DTYPE": "float16", "ZERO_DTYPE": "uint8", "NVFP4_SCALE_DTYPE": "float8_e4m3fn"}
+
+
+def __getattr__(name: str):
+    if name in _DTYPES:
+        import torch
+
+        return getattr(torch, _DTYPES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Sharding(str, Enum):
@@ -31,7 +41,7 @@ class TensorSpec:
     """Expected shape and dtype of one stored tensor, and its sharding."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: "torch.dtype"
     sharding: Sharding = Sharding.INPUT_OUTPUT
 
     def describe(self) -> str:
@@ -49,6 +59,6 @@ def stored_bytes(specs: dict[str, TensorSpec]) -> int:
     return total
 
 
-def expand_groups(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
+def expand_groups(per_group: "torch.Tensor", group_size: int) -> "torch.Tensor":
     """`[K/G, N]` -> `[K, N]` by repeating each group row G times."""
     return per_group.repeat_interleave(group_size, dim=0)

@@ -10,12 +10,13 @@ from .codebook import quantize_codebook
 from .nvfp4 import quantize_nvfp4
 from .rtn import quantize_rtn
 
+# The built-in kinds' data-free quantizers; any other registered kind brings its own (`SchemeKind.quantize`).
+DATA_FREE_QUANTIZERS = {SchemeKind.INT_GROUP: quantize_rtn, SchemeKind.INT8_CHANNEL: quantize_rtn,
+                        SchemeKind.NVFP4: quantize_nvfp4, SchemeKind.CODEBOOK: quantize_codebook}
+
 
 def quantize_data_free(weight: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
     """Stored tensors (format.layout names) of `weight [N, K]` float32: the nearest level for codebooks, NVFP4
-    with the tensor's own global scale, round-to-nearest for integer schemes."""
-    if scheme.kind is SchemeKind.CODEBOOK:
-        return quantize_codebook(weight, scheme)
-    if scheme.kind is SchemeKind.NVFP4:
-        return quantize_nvfp4(weight, scheme)
-    return quantize_rtn(weight, scheme)
+    with the tensor's own global scale, round-to-nearest for integer schemes, the kind's own quantizer else."""
+    quantizer = DATA_FREE_QUANTIZERS.get(scheme.kind)
+    return quantizer(weight, scheme) if quantizer is not None else scheme.kind.quantize(weight, scheme)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..tensor_spec import TensorSpec
+
+if TYPE_CHECKING:  # the kinds import torch where they compute: names and validation stay torch-free
+    import torch
+
+    from ..tensor_spec import TensorSpec
 
 ACTIVATION_BITS = (8, 16)
 
@@ -103,6 +106,7 @@ class SchemeKind:
     grammar: str = ""
     quantized: bool = True
     int8_activations: bool = False  # whether a scheme of this kind may quantize its input (int8-a8)
+    gathers_rows: bool = True  # whether an embedding table may be stored in it (rows looked up by token id)
 
     def __repr__(self) -> str:
         return f"SchemeKind({self.value!r})"

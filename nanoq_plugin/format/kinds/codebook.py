@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..hadamard import unrotate_weight
-from ..packing import packed_rows, unpack_codes
-from ..tensor_spec import SCALE_DTYPE, Sharding, TensorSpec, expand_groups
+from ..tensor_spec import Sharding, TensorSpec, expand_groups
 from .base import Scheme, SchemeKind, register_kind
+
+if TYPE_CHECKING:
+    import torch
 from .grouped import ALLOWED_GROUP_SIZES, check_groups_fit
 
 CODEBOOK_BITS = (2, 3, 4)
@@ -30,6 +30,7 @@ _NAME = re.compile(r"^cb(\d+)g(\d+)$")
 class CodebookKind(SchemeKind):
     value = "codebook"
     grammar = "cb{2,3,4}g{32,64,128}"
+    gathers_rows = False  # its linears' kernels only; a table is stored as int8 / int4gG
 
     def parse(self, name: str) -> Scheme | None:
         match = _NAME.match(name)
@@ -50,9 +51,13 @@ class CodebookKind(SchemeKind):
         return scheme.group_size
 
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        import torch
+
+        from ..packing import packed_rows
+
         self.check_shape_fits(scheme, out_features, in_features, "linear")
         return {"qweight": TensorSpec((packed_rows(in_features, scheme.bits), out_features), torch.int32),
-                "scales": TensorSpec((in_features // scheme.group_size, out_features), SCALE_DTYPE),
+                "scales": TensorSpec((in_features // scheme.group_size, out_features), torch.float16),
                 "codebook": TensorSpec((1 << scheme.bits,), torch.float32, Sharding.PART_TABLE),
                 "signs": TensorSpec((in_features,), torch.int8, Sharding.INPUT)}
 
@@ -68,12 +73,18 @@ class CodebookKind(SchemeKind):
     def kernel_weight(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
                       in_features: int) -> torch.Tensor:
         """The rotated weight `W' [N, K]` float32: levels of the codes times group scales."""
+        import torch
+
+        from ..packing import unpack_codes
+
         codes = unpack_codes(tensors["qweight"], scheme.bits).long()  # [K, N]
         levels = tensors["codebook"].to(torch.float32)[codes]
         return (levels * expand_groups(tensors["scales"].to(torch.float32), scheme.group_size)).t()
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
                    in_features: int) -> torch.Tensor:
+        from ..hadamard import unrotate_weight
+
         return unrotate_weight(self.kernel_weight(tensors, scheme, out_features, in_features), tensors["signs"],
                                scheme.group_size)
 

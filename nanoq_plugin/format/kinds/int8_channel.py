@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..tensor_spec import SCALE_DTYPE, Sharding, TensorSpec
+from ..tensor_spec import Sharding, TensorSpec
 from .base import Scheme, SchemeKind, register_kind
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Int8ChannelKind(SchemeKind):
@@ -43,23 +45,31 @@ class Int8ChannelKind(SchemeKind):
         return Scheme(self, bits=int(data.get("bits", 8)), activation_bits=activation_bits)
 
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        import torch
+
         return {"qweight": TensorSpec((in_features, out_features), torch.int8),
-                "scales": TensorSpec((out_features,), SCALE_DTYPE, Sharding.OUTPUT)}
+                "scales": TensorSpec((out_features,), torch.float16, Sharding.OUTPUT)}
 
     def encode(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor) -> torch.Tensor:
         """Codes int8 `[K, N]` of `weight [N, K]` rounded with `scales [N]` as stored (float16)."""
-        s = scales.to(SCALE_DTYPE).to(torch.float32)
+        import torch
+
+        s = scales.to(torch.float16).to(torch.float32)
         s = torch.where(s == 0, torch.ones_like(s), s)
         return torch.clamp(torch.round(weight.t().to(torch.float32) / s.view(1, -1)), -127, 127).to(torch.int8)
 
     def compress(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
                  zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        import torch
+
         n = weight.shape[0]
         return {"qweight": self.encode(weight, scheme, scales).contiguous(),
-                "scales": scales.to(SCALE_DTYPE).reshape(n).contiguous()}
+                "scales": scales.to(torch.float16).reshape(n).contiguous()}
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
                    in_features: int) -> torch.Tensor:
+        import torch
+
         return (tensors["qweight"].to(torch.float32) * tensors["scales"].to(torch.float32).view(1, -1)).t()
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..packing import pack_codes, packed_rows, unpack_codes
-from ..tensor_spec import SCALE_DTYPE, ZERO_DTYPE, TensorSpec, expand_groups
+from ..tensor_spec import TensorSpec, expand_groups
 from .base import Scheme, SchemeKind, register_kind
+
+if TYPE_CHECKING:
+    import torch
 from .grouped import ALLOWED_GROUP_SIZES, check_groups_fit
 
 ALLOWED_BITS = (2, 3, 4, 8)
@@ -61,12 +62,16 @@ class IntGroupKind(SchemeKind):
         return scheme.group_size
 
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        import torch
+
+        from ..packing import packed_rows
+
         self.check_shape_fits(scheme, out_features, in_features, "linear")
         groups = in_features // scheme.group_size
         specs = {"qweight": TensorSpec((packed_rows(in_features, scheme.bits), out_features), torch.int32),
-                 "scales": TensorSpec((groups, out_features), SCALE_DTYPE)}
+                 "scales": TensorSpec((groups, out_features), torch.float16)}
         if not scheme.symmetric:
-            specs["zeros"] = TensorSpec((groups, out_features), ZERO_DTYPE)
+            specs["zeros"] = TensorSpec((groups, out_features), torch.uint8)
         return specs
 
     def kernel_tensors(self, scheme: Scheme) -> tuple[str, ...]:
@@ -76,7 +81,9 @@ class IntGroupKind(SchemeKind):
                zeros: torch.Tensor | None = None) -> torch.Tensor:
         """Codes uint8 `[K, N]` of `weight [N, K]` rounded with `scales [K/G, N]` as stored (float16) and
         `zeros` uint8 `[K/G, N]` (None when symmetric)."""
-        s = scales.to(SCALE_DTYPE).to(torch.float32)
+        import torch
+
+        s = scales.to(torch.float16).to(torch.float32)
         s = torch.where(s == 0, torch.ones_like(s), s)
         z = symmetric_zero(scheme.bits) if zeros is None else expand_groups(zeros.to(torch.float32), scheme.group_size)
         q = torch.round(weight.t().to(torch.float32) / expand_groups(s, scheme.group_size)) + z
@@ -86,14 +93,22 @@ class IntGroupKind(SchemeKind):
                  zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if scheme.symmetric != (zeros is None):
             raise NanoqError(f"scheme {scheme.name}: zeros must be given exactly when the scheme is asymmetric")
+        import torch
+
+        from ..packing import pack_codes
+
         out = {"qweight": pack_codes(self.encode(weight, scheme, scales, zeros), scheme.bits),
-               "scales": scales.to(SCALE_DTYPE).contiguous()}
+               "scales": scales.to(torch.float16).contiguous()}
         if zeros is not None:
-            out["zeros"] = zeros.to(ZERO_DTYPE).contiguous()
+            out["zeros"] = zeros.to(torch.uint8).contiguous()
         return out
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
                    in_features: int) -> torch.Tensor:
+        import torch
+
+        from ..packing import unpack_codes
+
         groups, g = in_features // scheme.group_size, scheme.group_size
         codes = unpack_codes(tensors["qweight"], scheme.bits).view(groups, g, out_features).to(torch.float32)
         if scheme.symmetric:

@@ -8,13 +8,14 @@ convention: it divides). Weight `W [N, K]`:
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..fp4 import decode_e2m1, encode_e2m1, pack_fp4, unpack_fp4
-from ..tensor_spec import NVFP4_SCALE_DTYPE, Sharding, TensorSpec, expand_groups
+from ..tensor_spec import Sharding, TensorSpec, expand_groups
 from .base import Scheme, SchemeKind, register_kind
+
+if TYPE_CHECKING:
+    import torch
 
 NVFP4_GROUP_SIZE = 16
 
@@ -22,6 +23,7 @@ NVFP4_GROUP_SIZE = 16
 class Nvfp4Kind(SchemeKind):
     value = "nvfp4"
     grammar = "nvfp4"
+    gathers_rows = False  # its linears' kernels only; a table is stored as int8 / int4gG
 
     def parse(self, name: str) -> Scheme | None:
         return Scheme(self, bits=4, group_size=NVFP4_GROUP_SIZE) if name == "nvfp4" else None
@@ -45,15 +47,21 @@ class Nvfp4Kind(SchemeKind):
         return scheme.group_size
 
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        import torch
+
         self.check_shape_fits(scheme, out_features, in_features, "linear")
         return {"qweight": TensorSpec((in_features // 2, out_features), torch.uint8),
-                "scales": TensorSpec((in_features // scheme.group_size, out_features), NVFP4_SCALE_DTYPE),
+                "scales": TensorSpec((in_features // scheme.group_size, out_features), torch.float8_e4m3fn),
                 "global_scale": TensorSpec((1,), torch.float32, Sharding.REPLICATED)}
 
     def compress(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
                  global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`scales`: the FP8 block scales `[K/16, N]` (any float dtype, rounded to E4M3 here); `global_scale [1]`."""
-        stored_scales = scales.to(NVFP4_SCALE_DTYPE)
+        import torch
+
+        from ..fp4 import encode_e2m1, pack_fp4
+
+        stored_scales = scales.to(torch.float8_e4m3fn)
         step = expand_groups(stored_scales.to(torch.float32), scheme.group_size) / global_scale.to(torch.float32)
         step = torch.where(step == 0, torch.ones_like(step), step)  # an all-zero block: every code is 0 anyway
         codes = encode_e2m1(weight.t().to(torch.float32) / step)
@@ -62,6 +70,10 @@ class Nvfp4Kind(SchemeKind):
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], scheme: Scheme, out_features: int,
                    in_features: int) -> torch.Tensor:
+        import torch
+
+        from ..fp4 import decode_e2m1, unpack_fp4
+
         values = decode_e2m1(unpack_fp4(tensors["qweight"], 0))
         step = (expand_groups(tensors["scales"].to(torch.float32), scheme.group_size)
                 / tensors["global_scale"].to(torch.float32))
