@@ -178,3 +178,66 @@ def test_already_quantized_source(nano, tmp_path, capsys):
     status, err = run_cli(["quantize", nano, tmp_path / "again", "--recipe", "w8"], capsys)
     assert_one_line_error(status, err, nano / "config.json", "already quantized (quant_method 'nano')")
     assert_nothing_left(tmp_path, tmp_path / "again")
+
+
+def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
+    import nanoq_plugin.cli as cli
+
+    def full(args):
+        raise OSError(28, "No space left on device", "/data/out/model.safetensors")
+
+    monkeypatch.setattr(cli, "cmd_inspect", full)
+    status, err = run_cli(["inspect", "x"], capsys)
+    assert_one_line_error(status, err, "/data/out/model.safetensors: No space left on device")
+
+
+def test_an_unexpected_error_is_one_line_with_the_debug_hint(monkeypatch, capsys):
+    import signal
+
+    import nanoq_plugin.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom\nmore detail")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    monkeypatch.delenv("NANOQ_DEBUG", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    status, err = run_cli(["inspect", "x"], capsys)
+    assert status == 1
+    assert err == "nanoq: internal error: RuntimeError: boom (run with NANOQ_DEBUG=1 for the traceback)"
+    assert signal.getsignal(signal.SIGTERM) is before  # main restores the handlers it installed
+    monkeypatch.setenv("NANOQ_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["inspect", "x"])
+
+
+def test_bad_argument_values_are_refused_where_they_are_parsed(capsys):
+    for args, fragment in [(["eval", "d", "--ctx", "0"], "argument --ctx: expected an integer >= 2"),
+                           (["eval", "d", "--max-windows", "0"], "argument --max-windows: expected a positive integer"),
+                           (["quantize", "s", "o", "--recipe", "w8", "--target-bpw", "nan"],
+                            "argument --target-bpw: expected a positive finite number, got 'nan'"),
+                           (["quantize", "s", "o", "--recipe", "w8", "--target-size", "1e9999"],
+                            "--target-size '1e9999': expected a positive, finite size"),
+                           (["quantize", "s", "o"], "the following arguments are required: --recipe")]:
+        status, err = run_cli(args, capsys)
+        assert_one_line_error(status, err, fragment)
+
+
+def test_nan_source_is_refused_naming_the_tensor_and_index(source, tmp_path, capsys):
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"][5, 7] = float("nan")
+    save_file(tensors, str(source / "model.safetensors"))
+    status, err = run_cli(["quantize", source, tmp_path / "out", "--recipe", "w4g128", "--quiet"], capsys)
+    assert_one_line_error(status, err, source / "model.safetensors",
+                          "tensor 'model.layers.0.self_attn.k_proj.weight' has a non-finite value (nan) at index [5, 7]")
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_config_with_more_layers_than_stored_is_refused_everywhere(nano, tmp_path, capsys):
+    config = json.loads((nano / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (nano / "config.json").write_text(json.dumps(config))
+    for args in (["inspect", nano], ["eval", nano], ["export", "compressed-tensors", nano, tmp_path / "ct"]):
+        status, err = run_cli(args, capsys)
+        assert_one_line_error(status, err, "'model.layers.2.", "is missing")
+    assert_nothing_left(tmp_path, tmp_path / "ct")

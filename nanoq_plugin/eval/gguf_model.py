@@ -17,6 +17,7 @@ def load_gguf(path: Path, dtype: torch.dtype):
 
     if not path.is_file():
         raise NanoqError(f"{path}: file not found")
+    read_gguf(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -26,13 +27,22 @@ def load_gguf(path: Path, dtype: torch.dtype):
     return model.eval(), tokenizer
 
 
+def read_gguf(path: Path):
+    """The parsed GGUF file (gguf-py's reader); NanoqError naming it when it cannot be parsed."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as err:  # the reader fails in many ways (struct, numpy, value errors) on a corrupt file
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise NanoqError(f"{path}: not a readable GGUF file ({reason})") from None
+
+
 def gguf_storage(path: Path) -> dict:
     """Storage totals in the manifest's terms: `original_bytes` counts every weight at 16 bits,
     `stored_bytes` the tensor data in the file, `quantized_bits_per_weight` the bits per weight of the
     2-D tensors (the matrices a `--type` applies to)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = read_gguf(path)
     params = stored = matrix_params = matrix_bytes = 0
     for tensor in reader.tensors:
         count, size = int(tensor.n_elements), int(tensor.n_bytes)

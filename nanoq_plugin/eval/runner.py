@@ -131,13 +131,16 @@ def run_eval(
         summary["samples"].append(entry)
     summary["seconds"] = round(time.perf_counter() - start, 1)
 
+    card = render_model_card(checkpoint.manifest, summary) if checkpoint is not None else None
+    if json_out:  # first: a --json path that cannot be written leaves the checkpoint as it was
+        try:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise NanoqError(f"--json {json_out}: cannot create its folder ({err.strerror}: {err.filename})") from None
+        write_json(Path(json_out), summary)
     write_json(summary_path, summary)
-    if checkpoint is not None:
-        card = render_model_card(checkpoint.manifest, summary)
+    if card is not None:
         card_tmp = checkpoint.directory / ".README.md.tmp"
         card_tmp.write_text(card, encoding="utf-8")
         card_tmp.replace(checkpoint.directory / "README.md")
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(json_out), summary)
     return summary

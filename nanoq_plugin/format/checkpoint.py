@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +53,29 @@ _DTYPES = {
 }
 
 
-_log = logging.getLogger("nanoq")
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def staging_logger() -> logging.Logger:
+    """The `nanoq.staging` logger; given a stderr handler (`nanoq: message`) unless the application configured
+    one, so that removing a killed run's leftovers is always said."""
+    logger = logging.getLogger("nanoq.staging")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("nanoq: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def _refuse_constant(name: str):
@@ -162,7 +185,7 @@ def clear_stale_staging(destination: Path) -> list[Path]:
                 path.unlink()
         finally:
             os.close(fd)
-        _log.warning("nanoq: removed %s, left behind by an interrupted run", path)
+        staging_logger().warning("removed %s, left behind by an interrupted run", path)
         removed.append(path)
     return removed
 
@@ -247,14 +270,19 @@ def write_json(path: Path, data: dict) -> None:
     bad = non_finite_path(data)
     if bad is not None:
         raise NanoqError(f"{path}: '{bad}' is not a finite number; refusing to write it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise NanoqError(f"{path}: cannot be written ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
             handle.write("\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise NanoqError(f"{path}: cannot be written ({err.strerror or err})") from None
         raise
 
 
@@ -437,6 +465,9 @@ class CheckpointWriter:
         if name in self._pending or any(name in names for _, names in self._shards):
             raise NanoqError(f"tensor '{name}' written twice")
         tensor = tensor.detach().to("cpu").contiguous()
+        if any(tensor.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+               for held in self._pending.values()):
+            tensor = tensor.clone()  # e.g. one NVFP4 global scale shared by fused parts: safetensors stores copies
         found = first_non_finite(tensor)
         if found is not None:
             raise NanoqError(f"{self.destination}: tensor '{name}' would be stored with a non-finite value "
