@@ -162,12 +162,30 @@ def gpu_table() -> str:
     return "\n".join([caption, "", *lines, "", source("e2e-NVIDIA-H200.json")])
 
 
+def gguf_table() -> str:
+    """GGUF exports of SmolLM2: file size, bits per weight, perplexity and logit agreement with the float model."""
+    data = load("gguf-smollm2.json")
+    protocol = data["protocol"]
+    lines = [f"{protocol['text']}, context {protocol['ctx']}, stride {protocol['stride']}, {protocol['windows']} "
+             f"windows: base perplexity {data['base_perplexity']:.2f}; logit agreement over "
+             f"{data['results'][0]['agreement']['positions']} positions.", "",
+             "| type | file | bits/weight (matrices) | perplexity (`nanoq eval`) | ratio | top-1 agreement | "
+             "mean KL (nats) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in data["results"]:
+        agreement = row["agreement"]
+        lines.append(f"| {row['type']} | {row['file_bytes'] / 2**20:.1f} MiB | {row['bits_per_weight_matrices']:.2f} | "
+                     f"{row['perplexity']:.4f} | {row['ppl_ratio']:.4f} | {agreement['top1_agreement']:.3f} | "
+                     f"{agreement['mean_kl_nats']:.2g} |")
+    return "\n".join([*lines, "", source("gguf-smollm2.json")])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality_table,
     "quality-all": quality_all_table,
     "cpu-serving-isa": isa_serving_table,
     "cpu-kernels": cpu_kernel_table,
     "gpu": gpu_table,
+    "gguf": gguf_table,
 }
 
 
