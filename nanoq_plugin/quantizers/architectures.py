@@ -1,4 +1,5 @@
-"""Which decoder-only architectures nanoq knows: where their blocks are and which linears they hold."""
+"""Where a decoder-only model keeps its blocks and linears: read from its own transformers class
+(quantizers.anatomy), so any architecture transformers builds is handled the same way."""
 
 from __future__ import annotations
 
@@ -8,18 +9,35 @@ from dataclasses import dataclass
 from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint
 from ..format.expected_tensors import check_float_tensors
+from .anatomy import InputGroup, discover
+
+# The families the test suite quantizes, loads and serves (tests/quantizers/test_architectures.py); any other
+# decoder transformers builds goes through the same discovery.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Tensor naming of a decoder-only model family."""
+    """Tensor naming of a decoder-only model: its blocks, their linears grouped by shared input (in the order a
+    block uses them, with the producer a scale folds into), the embedding, the head and the final norm."""
 
     block_prefix: str
-    block_linears: tuple[str, ...]
-    fused_groups: tuple[tuple[str, ...], ...]
+    groups: tuple[InputGroup, ...]
     embedding: str = "model.embed_tokens"
-    lm_head: str = "lm_head"
-    final_norm: str = "model.norm"
+    lm_head: str | None = "lm_head"
+    final_norm: str | None = "model.norm"
+
+    @property
+    def block_linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group.linears)
+
+    @property
+    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears that read one input (engines may fuse them): the planner gives each group one scheme."""
+        return tuple(group.linears for group in self.groups if len(group.linears) > 1)
+
+    def group_of(self, linears: tuple[str, ...]) -> InputGroup:
+        return next(group for group in self.groups if group.linears == tuple(linears))
 
     def block_of(self, tensor_name: str) -> int | None:
         """Index of the decoder block that stores `tensor_name`, or None outside the blocks."""
@@ -34,31 +52,16 @@ class Architecture:
         return [f"{self.block_prefix}.{index}.{suffix}" for suffix in self.block_linears]
 
 
-_LLAMA_LIKE = Architecture(
-    block_prefix="model.layers",
-    block_linears=(
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    ),
-    fused_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
-)
-
-SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-}
-
-
 def architecture_for(config: dict, where: str) -> Architecture:
-    """The architecture of a model config; NanoqError naming `where` for an unsupported model type."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise NanoqError(
-            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
-        )
-    return SUPPORTED_ARCHITECTURES[model_type]
+    """The architecture of a model config, discovered from its transformers class; NanoqError naming `where` and
+    what could not be found."""
+    if not isinstance(config.get("model_type"), str):
+        raise NanoqError(f"{where}: no model_type")
+    anatomy = discover(config, where)
+    if anatomy.final_norm is None:
+        raise NanoqError(f"{where}: no final norm found after the decoder blocks of model_type "
+                         f"{anatomy.model_type!r}: its anatomy cannot be discovered")
+    return Architecture(anatomy.block_prefix, anatomy.groups, anatomy.embedding, anatomy.lm_head, anatomy.final_norm)
 
 
 def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[SourceCheckpoint, Architecture]:

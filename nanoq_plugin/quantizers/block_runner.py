@@ -1,9 +1,16 @@
-"""Run one decoder block of a checkpoint on its own (transformers' own layer class, float32), so that
-calibrated quantizers can capture each linear's inputs and feed the next block the quantized outputs."""
+"""Run one decoder block of a checkpoint on its own (float32, the model's own decoder-layer class), so that
+calibrated quantizers can capture each linear's inputs and feed the next block the quantized outputs.
+
+Nothing here knows a family. What a block is called with — rotary position embeddings (per layer type, e.g.
+Gemma 3's local and global bases), the attention mask its layer type needs (sliding windows) — is what the
+model's own forward passes it: a one-block "shell" of the model (its config with one layer of that layer type,
+a one-token vocabulary, uninitialised weights) runs up to its block and the arguments are captured. What the
+first block receives from the embedding (Gemma's √hidden, Granite's multiplier) is captured the same way.
+"""
 
 from __future__ import annotations
 
-import importlib
+import copy
 from collections.abc import Callable
 
 import torch
@@ -11,20 +18,20 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import NanoqError
+from .anatomy import meta_model, transformers_config
+from .architectures import Architecture, architecture_for
 
-_HF_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# visit(group, inputs) sees the input chunks `[b, L, K]` float32 of a group of linears (an input group of the
+# architecture) before the block uses them; it may change the block (quantize the group, fold scales into the
+# group's producer) and returns True when the inputs themselves must be recomputed (it changed the producer).
+Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
 
-# The linears of a pre-norm decoder block grouped by the input they share, in the order the block uses them.
+# TRANSITIONAL (removed once the pipeline reads producers from `Architecture.groups`): the Llama groups.
 ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 ATTENTION_OUTPUT = ("self_attn.o_proj",)
 MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
 MLP_OUTPUT = ("mlp.down_proj",)
 WALK_GROUPS = (ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT)
-
-# visit(group, inputs) sees the input chunks `[b, L, K]` float32 of a group of linears (WALK_GROUPS) before
-# the block uses them; it may change the block (quantize the group, fold scales into the group's producer)
-# and returns True when the inputs themselves must be recomputed (it changed the producer).
-Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -36,30 +43,41 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class _Captured(Exception):
+    """Raised by a forward pre-hook once it has what it came for: the rest of the forward is not run."""
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 class BlockRunner:
     """Builds block `i` from its stored tensors and runs hidden states `[B, L, H]` through it."""
 
-    def __init__(self, config: dict, device: torch.device, batch_size: int = 8) -> None:
-        from transformers import AutoConfig
-
-        model_type = config.get("model_type")
-        if model_type not in _HF_CLASS_PREFIX:
-            raise NanoqError(f"config.json: no calibrated quantization for model_type {model_type!r}")
-        fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
-        self.config = AutoConfig.for_model(model_type, **fields)
-        self.config._attn_implementation = "sdpa"  # causal without a mask (eager would need one)
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        prefix = _HF_CLASS_PREFIX[model_type]
-        self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
-        self.norm_cls = getattr(module, f"{prefix}RMSNorm")
-        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
+    def __init__(self, config: dict, device: torch.device, batch_size: int = 8,
+                 arch: Architecture | None = None) -> None:
+        self.config = transformers_config(config)
+        self.config._attn_implementation = "sdpa"  # causal without an explicit mask where the layer type allows
+        self.arch = arch or architecture_for(config, "config.json")
+        parent, _, attribute = self.arch.block_prefix.rpartition(".")
+        meta = meta_model(self.config)
+        self._base_path, self._blocks_attribute = parent, attribute
+        self.layer_cls = type(getattr(meta.get_submodule(parent) if parent else meta, attribute)[0])
+        self._final_norm_template = meta.get_submodule(self.arch.final_norm)
         self.device = device
         self.batch_size = batch_size
-        self._positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shells: dict[object, nn.Module] = {}
+        self._kwargs: dict[tuple, dict] = {}
+
+    # -- the block and its call arguments ---------------------------------------------------------------
+    def layer_type(self, index: int):
+        types = getattr(self.config, "layer_types", None)
+        return types[index] if types else None
 
     def build(self, index: int, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
         """Block `index` in float32 on the device; `tensors` are its stored tensors named `{prefix}.{index}.*`."""
         block = self.layer_cls(self.config, layer_idx=index).to(device=self.device, dtype=torch.float32).eval()
+        block.nano_index = index
         head = f"{prefix}.{index}."
         state = {name[len(head):]: t.to(torch.float32) for name, t in tensors.items() if name.startswith(head)}
         missing, unexpected = block.load_state_dict(state, strict=False)
@@ -69,80 +87,127 @@ class BlockRunner:
         return block
 
     def final_norm(self, weight: torch.Tensor) -> nn.Module:
-        """The model's final RMSNorm (transformers' class, float32 on the device) with `weight [H]`."""
-        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        """The model's final norm (its own class, float32 on the device) with `weight [H]`."""
+        norm = copy.deepcopy(self._final_norm_template).to_empty(device=self.device).to(torch.float32)
         norm.weight.data = weight.to(device=self.device, dtype=torch.float32)
-        return norm.to(self.device).eval()
+        return norm.eval()
 
-    def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        length = hidden.shape[1]
-        if length not in self._positions:
-            ids = torch.arange(length, device=self.device).unsqueeze(0)
-            self._positions[length] = self.rotary(hidden[:1], ids)
-        return self._positions[length]
+    def _shell(self, layer_type) -> nn.Module:
+        """The model with one block of `layer_type` and a one-token vocabulary, uninitialised, on the device."""
+        if layer_type not in self._shells:
+            from transformers import AutoModelForCausalLM
+            from transformers.initialization import no_init_weights
 
+            config = copy.deepcopy(self.config)
+            config.num_hidden_layers = 1
+            if layer_type is not None:
+                config.layer_types = [layer_type]
+            config.vocab_size, config.pad_token_id = 1, None
+            with no_init_weights(), torch.device(self.device):
+                shell = AutoModelForCausalLM.from_config(config)
+            self._shells[layer_type] = shell.to(torch.float32).eval()
+        return self._shells[layer_type]
+
+    def _shell_block(self, shell: nn.Module) -> nn.Module:
+        base = shell.get_submodule(self._base_path) if self._base_path else shell
+        return getattr(base, self._blocks_attribute)[0]
+
+    def _capture(self, shell: nn.Module, **inputs) -> tuple[tuple, dict]:
+        """(args, kwargs) the shell's forward calls its block with."""
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured.update(args=args, kwargs=kwargs)
+            raise _Captured
+
+        handle = self._shell_block(shell).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            shell(**inputs, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise NanoqError(f"{type(shell).__name__}: its forward never reached its decoder block")
+        return captured["args"], captured["kwargs"]
+
+    def _call_kwargs(self, index: int, batch: int, length: int) -> dict:
+        """The keyword arguments the model calls block `index` with for `[batch, length]` tokens."""
+        key = (self.layer_type(index), batch, length)
+        if key not in self._kwargs:
+            shell = self._shell(key[0])
+            embeds = torch.zeros((batch, length, self.config.hidden_size), device=self.device)
+            with torch.no_grad():
+                _, kwargs = self._capture(shell, inputs_embeds=embeds)
+            kwargs = {name: value for name, value in kwargs.items() if name not in ("hidden_states", "past_key_values",
+                                                                                   "past_key_value")}
+            kwargs["use_cache"] = False
+            self._kwargs[key] = kwargs
+        return self._kwargs[key]
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """`ids [B, L]` -> the first block's input `[B, L, H]` float32, as the model computes it from its
+        embedding table `embedding_weight [V, H]` (with any scale its embedding or forward applies)."""
+        shell = self._shell(self.layer_type(0))
+        table = shell.get_input_embeddings()
+        unit = table.weight.data
+        table.weight.data = torch.ones((1, self.config.hidden_size), device=self.device)
+        try:
+            scale = table(torch.zeros((1, 1), dtype=torch.long, device=self.device)).reshape(-1)
+        finally:
+            table.weight.data = unit
+        rows = embedding_weight.to(device=self.device, dtype=torch.float32)[ids.to(self.device)] * scale
+        args, kwargs = self._capture(shell, inputs_embeds=rows)
+        return (args[0] if args else kwargs["hidden_states"]).to(torch.float32)
+
+    # -- running it -------------------------------------------------------------------------------------
     def call(self, block: nn.Module, hidden: torch.Tensor,
              overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """`hidden [b, L, H]` float32 -> the block's output `[b, L, H]` in one call (autograd as the caller
         has it); `overrides` maps parameter names to tensors used instead of the block's own."""
-        cos, sin = self._position_embeddings(hidden)
-        kwargs = {"attention_mask": None, "use_cache": False,
-                  "position_embeddings": (cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1))}
+        kwargs = self._call_kwargs(getattr(block, "nano_index", 0), hidden.shape[0], hidden.shape[1])
         out = functional_call(block, overrides, (hidden,), kwargs) if overrides else block(hidden, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return _block_output(out)
 
     @torch.no_grad()
     def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches of `batch_size`."""
         return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch_size)])
 
+    def _group_inputs(self, block: nn.Module, chunks: list[torch.Tensor], linear: str) -> list[torch.Tensor]:
+        """The input of `linear` (a relative name) for every chunk, with the block as it is now: the block runs
+        until that linear is called."""
+        captured = []
+
+        def hook(module, args):
+            captured.append(args[0])
+            raise _Captured
+
+        handle = block.get_submodule(linear).register_forward_pre_hook(hook)
+        try:
+            for chunk in chunks:
+                try:
+                    self.call(block, chunk)
+                except _Captured:
+                    continue
+                raise NanoqError(f"{type(block).__name__}: {linear} was not called in a forward pass")
+        finally:
+            handle.remove()
+        return captured
+
     @torch.no_grad()
     def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit) -> torch.Tensor:
-        """Run `hidden [B, L, H]` float32 through a pre-norm block sublayer by sublayer, calling `visit` on
-        each group of WALK_GROUPS before it runs; returns the output `[B, L, H]` of the block as changed.
+        """Run `hidden [B, L, H]` float32 through the block, calling `visit` on each input group of the
+        architecture, in the order the block uses them, with that group's inputs computed by the block with every
+        earlier group already changed (true sequential); returns the block's output `[B, L, H]` as changed.
 
-        Every linear runs on inputs computed with the groups before it already changed (true sequential),
-        at about the cost of one forward pass (a hook per group would need one forward per group).
+        Each group's inputs come from a forward that stops at its first linear, so a block costs about one
+        forward per group up to that point (about two and a half forwards for a Llama block).
         """
         chunks = list(hidden.split(self.batch_size))
-
-        def attention_inputs():
-            return [block.input_layernorm(chunk) for chunk in chunks]
-
-        def attention_outputs(normed):
-            """The inputs of o_proj: the attention with o_proj swapped for an identity."""
-            o_proj, block.self_attn.o_proj = block.self_attn.o_proj, nn.Identity()
-            try:
-                mixed = []
-                for chunk in normed:
-                    cos, sin = self._position_embeddings(chunk)
-                    mixed.append(block.self_attn(hidden_states=chunk, attention_mask=None,
-                                                 position_embeddings=(cos.expand(chunk.shape[0], -1, -1),
-                                                                      sin.expand(chunk.shape[0], -1, -1)))[0])
-            finally:
-                block.self_attn.o_proj = o_proj
-            return mixed
-
-        def visited(group, compute):
-            """The inputs of `group` after `visit` saw them (recomputed when it changed their producer)."""
-            inputs = compute()
-            return compute() if visit(group, inputs) else inputs
-
-        normed = visited(ATTENTION_INPUT, attention_inputs)
-        mixed = visited(ATTENTION_OUTPUT, lambda: attention_outputs(normed))
-        # free what the closures above read once they have run (None, not del: a closure that runs later
-        # sees None and fails loudly instead of a NameError far from here)
-        normed = None
-        residual = [chunk + block.self_attn.o_proj(m) for chunk, m in zip(chunks, mixed)]
-        mixed = chunks = None
-
-        def mlp_inputs():
-            return [block.post_attention_layernorm(r) for r in residual]
-
-        def mlp_hidden(normed):
-            return [block.mlp.act_fn(block.mlp.gate_proj(n)) * block.mlp.up_proj(n) for n in normed]
-
-        normed = visited(MLP_INPUT, mlp_inputs)
-        inner = visited(MLP_OUTPUT, lambda: mlp_hidden(normed))
-        normed = None
-        return torch.cat([r + block.mlp.down_proj(i) for r, i in zip(residual, inner)])
+        for group in self.arch.groups:
+            # visit's answer (its producer changed) needs nothing here: every later group's inputs, and the
+            # output, are computed afresh by the block as it now is
+            visit(group.linears, self._group_inputs(block, chunks, group.linears[0]))
+        return torch.cat([self.call(block, chunk) for chunk in chunks])

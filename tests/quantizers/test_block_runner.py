@@ -1,30 +1,33 @@
-"""The block runner reproduces the full model block by block, both as one forward and as a sublayer walk."""
+"""The block runner reproduces the full model block by block, both as one forward and as a group-by-group
+walk, for every family the suite covers (sliding and full attention layers, Gemma's scaled embeddings and
+(1 + w) norms, Granite's multipliers, Phi-3's fused projections, OLMo 2's post-norms)."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from nanoq_plugin.format.checkpoint import SourceCheckpoint
-from nanoq_plugin.quantizers.architectures import architecture_for
-from nanoq_plugin.quantizers.block_runner import WALK_GROUPS, BlockRunner
+from nanoq_plugin.quantizers.architectures import TESTED_FAMILIES, architecture_for
+from nanoq_plugin.quantizers.block_runner import BlockRunner
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_forward_and_walk_equal_the_full_model(arch, tmp_path, make_tiny_model):
-    source_dir = make_tiny_model(arch, tmp_path / arch, num_layers=3, dtype=torch.float32)
+@pytest.mark.parametrize("family", TESTED_FAMILIES)
+def test_forward_and_walk_equal_the_full_model(family, tmp_path, make_tiny_model):
+    source_dir = make_tiny_model(family, tmp_path / family, num_layers=3, dtype=torch.float32)
     source = SourceCheckpoint(source_dir)
     architecture = architecture_for(source.config, "config.json")
-    ids = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 320, (5, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         states = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)(
             ids, output_hidden_states=True).hidden_states
     runner = BlockRunner(source.config, torch.device("cpu"), batch_size=2)
-    hidden = dict(source.items(["model.embed_tokens.weight"]))["model.embed_tokens.weight"][ids]
+    hidden = runner.embed(ids, source.get(f"{architecture.embedding}.weight"))
+    torch.testing.assert_close(hidden, states[0], rtol=1e-5, atol=1e-5)
     seen = []
 
     def visit(group, inputs):
         seen.append((group, sum(chunk.shape[0] for chunk in inputs)))
-        return group == WALK_GROUPS[2]  # a recompute must give the same result
+        return False
 
     for index in range(2):  # the last hidden state is after the final norm
         tensors = dict(source.items([n for n in source.keys() if architecture.block_of(n) == index]))
@@ -34,4 +37,25 @@ def test_forward_and_walk_equal_the_full_model(arch, tmp_path, make_tiny_model):
         torch.testing.assert_close(forward, states[index + 1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(walked, states[index + 1], rtol=1e-5, atol=1e-5)
         hidden = walked
-    assert seen == [(group, 5) for group in WALK_GROUPS] * 2
+    assert seen == [(group.linears, 5) for group in architecture.groups] * 2
+
+
+def test_a_group_sees_the_inputs_the_changed_block_gives_it(tmp_path, make_tiny_model):
+    """True sequential: what visit does to one group (here: zero q/k/v) changes the next group's inputs."""
+    source_dir = make_tiny_model("llama", tmp_path / "llama", dtype=torch.float32)
+    source = SourceCheckpoint(source_dir)
+    architecture = architecture_for(source.config, "config.json")
+    runner = BlockRunner(source.config, torch.device("cpu"))
+    block = runner.build(0, dict(source.items([n for n in source.keys() if architecture.block_of(n) == 0])),
+                         architecture.block_prefix)
+    hidden = torch.randn(2, 8, 96)
+    seen = {}
+
+    def visit(group, inputs):
+        seen[group] = torch.cat(inputs)
+        if group[0] == "self_attn.v_proj" or "self_attn.v_proj" in group:
+            block.get_submodule("self_attn.v_proj").weight.data.zero_()
+        return False
+
+    runner.walk(block, hidden, visit)
+    assert seen[("self_attn.o_proj",)].abs().max() == 0  # attention over zero values
