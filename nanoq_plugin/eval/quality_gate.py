@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def check_quality_gate(source_dir: str | Path, output: str | Path, calibration: 
               "quantized": dequantized_float_model(source_dir, output)}
     result = evaluate_perplexity(models, ids, seq_len, seq_len, windows, progress=False)
     ratio = result.perplexity["quantized"] / result.perplexity["base"]
+    if not math.isfinite(ratio):
+        shutil.rmtree(output)
+        raise NanoqError(f"quality gate: perplexity ratio {ratio} to the base is not a finite number "
+                         f"(quantized {result.perplexity['quantized']}, base {result.perplexity['base']}); "
+                         "nothing written")
     if ratio > max_ppl_ratio:
         shutil.rmtree(output)
         raise NanoqError(f"quality gate: perplexity ratio {ratio:.4f} to the base exceeds --max-ppl-ratio "

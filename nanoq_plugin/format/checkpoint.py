@@ -212,7 +212,11 @@ def make_staging_dir(destination: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(destination), dir=destination.parent))
     except OSError as err:
         raise _output_error(destination, err) from None
-    _hold(staging)
+    try:
+        _hold(staging)
+    except BaseException:  # a signal between creating and locking it: not left for the next run to find
+        discard_staging(staging)
+        raise
     return staging
 
 
@@ -227,7 +231,11 @@ def make_staging_file(destination: Path) -> Path:
         raise _output_error(destination, err) from None
     os.close(fd)
     staging = Path(name)
-    _hold(staging)
+    try:
+        _hold(staging)
+    except BaseException:
+        discard_staging(staging)
+        raise
     return staging
 
 

@@ -48,8 +48,12 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise NanoqError(f"--qa {path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise NanoqError(f"--qa {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

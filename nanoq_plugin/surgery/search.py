@@ -46,7 +46,12 @@ def _model_identity(source) -> dict:
 
 
 def _slices(tokenizer, text_file: Path, settings: SearchSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = tokenizer(text_file.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    try:
+        text = text_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise NanoqError(f"--text {text_file}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start})") from None
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     search_end = settings.windows * settings.ctx
     needed = search_end + settings.holdout_windows * settings.ctx
     if ids.numel() < needed:

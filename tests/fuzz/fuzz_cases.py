@@ -307,6 +307,13 @@ def non_finite() -> list[Case]:
              nano_base="nvfp4", expect=f"{Q}.scales"),
         Case("nano-nan-in-global-scale", "non-finite", "nano", nano(edit_tensors(put(f"{Q}.global_scale", (0,), nan))),
              nano_base="nvfp4", expect=f"{Q}.global_scale"),
+        Case("quality-gate-on-a-huge-norm", "non-finite", "float",
+             src(edit_tensors(put("model.norm.weight", (0,), 3e38))), commands=("quantize",),
+             argv={"quantize": lambda ws: ["quantize", ws.src, ws.out, "--recipe", "w8", "--quiet", "--calib", ws.text,
+                                           "--calib-seq-len", "32", "--max-ppl-ratio", "2"]},
+             expect="not a finite number"),
+        Case("nano-huge-final-norm", "non-finite", "nano", nano(edit_tensors(put("model.norm.weight", (0,), 3e38))),
+             commands=("eval",), expect="perplexity"),
         Case("nano-nan-in-tied-table-scales", "non-finite", "nano",
              nano(edit_tensors(put("model.embed_tokens.scales", (9,), nan))), nano_base="tied",
              expect="model.embed_tokens.scales"),
@@ -696,6 +703,26 @@ def bad_flags() -> list[Case]:
         ("search-budget-0", ("--search", "drop1", "--budget", "0"), "--budget"),
         ("search-ctx-0", ("--search", "drop1", "--ctx", "0"), "--ctx"),
         ("max-qa-loss-2", ("--search", "drop1", "--max-qa-loss", "2"), "--max-qa-loss"),
+    ]
+    def search(*flags):
+        return {"surgery": lambda ws: ["surgery", ws.src, "--search", "drop1", "--text", ws.text, "--quiet",
+                                       "--json", ws.root / "search.json", "--ctx", "16", "--windows", "1",
+                                       "--holdout-windows", "0", *flags]}
+
+    def qa_file(data: bytes):
+        def mutate(ws: Workspace) -> None:
+            (ws.root / "qa.jsonl").write_bytes(data)
+        return mutate
+
+    cases += [
+        Case("surgery-search-binary-text", "bad flag", "float", text(b"\xff\xfe\x00\x81" * 64), commands=("surgery",),
+             argv=search(), expect="UTF-8"),
+        Case("surgery-search-short-text", "bad flag", "float", text(b"Hi."), commands=("surgery",), argv=search(),
+             expect="tokens"),
+        Case("surgery-search-binary-qa", "bad flag", "float", qa_file(b"\xff\x00garbage"), commands=("surgery",),
+             argv={"surgery": lambda ws: search("--qa", ws.root / "qa.jsonl")["surgery"](ws)}, expect="UTF-8"),
+        Case("surgery-search-qa-not-jsonl", "bad flag", "float", qa_file(b'{"question": 1}\n'), commands=("surgery",),
+             argv={"surgery": lambda ws: search("--qa", ws.root / "qa.jsonl")["surgery"](ws)}, expect="qa.jsonl:1"),
     ]
     for name, flags, expect in surgery_flags:
         cases.append(Case(f"surgery-{name}", "bad flag", "float", None, commands=("surgery",), argv=surgery(*flags),

@@ -48,6 +48,7 @@ def start_long_quantize(source: Path, out: Path) -> tuple[subprocess.Popen, Path
     while time.monotonic() < deadline:
         found = stagings(out)
         if found:
+            time.sleep(0.5)  # into the work: the calibration text is still being sampled
             return process, found[0]
         if process.poll() is not None:
             raise AssertionError(f"quantize ended ({process.returncode}) before writing: {process.stderr.read()}")

@@ -150,7 +150,12 @@ def test_e2e_errors_are_one_line_and_write_nothing(tiny_llama, tmp_path, wikitex
     config["intermediate_size"] = 128
     (other / "config.json").write_text(json.dumps(config))
     tensors = load_file(other / "model.safetensors")
-    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :128].clone()
+    for layer in range(config["num_hidden_layers"]):  # a consistent float model, of another MLP width
+        for name in ("gate_proj", "up_proj"):
+            key = f"model.layers.{layer}.mlp.{name}.weight"
+            tensors[key] = tensors[key][:128].clone()
+        key = f"model.layers.{layer}.mlp.down_proj.weight"
+        tensors[key] = tensors[key][:, :128].clone()
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
     status = main(["tune", str(other), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext),
                    "--steps", "4"])
@@ -170,7 +175,7 @@ def test_e2e_errors_are_one_line_and_write_nothing(tiny_llama, tmp_path, wikitex
     status = main(["tune", str(tiny_llama), str(tmp_path / "rtn"), str(tmp_path / "tuned"), "--calib", str(wikitext),
                    "--steps", "4", "--windows", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err == ["nanoq: error: end-to-end tuning: steps (4) must be >= 0, windows (0) and "
-                                   "held-out windows (4) >= 1, and the rate (0.002) > 0"]
+    assert status == 2 and err == ["nanoq: error: argument --windows: expected a positive integer, got '0' "
+                                   "(see `nanoq tune --help`)"]
     assert not (tmp_path / "tuned").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left

@@ -100,6 +100,7 @@ def _write_wide_model(directory, num_layers, hidden=512, inter=2048):
                   "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
         block = {p + k + ".weight": torch.randn(s, generator=gen) for k, s in shapes.items()}
         block[p + "input_layernorm.weight"] = torch.ones(hidden)
+        block[p + "post_attention_layernorm.weight"] = torch.ones(hidden)  # a complete model: nanoq refuses less
         save_file(block, str(directory / f"block-{index:03d}.safetensors"))
     save_file({"model.embed_tokens.weight": torch.randn(256, hidden), "model.norm.weight": torch.ones(hidden),
                "lm_head.weight": torch.randn(256, hidden)}, str(directory / "rest.safetensors"))
