@@ -198,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(
         args.dir, base_dir=args.base, text_file=args.text, ctx=args.ctx, stride=args.stride,
         max_windows=args.max_windows, json_out=args.json, dtype=getattr(torch, args.dtype), progress=not args.quiet,
+        scoring=args.scoring,
     )
     if summary.get("perplexity") is not None:
         line = f"perplexity {summary['perplexity']:.4f}"
@@ -382,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=positive_int, default=None, help="stop after this many windows")
     e.add_argument("--json", help="also write the summary to this file")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--scoring", default="dequantized", choices=["dequantized", "kernels"],
+                   help="dequantized: weight-only modules run with their weights dequantized once (the reference; "
+                        "int8-a8 keeps its kernel); kernels: every module through its serving kernel (same numbers, "
+                        "slower where the CPU has no fast kernel for a scheme)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 

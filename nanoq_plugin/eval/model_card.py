@@ -29,6 +29,17 @@ def _calibration_lines(provenance: dict) -> list[str]:
     return lines
 
 
+def _scoring_line(scoring: dict | None) -> str | None:
+    """How the checkpoint was run for its perplexity (eval.quantized_model), where the summary says."""
+    if not scoring or scoring.get("mode") not in ("dequantized", "kernels"):
+        return None
+    kernels = ", ".join(f"{scheme} ({count})" for scheme, count in scoring.get("kernel_modules", {}).items())
+    if scoring["mode"] == "kernels":
+        return f"Scored through the checkpoint's kernels: {kernels}."
+    line = f"Scored with the weights of {scoring['dequantized_modules']} modules dequantized once (the reference)"
+    return line + (f"; through their kernels: {kernels}." if kernels else ".")
+
+
 def render_model_card(manifest: dict, summary: dict) -> str:
     """Markdown text of the model card."""
     totals = manifest["totals"]
@@ -81,6 +92,9 @@ def render_model_card(manifest: dict, summary: dict) -> str:
         if summary.get("base_perplexity") is not None:
             lines.append(f"| base | {summary['base_perplexity']:.3f} |")
         lines.append(f"| this checkpoint | {ppl:.3f} |")
+        scoring = _scoring_line(summary.get("scoring"))
+        if scoring:
+            lines += ["", scoring]
         if summary.get("ppl_ratio") is not None:
             lines += ["", f"Perplexity ratio to base: **{summary['ppl_ratio']:.4f}**; mean last-token logit cosine "
                           f"to base: {summary['logit_cosine']:.5f}."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +63,8 @@ def evaluate_perplexity(
     nll = {name: 0.0 for name in models}
     cosine_sum = {name: 0.0 for name in models if reference is not None and name != reference}
     scored = 0
-    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+    bar = tqdm(windows, desc="perplexity", unit="window", disable=not progress)  # with the ETA, and running ppl
+    for window in bar:
         ids = token_ids[window.begin:window.end].unsqueeze(0)
         targets = ids[0, -window.scored:]
         last_logits = {}
@@ -76,6 +78,8 @@ def evaluate_perplexity(
                 last_logits[name], last_logits[reference], dim=0
             ).item()
         scored += window.scored
+        if progress:
+            bar.set_postfix({name: f"{math.exp(nll[name] / scored):.3f}" for name in models}, refresh=False)
     result = PerplexityResult(windows=len(windows), scored_tokens=scored)
     for name in models:
         result.perplexity[name] = float(torch.exp(torch.tensor(nll[name] / scored)))

@@ -15,6 +15,7 @@ from ..quantizers.architectures import open_float_source
 from .gguf_model import gguf_storage, load_gguf
 from .model_card import render_model_card
 from .perplexity import evaluate_perplexity
+from .quantized_model import load_quantized_model
 from .samples import greedy_samples
 
 SUMMARY_NAME = "eval_summary.json"
@@ -57,10 +58,15 @@ def run_eval(
     json_out: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    scoring: str = "dequantized",
 ) -> dict:
     """Evaluate the nano checkpoint in `checkpoint_dir`, or a `.gguf` file; returns the summary, which is also
     written to `eval_summary.json` with a model card `README.md` in the checkpoint (for a GGUF file: to
-    `NAME.eval_summary.json` beside it, no card)."""
+    `NAME.eval_summary.json` beside it, no card).
+
+    `scoring` (nano checkpoints): `dequantized` scores the weight-only modules with their weights dequantized
+    once, `kernels` through the serving kernels (`eval.quantized_model`; the same numbers, slower on a CPU
+    where a scheme has no fast kernel)."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -77,13 +83,15 @@ def run_eval(
     if gguf_file is not None:
         model, tokenizer = load_gguf(gguf_file, dtype)
         models, storage = {"quantized": model}, gguf_storage(gguf_file)
+        scored_as = {"mode": "gguf", "note": "transformers dequantizes every tensor on load"}
         summary_path = gguf_file.with_name(gguf_file.stem + "." + SUMMARY_NAME)
     else:
         if not any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES):
             raise NanoqError(f"{checkpoint.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
                              "quantize from a folder that has its tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
-        models, storage = {"quantized": _load_model(checkpoint.directory, dtype)}, checkpoint.manifest["totals"]
+        model, scored_as = load_quantized_model(checkpoint, dtype, scoring)
+        models, storage = {"quantized": model}, checkpoint.manifest["totals"]
         summary_path = checkpoint.directory / SUMMARY_NAME
     if gguf_file is not None:
         _check_fits(models["quantized"].config.to_dict(), str(gguf_file), ctx if text else None)
@@ -100,6 +108,7 @@ def run_eval(
         "base": str(Path(base_dir).resolve()) if base_dir else None,
         "text": str(text_file) if text_file else None,
         "dtype": str(dtype).removeprefix("torch."),
+        "scoring": scored_as,
         "storage": storage,
         "written": [str(summary_path)] + ([] if gguf_file else [str(checkpoint.directory / "README.md")]),
     }

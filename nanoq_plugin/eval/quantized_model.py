@@ -1,0 +1,83 @@
+"""The model `nanoq eval` scores for a nano checkpoint.
+
+`dequantized` (the default): the checkpoint loaded in transformers, then every weight-only quantized module
+replaced by a float module whose weight is dequantized once by the reference (`format.reference.dequantize`,
+the spec). Its forward is what the reference kernel computes on every call — the same numbers (bit for bit
+in float32 for integer and nvfp4 schemes; codebook schemes multiply the unrotated weight instead of rotating
+the input, equal up to float rounding) — at the float model's speed.
+
+Modules whose forward is not just their dequantized weight keep their prepared kernel: `int8-a8` quantizes
+its input per token at run time, so it stays a `NanoLinear` (and a head tied to an `int8-a8` table stays a
+`NanoTiedHead`).
+
+`kernels`: the checkpoint as transformers loads it for serving, every module through its prepared kernel
+(on a CPU without a fast kernel for a scheme, that is the reference, which dequantizes on every call).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import NanoqError
+from ..format.reference import dequantize
+from ..format.validate import NanoCheckpoint
+
+SCORING_MODES = ("dequantized", "kernels")
+
+
+def load_quantized_model(checkpoint: NanoCheckpoint, dtype: torch.dtype,
+                         scoring: str = "dequantized") -> tuple[nn.Module, dict]:
+    """`(model, description)`: the transformers model of `checkpoint` in eval mode, scored as `scoring` says, and
+    what runs where (`{"mode", "dequantized_modules", "kernel_modules": {scheme: count}}`)."""
+    from transformers import AutoModelForCausalLM
+
+    if scoring not in SCORING_MODES:
+        raise NanoqError(f"scoring {scoring!r} is not one of {', '.join(SCORING_MODES)}")
+    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint.directory), dtype=dtype).eval()
+    kept = Counter(scheme.name for scheme in checkpoint.quant_config.modules.values())
+    dequantized = 0
+    if scoring == "dequantized":
+        dequantized = dequantize_weight_only_modules(model, checkpoint, dtype)
+        kept = Counter(scheme.name for scheme in checkpoint.quant_config.modules.values()
+                       if scheme.quantizes_activations)
+    return model, {"mode": scoring, "dequantized_modules": dequantized, "kernel_modules": dict(sorted(kept.items()))}
+
+
+def dequantize_weight_only_modules(model: nn.Module, checkpoint: NanoCheckpoint, dtype: torch.dtype) -> int:
+    """Replace each weight-only nano module of `model` (loaded from `checkpoint`) by an `nn.Linear` /
+    `nn.Embedding` holding its reference-dequantized weight in `dtype`, and a head tied to such a table by a
+    linear sharing that weight; returns the number of modules replaced. `int8-a8` modules are left as they are."""
+    from ..engines.transformers import NanoEmbedding, NanoLinear
+
+    replaced = 0
+    for name, scheme in checkpoint.quant_config.modules.items():
+        if scheme.quantizes_activations:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child_name)
+        out_features, in_features = checkpoint.module_shape(name)
+        weight = nn.Parameter(dequantize(checkpoint.module_tensors(name), scheme, out_features, in_features, dtype),
+                              requires_grad=False)
+        if isinstance(module, NanoLinear):
+            new = nn.Linear(in_features, out_features, bias=False, device="meta")
+            new.weight, new.bias = weight, module.bias
+        elif isinstance(module, NanoEmbedding):
+            new = nn.Embedding(out_features, in_features, device="meta")
+            new.weight = weight
+        else:
+            raise NanoqError(f"{checkpoint.directory}: quantized module '{name}' loaded as {type(module).__name__}, "
+                             "not a NanoLinear or NanoEmbedding")
+        setattr(parent, child_name, new)
+        replaced += 1
+    tied = checkpoint.quant_config.tied_lm_head
+    if tied is not None and not checkpoint.quant_config.modules[tied].quantizes_activations:
+        table = model.get_submodule(tied).weight
+        head = nn.Linear(table.shape[1], table.shape[0], bias=False, device="meta")
+        head.weight = table
+        model.set_output_embeddings(head)
+    return replaced
