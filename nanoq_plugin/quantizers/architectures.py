@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint
-from ..format.expected_tensors import check_float_tensors
+from ..format.expected_tensors import check_float_tensors, model_tensors
 from .anatomy import InputGroup, discover
 
 # The families the test suite quantizes, loads and serves (tests/quantizers/test_architectures.py); any other
@@ -71,6 +71,8 @@ def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[Sour
     (`format.expected_tensors`)."""
     source = SourceCheckpoint(source_dir)
     where = str(source.directory / "config.json")
+    if isinstance(source.config.get("model_type"), str):
+        model_tensors(source.config, where)  # a config transformers cannot build: one line, before discovery
     arch = architecture_for(source.config, where)
     if "quantization_config" in source.config:
         method = source.config["quantization_config"].get("quant_method")

@@ -91,7 +91,7 @@ def outcome(status, err: str, escaped, changed: list[str], left: list[str], expe
         return f"{len(errors)} error lines"
     if changed or left:
         return "left files behind"
-    if expect and expect not in errors[0]:
+    if expect and expect.lower() not in errors[0].lower():
         return "error misses the name"
     return "refused"
 
