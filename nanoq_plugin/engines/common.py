@@ -103,6 +103,13 @@ def fused_parts(prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]]
     return [f"{stem}.{part}" if stem else part for part in parts]
 
 
+def checkpoint_part_sizes(output_partition_sizes: Sequence[int], checkpoint_parts: int) -> list[int]:
+    """The output widths of the checkpoint modules behind an engine layer: the engine's partition sizes, or their
+    sum where the checkpoint stores the fused module whole (Phi-3's `qkv_proj`: one stored module, one scheme)."""
+    sizes = list(output_partition_sizes)
+    return sizes if len(sizes) == checkpoint_parts else [sum(sizes)]
+
+
 def fused_scheme(
     config: NanoQuantConfig, prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]], engine: str
 ) -> Scheme | None:

@@ -31,7 +31,8 @@ from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
 from ..kernels.ops import apply_linear
-from .common import ParamRole, fused_scheme, part_table_parameter, register_stored_params, swap_in_prepared
+from .common import (ParamRole, checkpoint_part_sizes, fused_parts, fused_scheme, part_table_parameter,
+                     register_stored_params, swap_in_prepared)
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
                  ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
@@ -93,7 +94,10 @@ class NanoSglangConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
             scheme = self.scheme_of(prefix)
-            return UnquantizedLinearMethod() if scheme is None else NanoSglangLinearMethod(scheme, prefix)
+            if scheme is None:
+                return UnquantizedLinearMethod()
+            mapping = {**FALLBACK_FUSED_MODULES, **self.packed_modules_mapping}
+            return NanoSglangLinearMethod(scheme, prefix, len(fused_parts(prefix, mapping)))
         if self.quant_config.scheme_of(prefix) is not None:  # e.g. an embedding table or LM head
             raise NanoqError(f"config.json: {prefix} is quantized, but the SGLang adapter quantizes only linear "
                              f"layers, not {type(layer).__name__} (keep this module in float)")
@@ -103,9 +107,10 @@ class NanoSglangConfig(QuantizationConfig):
 class NanoSglangLinearMethod(LinearMethodBase):
     """Linear method for one nano scheme; creates the stored tensors as SGLang parameters."""
 
-    def __init__(self, scheme: Scheme, prefix: str) -> None:
+    def __init__(self, scheme: Scheme, prefix: str, checkpoint_parts: int = 1) -> None:
         self.scheme = scheme
         self.prefix = prefix
+        self.checkpoint_parts = checkpoint_parts  # the stored modules behind this layer (3 for q/k/v)
 
     def create_weights(
         self,
@@ -118,7 +123,9 @@ class NanoSglangLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]` slice."""
-        register_stored_params(layer, self.scheme, self.prefix, output_partition_sizes, input_size_per_partition,
+        register_stored_params(layer, self.scheme, self.prefix,
+                               checkpoint_part_sizes(output_partition_sizes, self.checkpoint_parts),
+                               input_size_per_partition,
                                input_size, extra_weight_attrs["weight_loader"], params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

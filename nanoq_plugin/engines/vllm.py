@@ -37,7 +37,8 @@ from vllm.model_executor.parameter import (
 )
 
 from ..errors import NanoqError
-from .common import ParamRole, fused_scheme, part_table_parameter, register_stored_params, swap_in_prepared
+from .common import (ParamRole, checkpoint_part_sizes, fused_parts, fused_scheme, part_table_parameter,
+                     register_stored_params, swap_in_prepared)
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
@@ -115,7 +116,9 @@ class NanoVllmConfig(QuantizationConfig):
             return None if name is None else NanoEmbeddingMethod(self.quant_config.modules[name], name)
         if isinstance(layer, LinearBase):
             scheme = self._scheme_of(prefix)
-            return UnquantizedLinearMethod() if scheme is None else NanoLinearMethod(scheme, prefix)
+            if scheme is None:
+                return UnquantizedLinearMethod()
+            return NanoLinearMethod(scheme, prefix, len(fused_parts(prefix, self.packed_modules_mapping)))
         return None
 
 
@@ -129,9 +132,10 @@ PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: 
 class NanoLinearMethod(LinearMethodBase):
     """Linear method for one nano scheme; creates the stored tensors as vLLM parameters."""
 
-    def __init__(self, scheme: Scheme, prefix: str) -> None:
+    def __init__(self, scheme: Scheme, prefix: str, checkpoint_parts: int = 1) -> None:
         self.scheme = scheme
         self.prefix = prefix
+        self.checkpoint_parts = checkpoint_parts  # the stored modules behind this layer (3 for q/k/v)
 
     def create_weights(
         self,
@@ -144,7 +148,9 @@ class NanoLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         """Register `qweight`, `scales` (and `zeros`) for this rank's `[sum(output_partition_sizes), K_rank]`."""
-        register_stored_params(layer, self.scheme, self.prefix, output_partition_sizes, input_size_per_partition,
+        register_stored_params(layer, self.scheme, self.prefix,
+                               checkpoint_part_sizes(output_partition_sizes, self.checkpoint_parts),
+                               input_size_per_partition,
                                input_size, extra_weight_attrs["weight_loader"], params_dtype, PARAM_CLASSES)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

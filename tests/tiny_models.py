@@ -1,0 +1,44 @@
+"""Tiny random models of real architectures, built from transformers' own config classes (imported by tests
+and by conftest's fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Per family, what makes a tiny model exercise its differences: explicit head_dim (Gemma, Qwen3), sliding and
+# full attention layers, soft-capping (Gemma 2), Granite's multipliers.
+FAMILY_SETTINGS = {
+    "mistral": {"sliding_window": 16},
+    "qwen3": {"head_dim": 32},
+    "gemma2": {"head_dim": 32, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 32},
+    "gemma3_text": {"head_dim": 32, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+                    "query_pre_attn_scalar": 32},
+    "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+                "attention_multiplier": 0.1},
+}
+
+
+def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torch.bfloat16, seed: int = 0,
+                     tie_word_embeddings: bool = False, vocab_size: int = 320) -> Path:
+    """Save a tiny random-weight model of `arch` (any model_type transformers builds; hidden 96 so that group
+    size 128 must fall back to 32), from transformers' own config class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(FAMILY_SETTINGS.get(arch, {}))
+    if "layer_types" in settings:
+        settings["layer_types"] = (settings["layer_types"] * num_layers)[:num_layers]
+    config = AutoConfig.for_model(
+        arch, hidden_size=96, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them differ so folds are seen
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    return directory
