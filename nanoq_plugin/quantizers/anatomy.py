@@ -68,13 +68,16 @@ class Anatomy:
 def transformers_config(config: dict, where: str = "config.json"):
     """transformers' config object for a `config.json` dict; NanoqError when transformers has no such model."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise NanoqError(f"{where}: model_type {model_type!r} is not a model transformers knows")
     fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError, TypeError) as err:
-        raise NanoqError(f"{where}: model_type {model_type!r} is not a model transformers knows "
+    except Exception as err:  # noqa: BLE001  (whatever transformers raises on a config it cannot take is bad input)
+        raise NanoqError(f"{where}: transformers refuses this {model_type} config "
                          f"({str(err).splitlines()[0][:160]})") from None
 
 
@@ -86,7 +89,7 @@ def meta_model(hf_config, where: str = "config.json"):
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001  (e.g. zero heads, heads that do not divide the hidden size)
         raise NanoqError(f"{where}: transformers has no causal-LM class for model_type "
                          f"{hf_config.model_type!r} ({str(err).splitlines()[0][:160]})") from None
 
@@ -208,7 +211,7 @@ def _discover(config_items: tuple, where: str) -> Anatomy:
                              "supported")
     try:
         inputs, outputs, consumed = _trace_block(model, blocks, hf_config)
-    except (RuntimeError, NotImplementedError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001
         raise NanoqError(f"{where}: {type(model).__name__} does not run on the meta device, so its anatomy "
                          f"cannot be discovered ({str(err).splitlines()[0][:160]})") from None
     unused = [name for name in linears if name not in inputs]
