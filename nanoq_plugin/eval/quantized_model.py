@@ -61,8 +61,8 @@ def dequantize_weight_only_modules(model: nn.Module, checkpoint: NanoCheckpoint,
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child_name)
         out_features, in_features = checkpoint.module_shape(name)
-        weight = nn.Parameter(dequantize(checkpoint.module_tensors(name), scheme, out_features, in_features, dtype),
-                              requires_grad=False)
+        weight = dequantize(checkpoint.module_tensors(name), scheme, out_features, in_features, dtype)
+        weight = nn.Parameter(weight.contiguous(), requires_grad=False)  # [N, K] row-major, as nn.Linear holds it
         if isinstance(module, NanoLinear):
             new = nn.Linear(in_features, out_features, bias=False, device="meta")
             new.weight, new.bias = weight, module.bias

@@ -58,6 +58,7 @@ def test_dequantized_scoring_equals_the_kernels(tied_source, tmp_path, preset):
     assert described == {"mode": "dequantized", "dequantized_modules": len(modules), "kernel_modules": {}}
     assert described_kernels["dequantized_modules"] == 0 and sum(described_kernels["kernel_modules"].values()) == len(modules)
     assert not any(isinstance(m, (NanoLinear, NanoTiedHead)) for m in fast.modules())
+    assert all(p.is_contiguous() for p in fast.parameters())  # the layout the float model's GEMMs run on
     if checkpoint.quant_config.tied_lm_head is not None:  # qkv-fp16: int8 table, the head shares its weight
         assert fast.lm_head.weight is fast.get_submodule(checkpoint.quant_config.tied_lm_head).weight
 
