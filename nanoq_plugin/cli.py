@@ -312,7 +312,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .quantizers.settings import ModelTuneSettings, TuneSettings
-    from .quantizers.recipe import METHODS, PRESETS
+    from .quantizers.methods import method_names
+    from .quantizers.recipe import PRESETS
     from .surgery.settings import MODES, SearchSettings
 
     parser = _Parser(prog="nanoq", description="LLM weight quantization toolkit")
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="source Hugging Face model folder (safetensors)")
     q.add_argument("out", help="output folder (must not exist or be empty)")
     q.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML recipe file")
-    q.add_argument("--method", choices=list(METHODS), help="algorithm, overriding the recipe's (default: rtn)")
+    q.add_argument("--method", choices=list(method_names()), help="algorithm, overriding the recipe's (default: rtn)")
     q.add_argument("--calib", help="calibration text file, or `self` for text sampled from the model "
                    "(gptq, awq, awq-gptq and the allocator need it; rtn does not read it)")
     q.add_argument("--calib-windows", type=positive_int, default=128, help="calibration windows (calibrated methods)")

@@ -14,6 +14,8 @@ then propagated through all the others. The unit's cost is the sum over its line
 Choice: a multiple-choice knapsack solved greedily on the convex hull — start every unit at its smallest
 candidate, then repeatedly take the upgrade with the largest error reduction per extra byte until the next
 one would overshoot the budget. The manifest records every unit's candidates, errors, bytes and choice.
+
+`allocate_plan` is the pipeline's entry: the sensitivity pass over the float model, then the choice.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..errors import NanoqError
-from ..format.layout import param_specs, stored_bytes
+from ..format.checkpoint import SourceCheckpoint
+from ..format.layout import TensorSpec, param_specs, stored_bytes
 from ..format.schemes import Scheme, SchemeKind, parse_scheme
 from .architectures import Architecture
 from .awq import output_error
+from .block_runner import BlockRunner
+from .calibration import calibration_windows
 from .codebook import fake_quantize_codebook
 from .gptq import HessianAccumulator
-from .recipe import Plan, PlannedModule, fit_group_size
+from .loss_weights import head_loss_gradient, residual_fisher
+from .memory import release_freed_memory
+from .recipe import Plan, PlannedModule, Recipe, fit_group_size
 from .rtn import fake_quantize_rtn
 
 DEFAULT_CANDIDATES = ("int2g64", "int3g128", "int4g128", "int8")
@@ -150,3 +158,77 @@ def apply_allocation(plan: Plan, units: list[Unit], choice: list[str]) -> dict:
     quantized_bytes = sum(unit.bytes[c] for unit, c in zip(units, choice))
     params = sum(unit.params for unit in units)
     return {"achieved_bits_per_weight": round(8 * quantized_bytes / params, 4), "units": decisions}
+
+
+@dataclass(frozen=True)
+class AllocationRequest:
+    """Mixed precision by measured sensitivity: the candidate schemes and a size target."""
+
+    candidates: tuple[Scheme, ...]
+    target_bpw: float | None = None  # bits per weight over the allocated block linears
+    target_bytes: int | None = None  # stored bytes of the whole checkpoint
+    windows: int = 32  # calibration windows for the sensitivity pass
+
+    def describe(self) -> dict:
+        return {"candidates": [c.name for c in self.candidates], "target_bpw": self.target_bpw,
+                "target_bytes": self.target_bytes, "sensitivity_windows": self.windows}
+
+
+FISHER_WINDOWS = 8  # sensitivity windows whose loss gradient weighs the errors (loss_weights)
+
+
+def allocate_plan(source: SourceCheckpoint, arch: Architecture, plan: Plan, request: AllocationRequest,
+                  recipe: Recipe, shapes: dict[str, tuple[int, int]], num_layers: int, by_block: dict,
+                  calibration: str, calib_seq_len: int, device: torch.device, progress: bool) -> dict:
+    """Measure every unit's sensitivity on the float model, choose schemes into `plan`; returns the record."""
+    units = build_units(plan, arch, num_layers, shapes, request.candidates, recipe.name)
+    if not units:
+        raise NanoqError(f"recipe {recipe.name}: no quantized block linears to allocate")
+    unit_of = {m: unit for unit in units for m in unit.modules}
+    params = sum(unit.params for unit in units)
+    if request.target_bytes is not None:
+        other = 0
+        for name in source.keys():
+            module = name.removesuffix(".weight")
+            if module in unit_of and name.endswith(".weight"):
+                continue
+            if plan.tied_lm_head is not None and module == arch.lm_head:
+                continue
+            entry = plan.modules.get(module) if name.endswith(".weight") else None
+            if entry is not None and entry.scheme.is_quantized:
+                other += stored_bytes(param_specs(entry.scheme, *source.shape(name)))
+            else:
+                other += stored_bytes({name: TensorSpec(tuple(source.shape(name)), source.dtype(name))})
+        budget = request.target_bytes - other
+        if budget <= 0:
+            raise NanoqError(f"--target-size {request.target_bytes}: the tensors kept outside the block linears "
+                             f"already take {other} bytes")
+    else:
+        budget = request.target_bpw * params / 8
+    runner = BlockRunner(source.config, device)
+    ids = calibration_windows(source.directory, calibration, request.windows, calib_seq_len)
+    embedding = dict(source.items([f"{arch.embedding}.weight"]))[f"{arch.embedding}.weight"]
+    hidden = embedding.to(device=device, dtype=torch.float32)[ids.to(device)]
+
+    def build_block(index: int) -> torch.nn.Module:
+        return runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)
+
+    block_inputs = []  # the first FISHER_WINDOWS windows' input of every block, for the backward pass
+    for index in tqdm(range(num_layers), desc="sensitivity", unit="block", disable=not progress):
+        block = build_block(index)
+        prefix = f"{arch.block_prefix}.{index}"
+        block_inputs.append(hidden[:FISHER_WINDOWS].to(torch.bfloat16))
+        hidden = runner.walk(block, hidden, lambda group, inputs: bool(
+            measure_group(unit_of, block, prefix, group, inputs)))
+        release_freed_memory()
+    head_name = f"{arch.lm_head}.weight"
+    outside = dict(source.items([f"{arch.final_norm}.weight"] + ([head_name] if head_name in source else [])))
+    head = outside.get(head_name, embedding)  # tied: the embedding table
+    gradient = head_loss_gradient(hidden[:FISHER_WINDOWS], ids[:FISHER_WINDOWS].to(device),
+                                  runner.final_norm(outside[f"{arch.final_norm}.weight"]), head.to(device))
+    fisher = residual_fisher(runner, build_block, block_inputs, gradient)
+    weigh_errors(units, [fisher[arch.block_of(f"{unit.modules[0]}.weight")] for unit in units])
+    choice = allocate(units, budget)
+    record = apply_allocation(plan, units, choice)
+    return {**request.describe(), "fisher_windows": min(FISHER_WINDOWS, request.windows),
+            "block_fisher": [float(f"{f:.4g}") for f in fisher], **record}

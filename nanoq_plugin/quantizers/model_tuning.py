@@ -37,7 +37,7 @@ from .block_runner import BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, cosine_schedule, norm_weights
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
-from .recipe import AWQ_METHODS
+from .methods import get_method, method_names
 from .settings import ModelTuneSettings
 
 
@@ -245,7 +245,7 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
     checkpoint = load_nano_checkpoint(nano_dir)
     manifest_path = Path(nano_dir) / MANIFEST_NAME
     method = checkpoint.manifest.get("provenance", {}).get("recipe", {}).get("method")
-    if method in AWQ_METHODS:
+    if method in method_names() and get_method(method).folds_scales:
         raise NanoqError(f"{manifest_path}: method {method} folded scales into the float weights, so its linears no "
                          f"longer encode the source weights; tune a gptq or rtn checkpoint")
     num_layers = source.config["num_hidden_layers"]

@@ -2,7 +2,7 @@
 
 YAML recipe file:
 
-    method: rtn                    # rtn; gptq, awq or awq-gptq (these need --calib)
+    method: rtn                    # a registered method (quantizers.methods): rtn; gptq, awq or awq-gptq need --calib
     default: int4g128              # scheme of every block linear no rule matches
     group_size_fallback: false     # true: a group size that does not divide K falls back to 64, then 32
     rules:                         # first match wins; regexes are searched in the module name
@@ -30,13 +30,10 @@ import yaml
 from ..errors import NanoqError
 from ..format.schemes import (ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, INT8_DYNAMIC_A8, NVFP4, Scheme, SchemeKind,
                                parse_scheme)
+from .methods import get_method, method_names
 
 if TYPE_CHECKING:  # the recipe module stays free of torch: `nanoq --help` lists its presets
     from .architectures import Architecture
-
-METHODS = ("rtn", "gptq", "awq", "awq-gptq")
-CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")  # these need --calib text
-AWQ_METHODS = ("awq", "awq-gptq")  # these fold scales into the float weights (norms, producers)
 
 
 @dataclass(frozen=True)
@@ -64,10 +61,8 @@ class Recipe:
     nvfp4_alpha: float = 1.0  # NVFP4 block-scale inflation (quantizers.nvfp4)
 
     def with_method(self, method: str) -> "Recipe":
-        """The same recipe quantized by another algorithm (`METHODS`)."""
-        if method not in METHODS:
-            raise NanoqError(f"method {method!r} is not available (available: {', '.join(METHODS)})")
-        return replace(self, method=method)
+        """The same recipe quantized by another registered method (quantizers.methods)."""
+        return replace(self, method=get_method(method).name)
 
     def requested_scheme(self, module: str) -> Scheme:
         """The scheme the recipe asks for `module` (before any group-size fallback)."""
@@ -152,8 +147,10 @@ def load_recipe(name_or_path: str) -> Recipe:
     if unknown:
         raise NanoqError(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {', '.join(allowed)})")
     method = str(data.get("method", "rtn")).lower()
-    if method not in METHODS:
-        raise NanoqError(f"{path}: method {method!r} is not available (available: {', '.join(METHODS)})")
+    try:
+        get_method(method)
+    except NanoqError as err:
+        raise NanoqError(f"{path}: {err}") from None
     if "default" not in data:
         raise NanoqError(f"{path}: missing 'default' scheme")
     rules_data = data.get("rules") or []
@@ -247,8 +244,12 @@ def resolve_plan(
     if recipe.embeddings.kind in (SchemeKind.NVFP4, SchemeKind.CODEBOOK):
         raise NanoqError(f"recipe {recipe.name}: embeddings: {recipe.embeddings.name} is for linears "
                          "(use int8 or int4g128 for the table)")
-    if recipe.method != "rtn" and any(p.scheme.kind is SchemeKind.NVFP4 for p in plan.modules.values()):
-        raise NanoqError(f"recipe {recipe.name}: nvfp4 is quantized by rtn only (got method {recipe.method})")
+    method = get_method(recipe.method)
+    refused = [p.scheme for p in plan.modules.values() if p.scheme.is_quantized and not method.quantizes(p.scheme)]
+    if refused:
+        able = [name for name in method_names() if get_method(name).quantizes(refused[0])]
+        raise NanoqError(f"recipe {recipe.name}: {refused[0].name} is quantized by {' or '.join(able)} only "
+                         f"(got method {recipe.method})")
     if arch.embedding in tables:
         plan.modules[arch.embedding] = PlannedModule(
             _fit_group_size(recipe.embeddings, recipe, arch.embedding, *tables[arch.embedding]), recipe.embeddings

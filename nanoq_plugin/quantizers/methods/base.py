@@ -1,0 +1,113 @@
+"""What a quantization method is to the pipeline: one interface, called per group of linears.
+
+A method is one `QuantMethod` registered by name (`methods.registry`). The pipeline's block walk hands it each
+group of linears of a decoder block that share one input (q/k/v, o, gate/up, down) with the inputs captured
+while the block runs on calibration text, and stores what it returns. A method that needs no calibration
+(`needs_calibration = False`) gets the same kind of group without inputs, straight from the stored weights
+(one group per fused q/k/v or gate/up, every other linear alone).
+
+Built-in method modules import their algorithms inside `quantize_group`, so that the registry (which the
+command line's parser reads for `--method`) stays free of torch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, ClassVar
+
+from ...format.schemes import Scheme, SchemeKind
+from ..settings import GptqSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..recipe import PlannedModule
+
+
+@dataclass
+class LinearGroup:
+    """Linears of one decoder block that share an input, as the pipeline hands them to a method.
+
+    `modules`: full module names (`model.layers.3.mlp.gate_proj`) in the order the block uses them.
+    `planned`: those to quantize, with their schemes (the others stay float).
+    `weights`: every module's float32 weight `[N, K]` on the device as the block holds it now; read-only
+    (a method returns new tensors).
+    `inputs`: the captured input chunks `[b, L, K]` float32, or None without calibration.
+    `producer`: the op whose output channels produce those inputs (a norm or a linear), which can absorb a
+    per-input-channel scale (`GroupResult.input_scale`); None where there is none.
+    """
+
+    modules: tuple[str, ...]
+    planned: dict[str, PlannedModule]
+    weights: dict[str, torch.Tensor]
+    inputs: list[torch.Tensor] | None = None
+    producer: str | None = None
+    gptq: GptqSettings = GptqSettings()
+    nvfp4_alpha: float = 1.0  # NVFP4 block-scale inflation (quantizers.nvfp4)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """`H = 2/n · Σ xᵀx` of the inputs, float32 `[K, K]` (computed once and shared: copy it to change it)."""
+        return self._input_statistics[0]
+
+    @property
+    def input_abs_mean(self) -> torch.Tensor:
+        """Mean `|x|` per input channel, float32 `[K]`."""
+        return self._input_statistics[1]
+
+    @cached_property
+    def _input_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from ..gptq import HessianAccumulator
+
+        if not self.inputs:
+            raise ValueError(f"{self.modules[0]}: input statistics of a group that came without inputs")
+        k, device = self.inputs[0].shape[-1], self.inputs[0].device
+        hessian = HessianAccumulator(k, device)
+        abs_sum = torch.zeros(k, device=device)
+        for chunk in self.inputs:
+            hessian.add(chunk)
+            abs_sum += chunk.abs().sum(dim=tuple(range(chunk.dim() - 1)))
+        return hessian.hessian, abs_sum / hessian.samples
+
+
+@dataclass
+class GroupResult:
+    """What a method made of a group.
+
+    `stored`: every planned module's stored tensors (the names and layout of format.layout).
+    `references`: a module's float weight `[N, K]` that its stored tensors encode, where that is not its weight
+    in the group (AWQ: the scaled weight); the manifest's error is measured against it.
+    `input_scale [K]`: the stored weights expect the group's inputs divided by it; the walk then folds it into
+    the producer and multiplies the group's float linears by it (needs `LinearGroup.producer`).
+    `notes`: recorded in the checkpoint's calibration provenance, section -> name -> value.
+    """
+
+    stored: dict[str, dict[str, torch.Tensor]]
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_scale: torch.Tensor | None = None
+    notes: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class QuantMethod(ABC):
+    """A quantization algorithm, registered under `name` (`registry.register_method`)."""
+
+    name: ClassVar[str]
+    # the blocks are walked on calibration text and every group comes with its inputs (`--calib` is required)
+    needs_calibration: ClassVar[bool] = True
+    # may return `input_scale`: float weights outside the quantized linears change, so the checkpoint no longer
+    # holds the source model's other weights (end-to-end tuning refuses it)
+    folds_scales: ClassVar[bool] = False
+    # the scheme kinds it can quantize (None: every kind)
+    kinds: ClassVar[tuple[SchemeKind, ...] | None] = None
+
+    def quantizes(self, scheme: Scheme) -> bool:
+        """Whether this method can quantize a linear to `scheme`."""
+        return self.kinds is None or scheme.kind in self.kinds
+
+    @abstractmethod
+    def quantize_group(self, group: LinearGroup) -> GroupResult:
+        """The stored tensors of `group.planned`."""
