@@ -205,10 +205,10 @@ def allocate_plan(source: SourceCheckpoint, arch: Architecture, plan: Plan, requ
                              f"already take {other} bytes")
     else:
         budget = request.target_bpw * params / 8
-    runner = BlockRunner(source.config, device)
+    runner = BlockRunner(source.config, device, arch=arch)
     ids = calibration_windows(source.directory, calibration, request.windows, calib_seq_len)
     embedding = dict(source.items([f"{arch.embedding}.weight"]))[f"{arch.embedding}.weight"]
-    hidden = embedding.to(device=device, dtype=torch.float32)[ids.to(device)]
+    hidden = runner.embed(ids, embedding)
 
     def build_block(index: int) -> torch.nn.Module:
         return runner.build(index, dict(source.items(by_block.get(index, []))), arch.block_prefix)

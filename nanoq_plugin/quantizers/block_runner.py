@@ -26,13 +26,6 @@ from .architectures import Architecture, architecture_for
 # group's producer) and returns True when the inputs themselves must be recomputed (it changed the producer).
 Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
 
-# TRANSITIONAL (removed once the pipeline reads producers from `Architecture.groups`): the Llama groups.
-ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-ATTENTION_OUTPUT = ("self_attn.o_proj",)
-MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
-MLP_OUTPUT = ("mlp.down_proj",)
-WALK_GROUPS = (ATTENTION_INPUT, ATTENTION_OUTPUT, MLP_INPUT, MLP_OUTPUT)
-
 
 def resolve_device(device: str) -> torch.device:
     """`cpu` or `cuda` as a torch device; NanoqError for anything else or CUDA on a machine without it."""
@@ -157,7 +150,7 @@ class BlockRunner:
             scale = table(torch.zeros((1, 1), dtype=torch.long, device=self.device)).reshape(-1)
         finally:
             table.weight.data = unit
-        rows = embedding_weight.to(device=self.device, dtype=torch.float32)[ids.to(self.device)] * scale
+        rows = embedding_weight[ids.to(embedding_weight.device)].to(device=self.device, dtype=torch.float32) * scale
         args, kwargs = self._capture(shell, inputs_embeds=rows)
         return (args[0] if args else kwargs["hidden_states"]).to(torch.float32)
 

@@ -127,7 +127,7 @@ class QuantizedModel:
 
         With `recompute`, each block keeps only its input for the backward pass and rebuilds its weights and
         activations there (one more forward pass; memory: the stored codes plus one block's temporaries)."""
-        hidden = self.embedding[ids.to(self.runner.device)]
+        hidden = self.runner.embed(ids, self.embedding)
         for index in range(len(self.blocks)):
             if self.recompute and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(self.block_output, index, hidden, use_reentrant=False)
@@ -160,7 +160,7 @@ def float_final_hidden(source: SourceCheckpoint, arch: Architecture, runner: Blo
                        progress: bool) -> torch.Tensor:
     """The float model's last block output `[W, L, H]` float32 for `ids [W, L]`, one block in memory at a time."""
     names = source.keys()
-    hidden = source.get(f"{arch.embedding}.weight").to(device=runner.device, dtype=torch.float32)[ids.to(runner.device)]
+    hidden = runner.embed(ids, source.get(f"{arch.embedding}.weight"))
     for index in tqdm(range(runner.config.num_hidden_layers), desc="float model", unit="block", disable=not progress):
         tensors = dict(source.items([n for n in names if arch.block_of(n) == index]))
         hidden = runner.forward(runner.build(index, tensors, arch.block_prefix), hidden)

@@ -30,7 +30,7 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme
 from .allocator import AllocationRequest, allocate_plan
 from .architectures import Architecture, open_float_source
-from .block_runner import ATTENTION_INPUT, MLP_INPUT, MLP_OUTPUT, BlockRunner, resolve_device
+from .block_runner import BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
@@ -44,9 +44,6 @@ from .settings import GptqSettings, ModelTuneSettings, TuneSettings
 
 # the method that quantizes what no walk reaches (the embedding and LM head tables)
 TABLES_METHOD = "rtn"
-# The op producing each walk group's input, whose output channels can absorb a per-input-channel scale (o_proj's
-# input has none: with grouped-query attention its channels do not map one to one onto v_proj's outputs).
-PRODUCERS = {ATTENTION_INPUT: "input_layernorm", MLP_INPUT: "post_attention_layernorm", MLP_OUTPUT: "mlp.up_proj"}
 
 Quantized = dict[str, tuple[dict[str, torch.Tensor], ModuleRecord]]  # module -> (stored tensors, manifest record)
 
@@ -124,7 +121,7 @@ class _BlockWalk:
                  nvfp4_alpha: float = 1.0, tune: TuneSettings = TuneSettings()) -> None:
         self.runner, self.plan, self.tensors, self.method = runner, plan, tensors, method
         self.settings, self.nvfp4_alpha, self.tune = settings, nvfp4_alpha, tune
-        self.prefix = f"{arch.block_prefix}.{index}"
+        self.arch, self.prefix = arch, f"{arch.block_prefix}.{index}"
         self.block = runner.build(index, tensors, arch.block_prefix)
         self.results: Quantized = {}
         self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
@@ -148,7 +145,7 @@ class _BlockWalk:
         planned = self._planned(group)
         if not planned:
             return False
-        producer = PRODUCERS.get(group)
+        producer = self.arch.group_of(group).producer
         linears = LinearGroup(
             modules=tuple(f"{self.prefix}.{name}" for name in group),
             planned={f"{self.prefix}.{name}": entry for name, entry in planned.items()},
@@ -172,10 +169,11 @@ class _BlockWalk:
         """Divide `group`'s inputs by `scale [K]`: fold it into their producer and multiply the group's float
         linears by it. A linear producer's outputs in `inputs` are divided in place; True when a norm produced
         them (cheap to recompute)."""
-        if group not in PRODUCERS:
+        entry = self.arch.group_of(group)
+        if entry.producer is None:
             raise NanoqError(f"method {self.method.name}: {self.prefix}.{group[0]}'s input has no producer to take a scale")
-        producer = PRODUCERS[group]
-        self._fold_into_producer(producer, scale)
+        producer = entry.producer
+        self._fold_into_producer(producer, scale, entry.norm_offset)
         for name in group:
             if name not in planned:
                 linear = self.block.get_submodule(name)
@@ -219,12 +217,13 @@ class _BlockWalk:
         return {name: e for name, e in entries.items() if e is not None and e.scheme.is_quantized}
 
     def _store_float(self, name: str) -> None:
-        """Write a float module's (scaled) weight back to the tensors the block is saved from."""
+        """Write a float parameter (a scaled weight or bias) back to the tensors the block is saved from."""
         key = f"{self.prefix}.{name}"
-        self.tensors[key] = self.block.get_submodule(name.removesuffix(".weight")).weight.data.to(self.tensors[key].dtype)
+        self.tensors[key] = self.block.get_parameter(name).data.to(self.tensors[key].dtype)
 
-    def _fold_into_producer(self, producer: str, scale: torch.Tensor) -> None:
-        """Divide the output channels of `producer` by `scale [K]`."""
+    def _fold_into_producer(self, producer: str, scale: torch.Tensor, norm_offset: float = 0.0) -> None:
+        """Divide the output channels of `producer` by `scale [K]`: a linear's rows, or a norm's gain — `w` or,
+        for a norm computing `(1 + w) x̂` (`norm_offset` 1), `1 + w` — and its bias if it has one."""
         module = self.block.get_submodule(producer)
         key = f"{self.prefix}.{producer}"
         if key in self.results:  # a quantized linear: its per-output-channel scales absorb the division
@@ -234,9 +233,17 @@ class _BlockWalk:
             self._hold(producer, stored, record.scheme, record.requested_scheme, record.source_dtype)
             return
         weight = module.weight.data
-        module.weight.data = weight / (scale if weight.dim() == 1 else scale.unsqueeze(1))
+        if weight.dim() == 1:
+            module.weight.data = (weight + norm_offset) / scale - norm_offset
+        else:
+            module.weight.data = weight / scale.unsqueeze(1)
         self._store_float(f"{producer}.weight")
         module.weight.data = self.tensors[f"{key}.weight"].to(torch.float32).to(weight.device)  # as stored
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            module.bias.data = bias.data / scale
+            self._store_float(f"{producer}.bias")
+            module.bias.data = self.tensors[f"{key}.bias"].to(torch.float32).to(weight.device)
 
 
 def quantize_checkpoint(
@@ -338,8 +345,8 @@ def quantize_checkpoint(
             calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
                           "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
                           "true_sequential": True}
-            runner = BlockRunner(source.config, torch_device)
-            hidden = outside[f"{arch.embedding}.weight"].to(device=torch_device, dtype=torch.float32)[ids.to(torch_device)]
+            runner = BlockRunner(source.config, torch_device, arch=arch)
+            hidden = runner.embed(ids, outside[f"{arch.embedding}.weight"])
             if tune.enabled:
                 calib_info["tuning"] = {**tune.describe(), "blocks": []}
                 float_hidden = hidden.clone()

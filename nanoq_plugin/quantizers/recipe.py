@@ -207,7 +207,7 @@ def fit_group_size(requested: Scheme, fallback: bool, recipe_name: str, module: 
     """`requested`, or with `fallback` the same scheme with the largest smaller group size that divides
     `in_features`; NanoqError naming the recipe and module when the shape does not fit."""
     from ..format.layout import check_shape_fits  # imports torch: only when a plan is made
-    if requested.kind not in (SchemeKind.INT_GROUP, SchemeKind.CODEBOOK) or in_features % requested.group_size == 0:
+    if requested.group_size not in ALLOWED_GROUP_SIZES or in_features % requested.group_size == 0:
         check_shape_fits(requested, out_features, in_features, f"recipe {recipe_name}: {module}.weight")
         return requested
     if fallback:
@@ -241,7 +241,7 @@ def resolve_plan(
             _fit_group_size(requested, recipe, module, out_features, in_features), requested
         )
     tables = table_shapes or {}
-    if recipe.embeddings.kind in (SchemeKind.NVFP4, SchemeKind.CODEBOOK):
+    if recipe.embeddings.is_quantized and not recipe.embeddings.kind.gathers_rows:
         raise NanoqError(f"recipe {recipe.name}: embeddings: {recipe.embeddings.name} is for linears "
                          "(use int8 or int4g128 for the table)")
     method = get_method(recipe.method)

@@ -78,3 +78,23 @@ def test_gemma_norms_are_one_plus_w_and_the_gated_mlp_folds_into_up():
     assert groups[("self_attn.o_proj",)].producer is None  # attention is not linear in v's scale per channel
     llama = {g.linears: g for g in architecture_for({"model_type": "llama"}, "config.json").groups}
     assert llama[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")].norm_offset == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "granite", "olmo2", "phi3"])
+def test_awq_folds_scales_exactly_whatever_the_norm_convention(family, tmp_path, make_tiny_model, smollm2_dir):
+    """AWQ with int8 weights barely changes a model, so its logits stay the float model's, unless a scale
+    was folded into a producer wrongly (e.g. into Gemma's `w` instead of `1 + w`)."""
+    source = make_tiny_model(family, tmp_path / family, dtype=torch.float32, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, source / name)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: w8-awq\nmethod: awq\ndefault: int8\n")
+    out = tmp_path / "awq"
+    quantize_checkpoint(source, out, load_recipe(str(recipe)), progress=False, calibration=str(WIKITEXT),
+                        calib_windows=4, calib_seq_len=32)
+    ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        float_logits = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(ids).logits
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), float_logits.flatten(), dim=0)
+    assert cosine > 0.999, f"{family}: cosine {cosine:.5f} to the float model after AWQ int8"
