@@ -26,6 +26,8 @@ from ..errors import NanoqError
 
 NORM = "norm"
 LINEAR = "linear"
+# Config fields that count experts (transformers' MoE configs); more than one means a mixture-of-experts block.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,12 @@ def _discover(config_items: tuple, where: str) -> Anatomy:
     model = meta_model(hf_config, where)
     num_layers = hf_config.num_hidden_layers
     block_prefix, blocks = decoder_blocks(model, num_layers, where)
+    experts = [key for key in EXPERT_KEYS if (getattr(hf_config, key, None) or 0) > 1]
+    stacked = [name for name, param in blocks[0].named_parameters() if param.dim() > 2]
+    if experts or stacked:
+        found = f"{experts[0]}={getattr(hf_config, experts[0])}" if experts else f"3-D parameter {stacked[0]}"
+        raise NanoqError(f"{where}: {type(model).__name__} is a mixture-of-experts model ({found}): its experts "
+                         "cannot be quantized yet, and nanoq does not quantize a model partly")
     linears = [name for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise NanoqError(f"{where}: the decoder blocks of {type(model).__name__} hold no nn.Linear: "

@@ -98,3 +98,10 @@ def test_awq_folds_scales_exactly_whatever_the_norm_convention(family, tmp_path,
         float_logits = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(ids).logits
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), float_logits.flatten(), dim=0)
     assert cosine > 0.999, f"{family}: cosine {cosine:.5f} to the float model after AWQ int8"
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_model_is_refused_not_quantized_partly(model_type):
+    with pytest.raises(NanoqError, match=r"cfg.json: \w+ForCausalLM is a mixture-of-experts model \((num_experts|"
+                                         r"num_local_experts)=\d+\): its experts cannot be quantized yet"):
+        architecture_for({"model_type": model_type}, "cfg.json")
