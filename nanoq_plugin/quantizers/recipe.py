@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import NanoqError
-from ..format.schemes import (ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, INT8_DYNAMIC_A8, NVFP4, Scheme, SchemeKind,
+from ..format.schemes import (ALLOWED_GROUP_SIZES, FLOAT, INT8_CHANNEL, INT8_DYNAMIC_A8, NVFP4, Scheme,
                                parse_scheme)
 from .methods import get_method, method_names
 
