@@ -113,3 +113,34 @@ def test_progress_bar_shows_eta_and_running_perplexity(tied_source, tmp_path, ca
     err = capsys.readouterr().err
     assert "perplexity: 100%" in err and "window" in err and "<00:00" in err and "base=" in err
     assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_a_mixed_checkpoint_dequantizes_its_weight_only_modules_and_keeps_int8_a8(tied_source, tmp_path):
+    from nanoq_plugin.format.schemes import INT8_DYNAMIC_A8, parse_scheme
+    from nanoq_plugin.quantizers.recipe import Recipe, Rule
+
+    recipe = Recipe("mixed", INT8_DYNAMIC_A8, rules=(Rule(r"mlp\.down_proj$", parse_scheme("int4g32")),))
+    out = tmp_path / "nano-mixed"
+    quantize_checkpoint(tied_source, out, recipe, progress=False)
+    checkpoint = load_nano_checkpoint(out)
+    kernels, _ = load_quantized_model(checkpoint, torch.float32, "kernels")
+    fast, described = load_quantized_model(checkpoint, torch.float32)
+    assert described == {"mode": "dequantized", "dequantized_modules": 2, "kernel_modules": {"int8-a8": 12}}
+    assert isinstance(fast.get_submodule("model.layers.1.mlp.down_proj"), nn.Linear)
+    assert isinstance(fast.get_submodule("model.layers.1.mlp.up_proj"), NanoLinear)
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(fast(ids).logits, kernels(ids).logits)
+
+
+def test_dequantized_scoring_chooses_no_kernel(tied_source, tmp_path, monkeypatch, capsys):
+    """A weight-only checkpoint scored dequantized chooses no kernel, so no fallback to the reference is warned
+    about or, under NANOQ_STRICT_KERNELS=1, refused (the reference is what float32 activations get for int4 on an
+    AVX-512 BF16 CPU)."""
+    from nanoq_plugin.kernels import dispatch
+
+    checkpoint = _quantize(tied_source, tmp_path, "w4g128")
+    monkeypatch.setenv("NANOQ_STRICT_KERNELS", "1")
+    monkeypatch.setattr(dispatch, "_reported", set())
+    load_quantized_model(checkpoint, torch.float32)
+    assert "nanoq:" not in capsys.readouterr().err
