@@ -80,6 +80,17 @@ def int5_kind(tmp_path, monkeypatch):
     return module.INT5_CHANNEL
 
 
+def test_a_kind_survives_pickling_and_copying_as_the_registered_object():
+    """Engines pickle configs into worker processes; kernels compare kinds by identity."""
+    import copy
+    import pickle
+
+    for name in ("int8", "int4g128", "cb3g128", "nvfp4", "float"):
+        scheme = schemes.parse_scheme(name)
+        for twin in (pickle.loads(pickle.dumps(scheme)), copy.deepcopy(scheme), copy.copy(scheme)):
+            assert twin == scheme and twin.kind is scheme.kind
+
+
 def test_an_unregistered_kind_is_refused_by_name(tmp_path):
     with pytest.raises(NanoqError, match=r"unknown scheme 'int5c' \(valid: float, .* or cb"):
         schemes.parse_scheme("int5c")

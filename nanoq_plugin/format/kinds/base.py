@@ -111,6 +111,17 @@ class SchemeKind:
     def __repr__(self) -> str:
         return f"SchemeKind({self.value!r})"
 
+    # A kind is a registered singleton, compared by identity (`scheme.kind is SchemeKind.INT_GROUP`): a copy or a
+    # pickle (engines send configs to worker processes) must come back as the registered object, not a twin.
+    def __reduce__(self):
+        return registered_kind, (self.value,)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     # -- names ------------------------------------------------------------------------------------------
     def parse(self, name: str) -> Scheme | None:
         """The scheme a lower-case, stripped `name` denotes, None when it is not of this kind; NanoqError
@@ -179,6 +190,16 @@ def register_kind(kind: SchemeKind) -> SchemeKind:
         raise ValueError("a scheme kind needs a non-empty `value`")
     _KINDS[kind.value] = kind
     return kind
+
+
+def registered_kind(value: str) -> SchemeKind:
+    """The registered kind stored as `value` (what an unpickled kind resolves to)."""
+    from . import float_kind, int8_channel, int_group, nvfp4, codebook  # noqa: F401,I001  (the built-ins register)
+
+    try:
+        return _KINDS[value]
+    except KeyError:
+        raise NanoqError(f"unknown scheme kind {value!r} (valid: {', '.join(_KINDS)})") from None
 
 
 def registered_kinds() -> tuple[SchemeKind, ...]:
