@@ -22,7 +22,7 @@ FAMILY_SETTINGS = {
 
 
 def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torch.bfloat16, seed: int = 0,
-                     tie_word_embeddings: bool = False, vocab_size: int = 320) -> Path:
+                     tie_word_embeddings: bool = False, vocab_size: int = 320, perturb_norms: bool = True) -> Path:
     """Save a tiny random-weight model of `arch` (any model_type transformers builds; hidden 96 so that group
     size 128 must fall back to 32), from transformers' own config class."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -37,7 +37,7 @@ def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torc
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): make them differ so folds are seen
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters() if perturb_norms else ():
             if param.dim() == 1 and "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(directory)
