@@ -14,13 +14,15 @@ from the heap and are not seen); on CUDA the largest block the caching allocator
 
 RTN quantizes the whole model. GPTQ (`--gptq-blocks K`, 128 x 512 calibration tokens by default) is timed on
 the first block and on the first K blocks (the source's first shards, linked): per block = the difference over
-K - 1 blocks, the rest (embedding, calibration, head) = the one-block run less one block; the whole model is
-extrapolated from those two and marked so in the JSON. Peak memory of a GPTQ run is reached inside a block, but
-a K-block run writes fewer output bytes than a full run: its output shard may not have reached full size.
+K - 1 blocks, the rest (embedding, calibration, head) = the one-block run less one block; the whole model
+(`--extrapolate-layers`, default `--layers`) is extrapolated from those two and marked so in the JSON;
+`--rtn-blocks K` does the same for RTN. Peak memory of a GPTQ run is reached inside a block, but a K-block run
+writes fewer output bytes than a full run: its output shard may not have reached full size.
 
     python benchmarks/scale.py                       # Llama-3-8B shape, ~16 GB source under .cache/scale
     python benchmarks/scale.py --device cuda         # the same quantized on the GPU
     python benchmarks/scale.py --hidden 1024 --intermediate 3584 --heads 8 --kv-heads 2 --layers 4   # medium
+    python benchmarks/scale.py --layers 2 --extrapolate-layers 32 --methods rtn --rtn-blocks 2   # 8B blocks, ~3 GB
 
 Writes benchmarks/results/scale-<shape>-<device>.json (shape `llama3-8b`, else `h<hidden>-l<layers>`).
 """
@@ -324,6 +326,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq"], default=["rtn", "gptq"])
     parser.add_argument("--gptq-blocks", type=int, default=2,
                         help="GPTQ runs on the first block and on the first K blocks, and is extrapolated (K >= 2)")
+    parser.add_argument("--rtn-blocks", type=int, default=0,
+                        help="RTN likewise on the first 1 and K blocks (default 0: the whole model, measured)")
+    parser.add_argument("--extrapolate-layers", type=int,
+                        help="the depth the extrapolated entries stand for (default --layers; e.g. --layers 2 "
+                             "--extrapolate-layers 32 times two 8B-shaped blocks without generating all 32)")
     parser.add_argument("--calib", default=str(CALIB))
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -340,8 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quantize_one:
         _quantize_one(json.loads(args.quantize_one))
         return {}
-    if args.gptq_blocks < 2:
-        parser.error("--gptq-blocks must be at least 2 (the per-block time is a difference of two runs)")
+    if args.gptq_blocks < 2 or args.rtn_blocks == 1 or args.rtn_blocks < 0:
+        parser.error("--gptq-blocks and --rtn-blocks must be at least 2 (the per-block time is a difference of two "
+                     "runs; --rtn-blocks 0 runs the whole model)")
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from provenance import provenance
@@ -357,14 +365,16 @@ def main(argv: list[str] | None = None) -> dict:
     source_dir = Path(source["directory"])
     max_shard_bytes = int(args.max_shard_mb * 2**20)
     limit = budget(shape, max_shard_bytes)
+    depth = args.extrapolate_layers or shape.layers
     runs = []
     for method in args.methods:
         calibration = Path(args.calib) if method != "rtn" else None
-        if method == "rtn" or args.gptq_blocks >= shape.layers:
+        first = min(args.gptq_blocks if method == "gptq" else args.rtn_blocks, shape.layers)
+        if first == 0 or (first == shape.layers == depth):
             plan = [(shape.layers, source_dir)]
         else:
-            plan = [(blocks, first_blocks_view(source_dir, shape, blocks, work / f"first-{blocks}-blocks"))
-                    for blocks in (1, args.gptq_blocks)]
+            plan = [(blocks, first_blocks_view(source_dir, shape, blocks, work / f"first-{blocks}-blocks")
+                     if blocks < shape.layers else source_dir) for blocks in (1, first)]
         measured = []
         for blocks, directory in plan:
             output = work / f"out-{method}-{blocks}-blocks"
@@ -392,9 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append({"method": method, "scheme": "w4g128", "device": args.device, "extrapolated": True,
                          "blocks_measured": [1, many["blocks_run"]], "per_block_seconds": round(per_block, 2),
                          "outside_blocks_seconds": round(fixed, 2),
-                         "seconds": round(fixed + shape.layers * per_block, 1),
+                         "seconds": round(fixed + depth * per_block, 1),
                          "peak_rss_bytes": max(r["peak_rss_bytes"] for r in measured),
-                         "note": f"whole model ({shape.layers} blocks) from runs on the first 1 and "
+                         "note": f"whole model ({depth} blocks) from runs on the first 1 and "
                                  f"{many['blocks_run']} blocks: not measured"})
     report = {
         "provenance": provenance(args.device),
@@ -403,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "block_bytes": shape.block_bytes()},
         "source": source,
         "max_shard_bytes": max_shard_bytes,
+        "extrapolated_to_layers": depth,
         "budget": limit,
         "runs": runs,
         "note": "random weights (N(0, 0.02), norms 1): timings and memory are those of real weights of this shape; "

@@ -49,7 +49,8 @@ def test_scale_script_on_a_tiny_shape(scale, tokenizer_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT)
     report = scale.main(["--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-                         "--vocab", "320", "--layers", "3", "--gptq-blocks", "2", "--calib", str(calib),
+                         "--vocab", "320", "--layers", "3", "--gptq-blocks", "2", "--extrapolate-layers", "5",
+                         "--calib", str(calib),
                          "--calib-windows", "4", "--calib-seq-len", "32", "--max-shard-mb", "0.03",
                          "--tokenizer", str(tokenizer_dir), "--work", str(tmp_path / "work"), "--keep-outputs",
                          "--out", str(tmp_path / "scale.json")])
@@ -68,7 +69,8 @@ def test_scale_script_on_a_tiny_shape(scale, tokenizer_dir, tmp_path):
         assert run["peak_rss_bytes"] > run["peak_rss_after_imports_bytes"] > 0
         assert "largest_map_bytes" in run and run["seconds"] > 0
     assert gptq["extrapolated"] and gptq["blocks_measured"] == [1, 2] and "not measured" in gptq["note"]
-    assert gptq["seconds"] == pytest.approx(gptq["outside_blocks_seconds"] + 3 * gptq["per_block_seconds"], abs=0.1)
+    assert report["extrapolated_to_layers"] == 5 and "(5 blocks)" in gptq["note"]
+    assert gptq["seconds"] == pytest.approx(gptq["outside_blocks_seconds"] + 5 * gptq["per_block_seconds"], abs=0.1)
     assert report["budget"]["total_bytes"] == 2 * report["shape"]["block_bytes"] + int(0.03 * 2**20) + 320 * 64 * 2
 
     # the multi-shard output of the multi-shard source equals one file quantized from one file
