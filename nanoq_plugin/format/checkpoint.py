@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import NanoqError
+from ..messages import user_logger
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -53,29 +53,10 @@ _DTYPES = {
 }
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of the record."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
 def staging_logger() -> logging.Logger:
     """The `nanoq.staging` logger; given a stderr handler (`nanoq: message`) unless the application configured
     one, so that removing a killed run's leftovers is always said."""
-    logger = logging.getLogger("nanoq.staging")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("nanoq: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
+    return user_logger("nanoq.staging")
 
 
 def _refuse_constant(name: str):

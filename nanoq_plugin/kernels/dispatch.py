@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterable
 
 import torch
 
 from ..errors import NanoqError
+from ..messages import user_logger
 from ..format.schemes import Scheme
 from .base import LinearConfig, LinearKernel
 from .cpu_codebook import CpuCodebookKernel
@@ -48,29 +48,10 @@ def strict_kernels() -> bool:
     return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record is emitted (not the one at creation)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
 def kernel_logger() -> logging.Logger:
     """The `nanoq.kernels` logger; given a stderr handler (`nanoq: message`) at INFO unless the application
     configured one, since engines set up only their own loggers and a warning nobody sees is a silent fallback."""
-    logger = logging.getLogger("nanoq.kernels")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("nanoq: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
+    return user_logger("nanoq.kernels")
 
 
 def _report(config: LinearConfig, kernel: LinearKernel, reasons: list[str], where: str) -> None:
