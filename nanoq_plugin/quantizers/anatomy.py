@@ -57,15 +57,6 @@ class Anatomy:
     final_norm: str | None
     tied: bool
 
-    @property
-    def block_linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.groups for name in group.linears)
-
-    @property
-    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
-        """Groups of more than one linear: they share an input, so engines may fuse them (one scheme each)."""
-        return tuple(group.linears for group in self.groups if len(group.linears) > 1)
-
 
 def transformers_config(config: dict, where: str = "config.json"):
     """transformers' config object for a `config.json` dict; NanoqError when transformers has no such model."""

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
 from ..tensor_spec import Sharding, TensorSpec, expand_groups
-from .base import Scheme, SchemeKind, register_kind
+from .base import Scheme, register_kind
 
 if TYPE_CHECKING:
     import torch
-from .grouped import ALLOWED_GROUP_SIZES, check_groups_fit
+from .grouped import ALLOWED_GROUP_SIZES, GroupedKind
 
 CODEBOOK_BITS = (2, 3, 4)
 _NAME = re.compile(r"^cb(\d+)g(\d+)$")
 
 
-class CodebookKind(SchemeKind):
+class CodebookKind(GroupedKind):
     value = "codebook"
     grammar = "cb{2,3,4}g{32,64,128}"
     gathers_rows = False  # its linears' kernels only; a table is stored as int8 / int4gG
@@ -44,20 +44,10 @@ class CodebookKind(SchemeKind):
     def scheme_name(self, scheme: Scheme) -> str:
         return f"cb{scheme.bits}g{scheme.group_size}"
 
-    def check_shape_fits(self, scheme: Scheme, out_features: int, in_features: int, where: str) -> None:
-        check_groups_fit(scheme.group_size, in_features, where)
-
-    def input_block(self, scheme: Scheme) -> int:
-        return scheme.group_size
-
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         import torch
 
-        from ..packing import packed_rows
-
-        self.check_shape_fits(scheme, out_features, in_features, "linear")
-        return {"qweight": TensorSpec((packed_rows(in_features, scheme.bits), out_features), torch.int32),
-                "scales": TensorSpec((in_features // scheme.group_size, out_features), torch.float16),
+        return {**self.packed_specs(scheme, out_features, in_features),
                 "codebook": TensorSpec((1 << scheme.bits,), torch.float32, Sharding.PART_TABLE),
                 "signs": TensorSpec((in_features,), torch.int8, Sharding.INPUT)}
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
 from ..tensor_spec import TensorSpec, expand_groups
-from .base import Scheme, SchemeKind, register_kind
+from .base import Scheme, register_kind
 
 if TYPE_CHECKING:
     import torch
-from .grouped import ALLOWED_GROUP_SIZES, check_groups_fit
+from .grouped import ALLOWED_GROUP_SIZES, GroupedKind
 
 ALLOWED_BITS = (2, 3, 4, 8)
 _NAME = re.compile(r"^int(\d+)g(\d+)(-asym|-sym)?$")
@@ -28,7 +28,7 @@ def symmetric_zero(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-class IntGroupKind(SchemeKind):
+class IntGroupKind(GroupedKind):
     value = "int_group"
     grammar = "int{2,3,4,8}g{32,64,128}, int{2,3,4,8}g{32,64,128}-asym"
 
@@ -55,23 +55,12 @@ class IntGroupKind(SchemeKind):
         return Scheme(self, int(data["bits"]), int(data["group_size"]), bool(data.get("symmetric", True)),
                       activation_bits)
 
-    def check_shape_fits(self, scheme: Scheme, out_features: int, in_features: int, where: str) -> None:
-        check_groups_fit(scheme.group_size, in_features, where)
-
-    def input_block(self, scheme: Scheme) -> int:
-        return scheme.group_size
-
     def param_specs(self, scheme: Scheme, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         import torch
 
-        from ..packing import packed_rows
-
-        self.check_shape_fits(scheme, out_features, in_features, "linear")
-        groups = in_features // scheme.group_size
-        specs = {"qweight": TensorSpec((packed_rows(in_features, scheme.bits), out_features), torch.int32),
-                 "scales": TensorSpec((groups, out_features), torch.float16)}
+        specs = self.packed_specs(scheme, out_features, in_features)
         if not scheme.symmetric:
-            specs["zeros"] = TensorSpec((groups, out_features), torch.uint8)
+            specs["zeros"] = TensorSpec(specs["scales"].shape, torch.uint8)
         return specs
 
     def kernel_tensors(self, scheme: Scheme) -> tuple[str, ...]:
