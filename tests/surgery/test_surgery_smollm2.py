@@ -37,6 +37,7 @@ def test_drop_one_search_over_all_30_blocks(smollm2_dir, wikitext, tmp_path):
     # the written best model scores, from disk, what its in-memory evaluation scored
     best = AutoModelForCausalLM.from_pretrained(tmp_path / "best", dtype=torch.float32).eval()
     assert best.config.num_hidden_layers == 29
-    ids = AutoTokenizer.from_pretrained(smollm2_dir)(wikitext.read_text(), return_tensors="pt").input_ids[0][:256]
+    text = wikitext.read_bytes().decode("utf-8")  # as the search reads it: CRLF kept (read_text() would drop the CRs)
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(text, return_tensors="pt").input_ids[0][:256]
     ppl = evaluate_perplexity({"best": best}, ids, 256, 256, progress=False).perplexity["best"]
     assert ppl == pytest.approx(ranked[0]["ppl"], rel=1e-5)
