@@ -451,7 +451,7 @@ class CheckpointWriter:
         discard_staging(self.staging)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; flushes a shard when the queue reaches `max_shard_bytes`."""
+        """Queue one tensor; a shard is flushed before a tensor that would overflow it and as soon as it is full."""
         if name in self._pending or any(name in names for _, names in self._shards):
             raise NanoqError(f"tensor '{name}' written twice")
         tensor = tensor.detach().to("cpu").contiguous()
@@ -469,6 +469,8 @@ class CheckpointWriter:
         self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()  # now, not at the next add: a full shard is not held while the next tensor loads
 
     def _flush(self) -> None:
         if not self._pending:

@@ -338,7 +338,6 @@ def quantize_checkpoint(
                     writer.add(f"{module}.{part}", value.cpu())
                 records[module] = record
 
-        outside = dict(source.items(by_block.get(None, [])))
         hidden = float_hidden = runner = calib_info = None
         if method.needs_calibration:
             ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
@@ -346,12 +345,15 @@ def quantize_checkpoint(
                           "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
                           "true_sequential": True}
             runner = BlockRunner(source.config, torch_device, arch=arch)
-            hidden = runner.embed(ids, outside[f"{arch.embedding}.weight"])
+            hidden = runner.embed(ids, source.get(f"{arch.embedding}.weight"))
             if tune.enabled:
                 calib_info["tuning"] = {**tune.describe(), "blocks": []}
                 float_hidden = hidden.clone()
-        write(outside, {})
-        del outside
+        # one tensor at a time: at 8B the embedding and the untied head are 1 GB each, and holding both at once
+        # was the run's peak
+        for name in by_block.get(None, []):
+            write({name: source.get(name)}, {})
+            release_freed_memory()
         bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
         for index in bar:
             block_tensors = dict(source.items(by_block.get(index, [])))
