@@ -43,3 +43,16 @@ def test_every_result_file_records_where_it_came_from():
         for field in ("commit", "command", "date", "versions"):
             assert field in provenance, f"{path.name}: provenance has no {field}"
         assert "cpu" in provenance or "gpu" in provenance, f"{path.name}: provenance names no device"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/commands.md"])
+def test_the_pages_list_the_tested_architectures(page):
+    """The architectures a page calls tested are the ones the family tests run (architectures.TESTED_FAMILIES)."""
+    import re
+
+    from nanoq_plugin.quantizers.architectures import TESTED_FAMILIES
+
+    line = next(line for line in (REPO / page).read_text().splitlines() if re.search(r"\btested\b", line, re.I)
+                and "`gemma2`" in line)
+    listed = re.findall(r"`([a-z0-9_]+)`", line.split(";")[0])
+    assert listed == list(TESTED_FAMILIES), (page, listed)
