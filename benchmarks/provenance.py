@@ -51,6 +51,9 @@ def provenance(device: str = "cpu") -> dict:
         "flags": list(hardware.flags), "kernel_isa": capped.label, "described": capped.describe(),
         "torch_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
         "env": {name: os.environ[name] for name in CPU_ENV if name in os.environ},
+        # runnable processes averaged over the last minute when the run began: above ~0 on these shared
+        # machines, another job was competing for the cores and timings are slower than an idle machine's
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     if device == "cuda" and torch.cuda.is_available():
         record["gpu"] = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
