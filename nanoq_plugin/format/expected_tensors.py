@@ -5,6 +5,13 @@ every parameter and persistent buffer with its shape; a head tied to the embeddi
 checkpoint stores each quantized module's tensors (`layout.param_specs` of its scheme on the weight's
 `[out, in]`) instead of its `weight`, and nothing for a head tied to a quantized table.
 
+Mixture-of-experts models: transformers holds each block's experts fused (`mlp.experts.gate_up_proj [E, 2I, H]`)
+but saves them per expert (`mlp.experts.{e}.gate_proj.weight`, through the family's conversion mapping); the
+stored names are what `save_pretrained` writes (`format.expert_tensors`). A float source may store either layout
+(all in-memory names, or all saved names); a nano checkpoint stores every expert projection per expert, each a
+linear of its scheme, with one scheme per expert role per block (an engine's fused-MoE layer holds one tensor
+per role for all experts).
+
 A float source is checked before any work (quantize, surgery, export gguf, eval's base) and a nano checkpoint
 wherever it is opened (`validate.load_nano_checkpoint`: inspect, eval, the transformers loader, exports): a
 missing, unexpected or wrongly shaped tensor, and a non-float weight, are named on one line. So transformers
@@ -23,6 +30,7 @@ import torch
 
 from ..errors import NanoqError
 from .checkpoint import SourceCheckpoint
+from .expert_tensors import ExpertsModule, find_experts_modules
 from .layout import param_specs
 from .quant_config import NanoQuantConfig
 
@@ -33,16 +41,20 @@ _SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
 
 @dataclass(frozen=True)
 class ModelTensors:
-    """What the model of a config.json stores: name -> shape, the names that may be left out (tied copies),
-    patterns of names transformers ignores, and its input and output embedding modules."""
+    """What the model of a config.json stores: name -> shape as `save_pretrained` writes it (`shapes`) and as
+    the model holds it in memory (`memory_shapes`; they differ for fused experts), the names that may be left
+    out (tied copies), patterns of names transformers ignores, its input and output embedding modules, and its
+    experts modules (empty for a dense model)."""
 
     model_class: str
     shapes: dict[str, tuple[int, ...]]
+    memory_shapes: dict[str, tuple[int, ...]]
     optional: frozenset[str]
     ignored: tuple[str, ...]
     embedding: str | None
     output: str | None
     sizes: str
+    experts: tuple[ExpertsModule, ...] = ()
 
     def is_ignored(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.ignored)
@@ -57,6 +69,7 @@ def model_tensors(config: dict, where: str) -> ModelTensors:
 @functools.lru_cache(maxsize=16)
 def _model_tensors(config_json: str, where: str) -> ModelTensors:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     config = json.loads(config_json)
     model_type = config.pop("model_type", None)
@@ -67,16 +80,20 @@ def _model_tensors(config_json: str, where: str) -> ModelTensors:
     except Exception as err:  # any failure to build the model from this user file is a bad config
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise NanoqError(f"{where}: transformers cannot build a {model_type!r} model from it ({reason})") from None
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    memory_shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    experts = tuple(find_experts_modules(model))
+    # the saved names: transformers' own save conversion (meta tensors: shapes only)
+    shapes = {name: tuple(tensor.shape) for name, tensor in revert_weight_conversion(model, state).items()}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     names = {id(module): name for name, module in model.named_modules()}
     embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
     sizes = ", ".join(f"{k} {config[k]}" for k in _SIZE_KEYS if k in config)
     return ModelTensors(
-        model_class=type(model).__name__, shapes=shapes, optional=frozenset(tied),
+        model_class=type(model).__name__, shapes=shapes, memory_shapes=memory_shapes, optional=frozenset(tied),
         ignored=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
         embedding=names.get(id(embedding)) if embedding is not None else None,
-        output=names.get(id(output)) if output is not None else None, sizes=sizes)
+        output=names.get(id(output)) if output is not None else None, sizes=sizes, experts=experts)
 
 
 def _compare(tensors: SourceCheckpoint, needed: dict[str, tuple[int, ...]], model: ModelTensors,
@@ -107,9 +124,10 @@ def _check_float_dtype(tensors: SourceCheckpoint, name: str) -> None:
 
 def check_float_tensors(source: SourceCheckpoint) -> ModelTensors:
     """Refuse a float source whose tensors are not exactly those its config.json describes (names, shapes,
-    float dtypes); returns what it describes."""
+    float dtypes) in one layout, saved or in-memory (they differ for fused experts); returns what it describes."""
     model = model_tensors(source.config, str(source.directory / "config.json"))
-    _compare(source, model.shapes, model, model.optional)
+    in_memory = [name for name in model.memory_shapes if name not in model.shapes and name in source]
+    _compare(source, model.memory_shapes if in_memory else model.shapes, model, model.optional)
     for name in source.keys():
         _check_float_dtype(source, name)
     return model
@@ -150,8 +168,25 @@ def check_nano_tensors(tensors: SourceCheckpoint, quant_config: NanoQuantConfig,
         if f"{module}.weight" not in model.shapes:
             raise NanoqError(f"{where}: quantization_config quantizes '{module}', which is not a module with a weight "
                              f"in the {model.model_class} that config.json describes")
+    check_expert_schemes(model, quant_config, where)
     _compare(tensors, needed, model, model.optional if tied is None else set())
     for name in tensors.keys():
         if name not in quantized_parts:
             _check_float_dtype(tensors, name)
     return model
+
+
+def check_expert_schemes(model: ModelTensors, quant_config: NanoQuantConfig, where: str) -> None:
+    """NanoqError naming the MoE block where one expert role (all experts' gate and up projections, or all their
+    down projections) is stored in more than one scheme, float counting as one."""
+    for experts in model.experts:
+        for role in experts.roles:
+            modules = role.modules()
+            schemes = {}
+            for module in modules:
+                scheme = quant_config.modules.get(module)
+                schemes.setdefault(scheme.name if scheme is not None else "float", module)
+            if len(schemes) > 1:
+                found = ", ".join(f"{name} (e.g. '{module}')" for name, module in sorted(schemes.items()))
+                raise NanoqError(f"{where}: MoE block '{experts.block}' stores its experts' {role.param} in "
+                                 f"{len(schemes)} schemes: {found}; all {len(modules)} of them must share one")
