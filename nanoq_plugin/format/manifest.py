@@ -11,7 +11,16 @@ Schema (format version 1):
      "totals": {"original_bytes", "stored_bytes", "ratio", "bits_per_weight", "params",
                 "quantized_params", "quantized_original_bytes", "quantized_stored_bytes",
                 "quantized_bits_per_weight", "packed_entropy_bits" (nvfp4 only)},
-     "provenance": {"source", "recipe", "calibration", "seed", "created", "versions": {...}}}
+     "provenance": {"source", "recipe", "calibration", "seed", "created", "versions": {...}},
+     "moe": {BLOCK_INDEX: {"num_experts": E, "top_k": k, "schemes": {ROLE: SCHEME},
+                           "routed_tokens": [n_0, ..., n_{E-1}] (calibrated methods),
+                           "floor": [experts calibrated on all tokens] (calibrated methods),
+                           "floor_tokens": N (calibrated methods)}}   (mixture-of-experts models only)}
+
+A mixture-of-experts block's expert projections are ordinary modules above (`...mlp.experts.7.gate_proj`);
+`moe` says per block how many experts it has, how many each token goes to, the scheme of each role
+(`gate_up_proj`: gate and up, `down_proj`) and, for calibrated methods, how many calibration tokens the model's
+own router sent to each expert and which experts had fewer than `floor_tokens` and were calibrated on all tokens.
 """
 
 from __future__ import annotations
@@ -74,9 +83,10 @@ class ModuleRecord:
 
 
 def build_manifest(
-    modules: dict[str, ModuleRecord], float_tensors: dict[str, TensorSpec], provenance: dict
+    modules: dict[str, ModuleRecord], float_tensors: dict[str, TensorSpec], provenance: dict,
+    moe: dict | None = None,
 ) -> dict:
-    """Assemble the manifest with totals computed from the records."""
+    """Assemble the manifest with totals computed from the records (`moe`: the per-block MoE section above)."""
     float_bytes = sum(_numel(s) * s.dtype.itemsize for s in float_tensors.values())
     float_params = sum(_numel(s) for s in float_tensors.values())
     q_params = sum(r.params for r in modules.values())
@@ -108,6 +118,7 @@ def build_manifest(
         },
         "totals": totals,
         "provenance": provenance,
+        **({"moe": {str(block): moe[block] for block in sorted(moe)}} if moe else {}),
     }
 
 
@@ -171,3 +182,15 @@ def check_manifest(manifest: dict, where) -> None:
                              + ("a count" if key in _COUNT_KEYS else "a finite number or null"))
     if not isinstance(manifest.get("provenance", {}), dict):
         raise NanoqError(f"{where}: 'provenance' is not an object")
+    moe = manifest.get("moe", {})
+    if not isinstance(moe, dict):
+        raise NanoqError(f"{where}: 'moe' is not an object")
+    for block, record in moe.items():
+        if not (isinstance(record, dict) and _is_count(record.get("num_experts")) and _is_count(record.get("top_k"))
+                and isinstance(record.get("schemes"), dict)):
+            raise NanoqError(f"{where}: moe block {block!r} needs 'num_experts', 'top_k' and 'schemes', found "
+                             f"{str(record)[:120]}")
+        routed = record.get("routed_tokens")
+        if routed is not None and not (isinstance(routed, list) and len(routed) == record["num_experts"]
+                                       and all(_is_count(n) for n in routed)):
+            raise NanoqError(f"{where}: moe block {block!r}: 'routed_tokens' is not one count per expert")

@@ -10,7 +10,14 @@ and runs one meta forward with hooks. From that it reads:
 - the producer of each group's input where a scale can be folded into it (AWQ): a norm whose output is the
   input (its convention read off the module: `w` or Gemma's `1 + w`), or, in a gated MLP, the linear whose
   output is multiplied into the input unchanged (`up_proj` for `down_proj`);
-- the embedding, the LM head, the final norm, and whether the head is tied.
+- the embedding, the LM head, the final norm, and whether the head is tied;
+- in a mixture-of-experts block: the experts module (the module holding 3-D parameters `[E, out, in]`, e.g.
+  transformers 5's `Qwen3MoeExperts`), its router (the sibling module whose weight is `[E, hidden]`), how many
+  experts each token goes to (the router's `top_k`, else the config's `num_experts_per_tok`), the name each
+  expert projection is saved under (format.expert_tensors, from transformers' own conversion mapping), and the
+  routing gates that stay float unless a rule names them (the router, and a linear beside the experts whose
+  output is one number or one per expert, e.g. Qwen2-MoE's `shared_expert_gate`). Shared experts are ordinary
+  linears.
 
 Nothing here is specific to a family: a model whose anatomy cannot be read this way is refused with one line
 naming what was not found.
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import NanoqError
+from .experts import MoeAnatomy, discover_experts
 
 NORM = "norm"
 LINEAR = "linear"
@@ -56,6 +64,7 @@ class Anatomy:
     lm_head: str | None
     final_norm: str | None
     tied: bool
+    experts: MoeAnatomy | None = None  # a mixture-of-experts block's experts (module docstring)
 
 
 def transformers_config(config: dict, where: str = "config.json"):
@@ -154,6 +163,11 @@ def _trace_block(model, blocks, hf_config):
         raise _Stop
 
     handles.append(block.register_forward_hook(stop))
+    # an experts module (3-D parameters) routes data-dependently (nonzero), which the meta device cannot run: it
+    # answers zeros of its input's shape meanwhile (what it reads is still seen by the hooks)
+    stubbed = [m for m in block.modules() if any(p.dim() > 2 for p in m.parameters(recurse=False))]
+    for module in stubbed:
+        module.forward = lambda hidden, *args, **kwargs: torch.zeros_like(hidden)
     ids = torch.zeros((1, 8), dtype=torch.long, device="meta")
     try:
         with _no_packed_sequence_probe():
@@ -163,6 +177,8 @@ def _trace_block(model, blocks, hf_config):
     finally:
         for handle in handles:
             handle.remove()
+        for module in stubbed:
+            del module.forward
     return inputs, outputs, consumed
 
 
@@ -189,15 +205,11 @@ def _discover(config_items: tuple, where: str) -> Anatomy:
     config = json.loads(config_items[0])
     hf_config = transformers_config(config, where)
     hf_config._attn_implementation = "sdpa"
+    hf_config._experts_implementation = "eager"  # the experts' own loop (grouped kernels need bf16 and a device)
     model = meta_model(hf_config, where)
     num_layers = hf_config.num_hidden_layers
     block_prefix, blocks = decoder_blocks(model, num_layers, where)
-    experts = [key for key in EXPERT_KEYS if (getattr(hf_config, key, None) or 0) > 1]
-    stacked = [name for name, param in blocks[0].named_parameters() if param.dim() > 2]
-    if experts or stacked:
-        found = f"{experts[0]}={getattr(hf_config, experts[0])}" if experts else f"3-D parameter {stacked[0]}"
-        raise NanoqError(f"{where}: {type(model).__name__} is a mixture-of-experts model ({found}): its experts "
-                         "cannot be quantized yet, and nanoq does not quantize a model partly")
+    experts = discover_experts(model, block_prefix, blocks, hf_config, where, EXPERT_KEYS)
     linears = [name for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise NanoqError(f"{where}: the decoder blocks of {type(model).__name__} hold no nn.Linear: "
@@ -249,7 +261,8 @@ def _discover(config_items: tuple, where: str) -> Anatomy:
     lm_head = _qualified(model, head_module) if head_module is not None else None
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     final_norm = _final_norm(model, block_prefix, embedding, hf_config.hidden_size)
-    return Anatomy(config.get("model_type"), block_prefix, tuple(groups), embedding, lm_head, final_norm, tied)
+    return Anatomy(config.get("model_type"), block_prefix, tuple(groups), embedding, lm_head, final_norm, tied,
+                   experts)
 
 
 def _is_norm(module, width: int) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint
 from ..format.expected_tensors import check_float_tensors, model_tensors
+from .experts import MoeAnatomy, SavedExpertsSource
 from .anatomy import InputGroup, discover
 
 # The families the test suite quantizes, loads and serves (tests/quantizers/test_architectures.py); any other
@@ -26,6 +27,24 @@ class Architecture:
     embedding: str = "model.embed_tokens"
     lm_head: str | None = "lm_head"
     final_norm: str | None = "model.norm"
+    experts: MoeAnatomy | None = None  # a mixture-of-experts model's experts (quantizers.experts)
+
+    def saved(self, relative: str) -> str:
+        """The saved name of a block module (relative to the block) given its in-memory name; the same name
+        except where transformers renames it on save (Mixtral's `mlp.` -> `block_sparse_moe.`)."""
+        if self.experts is None:
+            return relative
+        return self.experts.saved(relative + ".weight").removesuffix(".weight")
+
+    def expert_modules(self, index: int) -> dict[str, list[str]]:
+        """Role (`gate_up_proj`, `down_proj`) -> the saved module names of block `index`'s expert projections
+        of that role, expert by expert (`...experts.0.gate_proj`, `...experts.0.up_proj`, ...)."""
+        return {} if self.experts is None else self.experts.role_modules(index)
+
+    def gate_modules(self, index: int) -> list[str]:
+        """Saved names of block `index`'s routing gates (the router and e.g. a shared-expert gate)."""
+        gates = () if self.experts is None else self.experts.gates
+        return [f"{self.block_prefix}.{index}.{self.saved(gate)}" for gate in gates]
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -48,8 +67,13 @@ class Architecture:
         return int(index) if index.isdigit() else None
 
     def linears_of_block(self, index: int) -> list[str]:
-        """Module names of the linears of block `index`, e.g. `model.layers.3.mlp.down_proj`."""
-        return [f"{self.block_prefix}.{index}.{suffix}" for suffix in self.block_linears]
+        """Saved module names of the quantizable linears of block `index`, e.g. `model.layers.3.mlp.down_proj`,
+        then its experts' projections (`model.layers.3.mlp.experts.7.gate_proj`); routing gates are not
+        among them (`gate_modules`)."""
+        gates = set(self.experts.gates if self.experts is not None else ())
+        dense = [f"{self.block_prefix}.{index}.{self.saved(suffix)}" for suffix in self.block_linears
+                 if suffix not in gates]
+        return dense + [m for modules in self.expert_modules(index).values() for m in modules]
 
 
 def architecture_for(config: dict, where: str) -> Architecture:
@@ -61,7 +85,8 @@ def architecture_for(config: dict, where: str) -> Architecture:
     if anatomy.final_norm is None:
         raise NanoqError(f"{where}: no final norm found after the decoder blocks of model_type "
                          f"{anatomy.model_type!r}: its anatomy cannot be discovered")
-    return Architecture(anatomy.block_prefix, anatomy.groups, anatomy.embedding, anatomy.lm_head, anatomy.final_norm)
+    return Architecture(anatomy.block_prefix, anatomy.groups, anatomy.embedding, anatomy.lm_head, anatomy.final_norm,
+                        anatomy.experts)
 
 
 def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[SourceCheckpoint, Architecture]:
@@ -80,5 +105,8 @@ def open_float_source(source_dir: str | os.PathLike, instead: str) -> tuple[Sour
     layers = source.config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         raise NanoqError(f"{where}: missing or invalid num_hidden_layers")
-    check_float_tensors(source)
-    return source, arch
+    check_float_tensors(source)  # either layout of a mixture of experts: all saved names, or all in-memory ones
+    if arch.experts is None:
+        return source, arch
+    # a mixture of experts is quantized under its saved names (one weight per expert projection)
+    return SavedExpertsSource(source, arch.experts, arch.block_prefix), arch

@@ -51,6 +51,8 @@ class BlockRunner:
                  arch: Architecture | None = None) -> None:
         self.config = transformers_config(config)
         self.config._attn_implementation = "sdpa"  # causal without an explicit mask where the layer type allows
+        # an MoE block's experts run their own per-expert loop, which the quantizer hooks (grouped kernels need bf16)
+        self.config._experts_implementation = "eager"
         self.arch = arch or architecture_for(config, "config.json")
         parent, _, attribute = self.arch.block_prefix.rpartition(".")
         meta = meta_model(self.config)

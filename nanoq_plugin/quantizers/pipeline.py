@@ -72,6 +72,18 @@ def _block_linear_shapes(source: SourceCheckpoint, arch: Architecture, num_layer
     return shapes
 
 
+def _moe_record(arch: Architecture, plan: Plan, num_layers: int) -> dict[int, dict]:
+    """The manifest's `moe` section before calibration: per MoE block its experts, top_k and scheme per role."""
+    if arch.experts is None:
+        return {}
+    record = {}
+    for index in range(num_layers):
+        schemes = {role: (plan.modules[modules[0]].scheme.name if modules[0] in plan.modules else "float")
+                   for role, modules in arch.expert_modules(index).items()}
+        record[index] = {"num_experts": arch.experts.num_experts, "top_k": arch.experts.top_k, "schemes": schemes}
+    return record
+
+
 def _fused_groups(modules: list[str], arch: Architecture) -> list[tuple[str, ...]]:
     """`modules` grouped as engines fuse them (a block's q/k/v, gate/up, in that order), every other module alone."""
     present = set(modules)
@@ -300,8 +312,12 @@ def quantize_checkpoint(
     tied = bool(source.config.get("tie_word_embeddings", False))
     if allocation is not None and calibration is None:
         raise NanoqError("the allocator measures sensitivity on calibration text: pass --calib FILE")
+    if arch.experts is not None and method.needs_calibration:
+        raise NanoqError(f"method {recipe.method}: calibrated methods do not quantize mixture-of-experts models yet "
+                         "(use rtn)")
     shapes = _block_linear_shapes(source, arch, num_layers)
     plan: Plan = resolve_plan(recipe, arch, shapes, tables, tied)
+    moe = _moe_record(arch, plan, num_layers)
 
     by_block: dict[int | None, list[str]] = {}
     for name in source.keys():
@@ -388,7 +404,7 @@ def quantize_checkpoint(
         record = provenance(source, recipe, calibration, calib_info)
         if allocation_record is not None:
             record["allocation"] = allocation_record
-        manifest = build_manifest(records, float_specs, record)
+        manifest = build_manifest(records, float_specs, record, moe)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
     return QuantizeResult(output, manifest, time.perf_counter() - start, peak_rss_bytes())

@@ -232,8 +232,12 @@ def resolve_plan(
     """Resolve `recipe` into a Plan: block linears `shapes` (module -> [out, in]) by rules and default; the
     embedding / LM head in `table_shapes` (module -> [vocab, hidden]) by the recipe's `embeddings` / `lm_head`.
 
-    Enforces that modules an engine fuses (q/k/v, gate/up) share one scheme.
+    Enforces that modules an engine fuses (q/k/v, gate/up) share one scheme, and in a mixture-of-experts block
+    that every expert's projections of one role (gate and up; down) share one scheme (an engine's fused-MoE
+    layer holds one tensor per role for all experts). Routing gates (the router, a shared-expert gate) are not
+    block linears: they stay float, and a rule that would quantize one is refused.
     """
+    _check_gates(recipe, arch, shapes)
     plan = Plan()
     for module, (out_features, in_features) in shapes.items():
         requested = recipe.requested_scheme(module)
@@ -272,4 +276,36 @@ def resolve_plan(
                     f"recipe {recipe.name}: {names} are fused by serving engines and must share one scheme "
                     f"(got {', '.join(sorted(schemes))})"
                 )
+    _check_expert_roles(recipe, arch, plan)
     return plan
+
+
+def _blocks(arch: Architecture, shapes) -> list[int]:
+    return sorted({b for b in (arch.block_of(m + ".weight") for m in shapes) if b is not None})
+
+
+def _check_gates(recipe: Recipe, arch: Architecture, shapes) -> None:
+    """Refuse a rule that quantizes a routing gate: engines route in float (vLLM builds the router unquantized)."""
+    for index in _blocks(arch, shapes):
+        for gate in arch.gate_modules(index):
+            requested = recipe.requested_scheme(gate)
+            if any(rule.matches(gate) for rule in recipe.rules) and requested.is_quantized:
+                raise NanoqError(f"recipe {recipe.name}: a rule quantizes the routing gate {gate} ({requested.name}); "
+                                 "routers and shared-expert gates stay float (engines route in float)")
+
+
+def _check_expert_roles(recipe: Recipe, arch: Architecture, plan: Plan) -> None:
+    """One scheme per expert role per MoE block (resolve_plan)."""
+    if arch.experts is None:
+        return
+    for index in _blocks(arch, plan.modules):
+        for role, modules in arch.expert_modules(index).items():
+            schemes = {}
+            for module in modules:
+                entry = plan.modules.get(module)
+                schemes.setdefault("float" if entry is None else entry.scheme.name, module)
+            if len(schemes) > 1:
+                (first, a), (second, b) = list(schemes.items())[:2]
+                raise NanoqError(f"recipe {recipe.name}: block {index}'s experts must share one scheme per role "
+                                 f"({role}: an engine's fused-MoE layer holds all experts in one tensor), but "
+                                 f"{a} gets {first} and {b} gets {second}")

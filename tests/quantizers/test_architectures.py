@@ -100,8 +100,22 @@ def test_awq_folds_scales_exactly_whatever_the_norm_convention(family, tmp_path,
     assert cosine > 0.999, f"{family}: cosine {cosine:.5f} to the float model after AWQ int8"
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
-def test_a_mixture_of_experts_model_is_refused_not_quantized_partly(model_type):
-    with pytest.raises(NanoqError, match=r"cfg.json: \w+ForCausalLM is a mixture-of-experts model \((num_experts|"
-                                         r"num_local_experts)=\d+\): its experts cannot be quantized yet"):
-        architecture_for({"model_type": model_type}, "cfg.json")
+@pytest.mark.parametrize("model_type, router, first", [
+    ("qwen3_moe", "mlp.gate", "model.layers.0.mlp.experts.0.gate_proj"),
+    ("mixtral", "mlp.gate", "model.layers.0.block_sparse_moe.experts.0.w1"),
+    ("phimoe", "mlp.router", "model.layers.0.block_sparse_moe.experts.0.w1")])
+def test_a_mixture_of_experts_is_discovered_with_its_router_and_saved_expert_names(model_type, router, first):
+    arch = architecture_for({"model_type": model_type, "num_hidden_layers": 2}, "cfg.json")
+    assert arch.experts.router == router and arch.experts.roles == ("gate_up_proj", "down_proj")
+    assert arch.expert_modules(0)["gate_up_proj"][0] == first
+    assert len(arch.expert_modules(1)["down_proj"]) == arch.experts.num_experts
+    assert not set(arch.gate_modules(0)) & set(arch.linears_of_block(0))  # routers are not quantized by default
+
+
+@pytest.mark.parametrize("model_type, what", [
+    ("jamba", "blocks of different anatomy"), ("granitemoe", "not as one linear weight per expert"),
+    ("qwen3_next", "one experts module per block")])
+def test_a_mixture_of_experts_that_cannot_be_read_is_refused_in_one_line(model_type, what):
+    with pytest.raises(NanoqError, match=f"^cfg.json: .*{what}") as err:
+        architecture_for({"model_type": model_type, "num_hidden_layers": 2}, "cfg.json")
+    assert "\n" not in str(err.value)
