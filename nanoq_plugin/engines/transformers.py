@@ -5,6 +5,14 @@
 checkpoint's names (`qweight`, `scales`, `zeros`), so the ordinary weight loader fills them, and a head tied
 to a quantized table for a `NanoTiedHead`. After loading, each module is repacked once for its kernel
 (`kernels.ops.prepare_linear`: PyTorch's int8/int4 kernels on the CPU, Triton on CUDA).
+
+Mixture-of-experts blocks: transformers holds a block's experts in one module with fused 3-D parameters
+(`Qwen3MoeExperts.gate_up_proj [E, 2I, H]`, ...), found here as in `format.expert_tensors` (any module with 3-D
+parameters whose checkpoint stores them per expert), never by family. Where a checkpoint quantizes its experts,
+that module is replaced by a `NanoExperts` holding each expert's stored linears under the names transformers'
+loader gives the checkpoint's per-expert tensors (`3.gate_proj.qweight`; its fused-expert conversion matches
+only `.weight` keys, so it leaves them alone), computing what the replaced module computes (transformers'
+experts contract: `_apply_gate`, `has_gate`, `has_bias`), expert by expert; the router stays transformers' own.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format.checkpoint import check_loaded_finite
+from ..format.expert_tensors import ExpertRole, ExpertsModule, find_experts_modules
 from ..format.layout import param_specs
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
@@ -130,11 +139,132 @@ class NanoTiedHead(nn.Module):
         return self._table[0].linear(x)
 
 
+class NanoExperts(nn.Module):
+    """The experts of one MoE block with quantized projections, in place of transformers' fused experts module.
+
+    Each quantized role (e.g. `gate_up_proj`, `[E, out, in]` in the replaced module) is held per expert as the
+    `NanoLinear`s the checkpoint stores (`layout.roles[i].parts[e]`, e.g. `3.gate_proj` and `3.up_proj`, whose
+    outputs fill rows `part.rows` of expert 3's fused weight); a role the checkpoint keeps float stays the replaced
+    module's 3-D parameter, as do biases. Plain attributes of the replaced module (`num_experts`, `has_gate`,
+    `act_fn`, a family's gating constants) are kept, and its class's `_apply_gate` gates.
+    """
+
+    def __init__(self, replaced: nn.Module, layout: ExpertsModule, schemes: dict[str, Scheme | None],
+                 dtype: torch.dtype):
+        super().__init__()
+        kind = type(replaced).__name__
+        gate = getattr(type(replaced), "_apply_gate", None)
+        if gate is None or not hasattr(replaced, "has_gate"):
+            raise NanoqError(f"{kind} '{layout.name}' does not follow transformers' experts contract "
+                             "(use_experts_implementation: has_gate, _apply_gate): its quantized experts cannot run")
+        for key, value in vars(replaced).items():
+            if not key.startswith("_") and key != "training" and not isinstance(value, torch.Tensor):
+                setattr(self, key, value)
+        for key, child in replaced.named_children():
+            self.add_module(key, child)  # act_fn
+        self._gate, self._layout, self._kind = gate, layout, kind
+        self._roles = {role.param: role for role in layout.roles}
+        self._quantized: dict[str, list[list[NanoLinear]]] = {}
+        for name, param in replaced.named_parameters(recurse=False):
+            if schemes.get(name) is None:
+                self.register_parameter(name, param)
+        for role in layout.roles:
+            scheme = schemes[role.param]
+            if scheme is None:
+                continue
+            per_expert = []
+            for parts in role.parts:
+                linears = []
+                for part in parts:
+                    linear = NanoLinear(role.in_features, len(part.rows), scheme, False, dtype)
+                    holder = self
+                    *path, leaf = part.local.split(".")
+                    for step in path:
+                        if step not in holder._modules:
+                            holder.add_module(step, nn.Module())
+                        holder = holder._modules[step]
+                    holder.add_module(leaf, linear)
+                    linears.append(linear)
+                per_expert.append(linears)
+            self._quantized[role.param] = per_expert
+
+    def _project(self, param: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """`x [T, in]` through expert `expert`'s slice of fused parameter `param` (and its bias) -> `[T, out]`."""
+        linears = self._quantized.get(param)
+        if linears is None:
+            weight = getattr(self, param)[expert]
+            out = x @ weight if self._roles[param].transposed else nn.functional.linear(x, weight)
+        else:
+            parts = self._roles[param].parts[expert]
+            outs = [linear(x) for linear in linears[expert]]
+            if all(part.rows.step == 1 for part in parts) and all(
+                    a.rows.stop == b.rows.start for a, b in zip(parts, parts[1:])):
+                out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            else:  # interleaved rows
+                out = x.new_empty(*x.shape[:-1], self._roles[param].out_features)
+                for part, part_out in zip(parts, outs):
+                    out[..., part.rows.start:part.rows.stop:part.rows.step] = part_out
+        if getattr(self, "has_bias", False):
+            out = out + getattr(self, f"{param}_bias")[expert]
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """`hidden_states [T, H]`, the router's `top_k_index [T, k]` (int) and `top_k_weights [T, k]` ->
+        `[T, H]` in hidden_states.dtype: each token's experts' outputs, weighted and summed."""
+        final = torch.zeros_like(hidden_states)
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        for expert in torch.unique(top_k_index).tolist():
+            if expert >= self.num_experts:  # an expert-parallel sentinel
+                continue
+            # the replaced module's order (by top-k slot, then token), so sums accumulate in the same order
+            top_k_pos, token_idx = torch.where((top_k_index == expert).T)
+            out = self._project(first, expert, hidden_states[token_idx])
+            out = self._gate(self, out) if self.has_gate else self.act_fn(out)
+            out = self._project("down_proj", expert, out) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+    def extra_repr(self) -> str:
+        roles = ", ".join(f"{param}={'float' if param not in self._quantized else 'nano'}" for param in self._roles)
+        return f"replaces={self._kind}, experts={self.num_experts}, {roles}"
+
+
+def replace_experts(model: nn.Module, quant_config: NanoQuantConfig) -> set[str]:
+    """Swap each experts module with quantized projections for a `NanoExperts`; returns the quantized module
+    names (checkpoint names) it covers. NanoqError where a role's experts are not all in one scheme."""
+    covered: set[str] = set()
+    for layout in find_experts_modules(model):
+        schemes: dict[str, Scheme | None] = {}
+        for role in layout.roles:
+            found = {quant_config.modules.get(module) for module in role.modules()}
+            if len(found) > 1:
+                names = sorted(scheme.name if scheme else "float" for scheme in found)
+                raise NanoqError(f"quantization_config stores the experts' {role.param} of MoE block "
+                                 f"'{layout.block}' in {len(found)} schemes ({', '.join(names)}): one is required")
+            schemes[role.param] = found.pop()
+        if all(scheme is None for scheme in schemes.values()):
+            continue
+        replaced = model.get_submodule(layout.name)
+        dtype = next(iter(replaced.parameters())).dtype
+        device = next(iter(replaced.parameters())).device
+        with torch.device(device):
+            new = NanoExperts(replaced, layout, schemes, dtype)
+        parent_name, _, child_name = layout.name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
+        covered.update(module for module in layout.modules() if module in quant_config.modules)
+    return covered
+
+
 def replace_modules(model: nn.Module, quant_config: NanoQuantConfig) -> int:
     """Swap each module named in `quant_config` (nn.Linear or nn.Embedding) for its nano twin on the same
-    device, and a tied LM head for a `NanoTiedHead`; returns the number of modules swapped."""
-    replaced = 0
+    device, experts modules with quantized projections for `NanoExperts`, and a tied LM head for a
+    `NanoTiedHead`; returns the number of modules swapped (every quantized expert projection counting one)."""
+    experts = replace_experts(model, quant_config)
+    replaced = len(experts)
     for name, scheme in quant_config.modules.items():
+        if name in experts:
+            continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child_name, None)
@@ -179,6 +309,7 @@ class NanoHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     _tensors = None  # the validated checkpoint folder's tensors
+    _float_dtypes = None  # float parameter -> the dtype the model was built with
 
     def update_tp_plan(self, config):
         """Validate a local checkpoint folder here, the first hook that sees the config (and the folder it came
@@ -202,12 +333,20 @@ class NanoHfQuantizer(HfQuantizer):
         if quant_config.tied_lm_head is not None:
             swapped.add("lm_head")
         _forget_ties_of(model, swapped)
+        # transformers loads a renamed or converted key of a pre-quantized checkpoint in its stored dtype (Mixtral's
+        # `block_sparse_moe.gate.weight`, a float expert role merged into its fused parameter): remember the dtype
+        # the model asked for, to cast those back after loading
+        self._float_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.is_floating_point()}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         """Refuse a NaN or infinite loaded value (naming its file, tensor and index), then repack for the kernels."""
         if self._tensors is not None:
             check_loaded_finite(model.state_dict(), self._tensors)
+        for name, param in model.named_parameters():
+            wanted = (self._float_dtypes or {}).get(name)
+            if wanted is not None and param.dtype != wanted:
+                param.data = param.data.to(wanted)
         prepare_modules(model)
         return model
 

@@ -1,0 +1,158 @@
+"""Nano MoE checkpoints in transformers: every expert projection stored per expert (quantized) loads into a
+`NanoExperts` in place of transformers' fused experts module, and computes what the float model carrying the
+reference dequantization computes; a missing expert tensor and an expert role in two schemes are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers  # noqa: F401  (imported first: nanoq registers `nano` with it on import)
+from safetensors.torch import load_file, save_file
+
+from nanoq_plugin.engines.transformers import NanoExperts, NanoLinear
+from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.format.checkpoint import SourceCheckpoint
+from nanoq_plugin.format.expected_tensors import model_tensors
+from nanoq_plugin.format.layout import TensorSpec, param_specs, stored_bytes
+from nanoq_plugin.format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
+from nanoq_plugin.format.quant_config import NanoQuantConfig
+from nanoq_plugin.format.reference import dequantize
+from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.quantizers.rtn import quantize_rtn
+from tiny_models import build_tiny_model
+
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+
+
+def quantize_experts(source, out, schemes: dict[str, str]):
+    """Write a nano checkpoint of float `source` whose expert projections are RTN-quantized, role by role
+    (`{"gate_up_proj": "int4g32", "down_proj": "int8"}`; a role left out stays float), every other tensor
+    float. A stand-in for `nanoq quantize` built only from the format layer (reference `compress`)."""
+    source = SourceCheckpoint(source)
+    model = model_tensors(source.config, "config.json")
+    quantized, tensors, records = {}, {}, {}
+    for experts in model.experts:
+        for role in experts.roles:
+            if role.param not in schemes:
+                continue
+            scheme = parse_scheme(schemes[role.param])
+            for module in role.modules():
+                weight = source.get(f"{module}.weight")
+                stored = quantize_rtn(weight.float(), scheme)
+                quantized[module] = scheme
+                tensors.update({f"{module}.{name}": t for name, t in stored.items()})
+                specs = param_specs(scheme, *weight.shape)
+                error = (dequantize(stored, scheme, *weight.shape) - weight.float()).norm() / weight.float().norm()
+                records[module] = ModuleRecord(scheme, scheme, tuple(weight.shape), weight.dtype, stored_bytes(specs),
+                                               float(error), specs)
+    floats = {}
+    for name in source.keys():
+        if name.removesuffix(".weight") not in quantized:
+            tensors[name] = source.get(name)
+            floats[name] = TensorSpec(tuple(tensors[name].shape), tensors[name].dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(source.config)
+    config["quantization_config"] = NanoQuantConfig(modules=quantized).to_dict()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / MANIFEST_NAME).write_text(json.dumps(build_manifest(records, floats, {"source": str(source.directory)})))
+    for extra in ("generation_config.json",):
+        if (source.directory / extra).is_file():
+            shutil.copy(source.directory / extra, out / extra)
+    return out
+
+
+def load(directory, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+def dequantized_reference(source, nano_dir, dtype=torch.float32):
+    """The float model of `source` with every quantized expert weight replaced by its reference dequantization,
+    written into transformers' fused parameters through transformers' own loader (a per-expert state dict)."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = SourceCheckpoint(nano_dir)
+    quant = NanoQuantConfig.from_dict(checkpoint.config["quantization_config"])
+    state = {name: tensor for name, tensor in load_file(str(source / "model.safetensors")).items()}
+    for module, scheme in quant.modules.items():
+        weight = state[f"{module}.weight"]
+        stored = {name: checkpoint.get(f"{module}.{name}") for name in param_specs(scheme, *weight.shape)}
+        state[f"{module}.weight"] = dequantize(stored, scheme, *weight.shape).contiguous()  # float32
+    tmp = nano_dir.parent / (nano_dir.name + "_reference")
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+
+
+TOKENS = torch.tensor([[1, 17, 33, 250, 9, 88, 121, 7, 64, 300, 45, 2]])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quantized_experts_load_and_match_the_reference(family, tmp_path):
+    source = build_tiny_model(family, tmp_path / "src", num_layers=2)
+    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int4g32", "down_proj": "int8"})
+    model = load(out)
+    experts = [m for m in model.modules() if isinstance(m, NanoExperts)]
+    assert len(experts) == 2 and all(m.num_experts == 8 for m in experts)
+    assert sum(isinstance(m, NanoLinear) for m in model.modules()) == 2 * 8 * 3
+    assert not any(p.dim() == 3 for p in model.parameters())  # no fused float expert weight is left
+    reference = dequantized_reference(source, out)
+    float_model = load(source)
+    with torch.no_grad():
+        got, want, base = model(TOKENS).logits, reference(TOKENS).logits, float_model(TOKENS).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - base).abs().max() > 1e-3  # the experts really are the quantized ones
+
+
+def test_a_float_role_loads_through_transformers_conversion(tmp_path):
+    """gate/up quantized, down left float: the float role is merged into the fused parameter as usual."""
+    source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
+    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8"})
+    model = load(out)
+    reference = dequantized_reference(source, out)
+    down = model.model.layers[0].mlp.experts.down_proj
+    assert down.dim() == 3 and torch.equal(down, reference.model.layers[0].mlp.experts.down_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, reference(TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_expert_tensor_is_refused(tmp_path):
+    source = build_tiny_model("mixtral", tmp_path / "src", num_layers=1)
+    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.0.block_sparse_moe.experts.5.w3.qweight"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NanoqError, match=r"tensor 'model\.layers\.0\.block_sparse_moe\.experts\.5\.w3\.qweight' is "
+                                         r"missing"):
+        load(out)
+
+
+def test_an_expert_role_in_two_schemes_is_refused(tmp_path):
+    source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
+    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    # expert 3's up projection alone in int4g32: its tensors, manifest record and config entry all agree
+    module = "model.layers.0.mlp.experts.3.up_proj"
+    scheme = parse_scheme("int4g32")
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in ("qweight", "scales"):
+        del tensors[f"{module}.{name}"]
+    weight = SourceCheckpoint(source).get(f"{module}.weight").float()
+    tensors.update({f"{module}.{n}": t for n, t in quantize_rtn(weight, scheme).items()})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["schemes"]["int4g32"] = scheme.to_dict()
+    config["quantization_config"]["modules"][module] = "int4g32"
+    (out / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    specs = param_specs(scheme, *weight.shape)
+    manifest["modules"][module].update(scheme="int4g32", requested_scheme="int4g32", tensors={
+        n: {"dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)} for n, s in specs.items()})
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(NanoqError, match=r"MoE block 'model\.layers\.0\.mlp' stores its experts' gate_up_proj in 2 "
+                                         r"schemes: int4g32 \(e\.g\. '" + module.replace(".", r"\.") + r"'\), int8"):
+        load(out)
