@@ -169,12 +169,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .format.validate import load_nano_checkpoint, verify_tensor_values
 
+    from .format.moe_summary import moe_summary
+
     checkpoint = load_nano_checkpoint(args.dir)
     verify_tensor_values(checkpoint)
     manifest = checkpoint.manifest
+    moe = moe_summary(checkpoint)  # expert projections are listed per MoE block, not one by one
     print(f"{checkpoint.directory}: nano format v{checkpoint.quant_config.format_version}")
     print(f"{'module':<44} {'scheme':<12} {'requested':<12} {'group':>5} {'shape':>12} {'stored':>10} {'rel err':>8}")
     for module, record in manifest["modules"].items():
+        if module in moe.expert_modules:
+            continue
         scheme = checkpoint.quant_config.modules[module]
         group = scheme.group_size if scheme.group_size else "chan"
         shape = "x".join(map(str, record["shape"]))
@@ -182,6 +187,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{module:<44} {record['scheme']:<12} {record['requested_scheme']:<12} {group:>5} {shape:>12} "
             f"{_mib(record['stored_bytes']):>10} {record['rel_error']:>8.4f}"
         )
+    if moe.lines:
+        print()
+        print("\n".join(moe.lines))
     print()
     print("\n".join(_scheme_table(manifest)))
     _print_totals(manifest["totals"])
