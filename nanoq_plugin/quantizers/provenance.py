@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import torch
@@ -47,9 +48,9 @@ def provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    if (source.directory / EXAMPLE_MARKER_NAME).exists():
-        record["example_model_note"] = (
-            "SmolLM2-135M-Instruct from a Q4_1 GGUF: a 4-bit group-32 asymmetric result on it is "
-            "trivially lossless and is not evidence of quality"
-        )
+    marker = source.directory / EXAMPLE_MARKER_NAME
+    if marker.exists():  # written by `nanoq example-model`: what its GGUF stored, and its license
+        example = json.loads(marker.read_text(encoding="utf-8"))
+        record["example_model_note"] = (f"{record['source_model']} from {example['source_file']} "
+                                         f"({example['license']}): {example['note']}")
     return record
