@@ -96,7 +96,7 @@ def find_experts_modules(model) -> list[ExpertsModule]:
             shape = tuple(int(d) for d in param.shape)
             experts, rows = shape[0], shape[2] if transposed else shape[1]
             # the probe: one input column whose values number (expert, row), through the save conversion
-            codes = torch.arange(experts * rows, dtype=torch.float64).reshape(experts, rows)
+            codes = torch.arange(experts * rows, dtype=torch.float64, device="cpu").reshape(experts, rows)
             key = f"{name}.{param_name}"
             stored = revert_weight_conversion(model, {key: codes.unsqueeze(1) if transposed else codes.unsqueeze(2)})
             if key in stored:
