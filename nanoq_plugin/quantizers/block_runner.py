@@ -20,11 +20,16 @@ from torch.func import functional_call
 from ..errors import NanoqError
 from .anatomy import meta_model, transformers_config
 from .architectures import Architecture, architecture_for
+from .experts import memory_state
 
 # visit(group, inputs) sees the input chunks `[b, L, K]` float32 of a group of linears (an input group of the
 # architecture) before the block uses them; it may change the block (quantize the group, fold scales into the
 # group's producer) and returns True when the inputs themselves must be recomputed (it changed the producer).
 Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
+# visit_experts(x, top_k_index) sees a mixture-of-experts block's experts input `[T, H]` float32 (every token of
+# every chunk) and the experts the model's own router sent each token to, `[T, top_k]` int64, before the block
+# uses them; it may change the experts' weights.
+VisitExperts = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,6 +80,8 @@ class BlockRunner:
         block.nano_index = index
         head = f"{prefix}.{index}."
         state = {name[len(head):]: t.to(torch.float32) for name, t in tensors.items() if name.startswith(head)}
+        if self.arch.experts is not None:  # saved per-expert weights -> the layer's fused expert parameters
+            state = memory_state(self.arch.experts, index, state)
         missing, unexpected = block.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise NanoqError(f"block {index}: tensors do not match {self.layer_cls.__name__} "
@@ -191,8 +198,33 @@ class BlockRunner:
             handle.remove()
         return captured
 
+    def _expert_inputs(self, block: nn.Module, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts module's input `[T, H]` and the router's choice `[T, top_k]` over all chunks, with the
+        block as it is now (each forward stops at the experts: the router is the model's own)."""
+        xs, picks = [], []
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            xs.append(hidden.reshape(-1, hidden.shape[-1]))
+            picks.append(index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1))
+            raise _Captured
+
+        handle = block.get_submodule(self.arch.experts.experts).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for chunk in chunks:
+                try:
+                    self.call(block, chunk)
+                except _Captured:
+                    continue
+                raise NanoqError(f"{type(block).__name__}: its experts were not called in a forward pass")
+        finally:
+            handle.remove()
+        return torch.cat(xs), torch.cat(picks).to(torch.int64)
+
     @torch.no_grad()
-    def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit) -> torch.Tensor:
+    def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit,
+             visit_experts: VisitExperts | None = None) -> torch.Tensor:
         """Run `hidden [B, L, H]` float32 through the block, calling `visit` on each input group of the
         architecture, in the order the block uses them, with that group's inputs computed by the block with every
         earlier group already changed (true sequential); returns the block's output `[B, L, H]` as changed.
@@ -205,4 +237,7 @@ class BlockRunner:
             # visit's answer (its producer changed) needs nothing here: every later group's inputs, and the
             # output, are computed afresh by the block as it now is
             visit(group.linears, self._group_inputs(block, chunks, group.linears[0]))
+        if self.arch.experts is not None and visit_experts is not None:
+            # the experts read what the router reads, after every group before them (attention) is quantized
+            visit_experts(*self._expert_inputs(block, chunks))
         return torch.cat([self.call(block, chunk) for chunk in chunks])

@@ -232,7 +232,7 @@ def memory_state(moe: MoeAnatomy, index: int, state: dict[str, torch.Tensor]) ->
             rows = [state.pop(f"{part.module}.weight"[len(prefix):]) for part in parts]
             weight = torch.empty((role.out_features, role.in_features), dtype=rows[0].dtype)
             for part, value in zip(parts, rows):
-                weight[list(part.rows)] = value
+                weight[part.rows.start:part.rows.stop:part.rows.step] = value
             experts.append(weight.t() if role.transposed else weight)
         out[f"{moe.experts}.{role.param}"] = torch.stack(experts)
         del experts

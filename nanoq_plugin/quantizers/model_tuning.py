@@ -242,6 +242,8 @@ def tune_checkpoint(source_dir, nano_dir, output_dir, calibration: str, settings
     start = time.perf_counter()
     torch_device = resolve_device(device)
     source, arch = open_float_source(source_dir, instead="tune against the float model it was quantized from")
+    if arch.experts is not None:
+        raise NanoqError(f"{source.directory}: end-to-end tuning does not handle mixture-of-experts models yet")
     checkpoint = load_nano_checkpoint(nano_dir)
     manifest_path = Path(nano_dir) / MANIFEST_NAME
     method = checkpoint.manifest.get("provenance", {}).get("recipe", {}).get("method")

@@ -139,13 +139,15 @@ class _BlockWalk:
         self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
         self.notes: dict[str, dict[str, float]] = {}  # the method's notes for the calibration provenance
         self.tuning: dict | None = None
+        self.index = index
+        self.routing: dict = {}  # a mixture-of-experts block: routed tokens per expert, the experts floored
 
     def run(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors.
         With `targets [B, L, H]` (the float model's block outputs) and tuning on, the quantized block's
         scales, levels and norms are then fitted to them (quantizers.block_tuning)."""
         with flush_denormals():
-            output = self.runner.walk(self.block, hidden, self.visit)
+            output = self.runner.walk(self.block, hidden, self.visit, self.visit_experts)
             if targets is None or not self.tune.enabled:
                 return output
             self._tune(hidden, targets)
@@ -175,6 +177,64 @@ class _BlockWalk:
             self.references[module] = result.references.get(module, linears.weights[module])
             self._hold(name, result.stored[module], entry.scheme, entry.requested, self.tensors[f"{module}.weight"].dtype)
         return inputs_changed
+
+    def visit_experts(self, x: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        """Quantize every expert of the block from the tokens the model's router sent it: `x [T, H]` float32 is
+        the experts' input, `top_k_index [T, k]` each token's experts. Expert by expert, its rows of `x` are
+        indexed out (one expert's tokens held at a time, never E copies), its gate and up projections are
+        quantized on them as one group, then its down projection on `act(gate(x)) * up(x)` computed with the
+        quantized gate and up (true sequential). An expert routed fewer than `moe_floor_tokens` tokens is
+        calibrated on all tokens, as if routed (the floor); `routing` records the counts and the floored."""
+        moe = self.arch.experts
+        experts = self.block.get_submodule(moe.experts)
+        roles = moe.modules[self.index].roles
+        if len(roles) != 2 or any(role.transposed for role in roles) or len(roles[1].parts[0]) != 1:
+            raise NanoqError(f"method {self.method.name}: {moe.modules[self.index].class_name}'s experts are not "
+                             "gate/up then down projections of [out, in] weights: only rtn quantizes them")
+        gate_up, down = roles
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=moe.num_experts)[:moe.num_experts].tolist()
+        floor = self.settings.moe_floor_tokens
+        floored = [e for e, n in enumerate(counts) if n < floor]
+        for expert in range(moe.num_experts):
+            if expert in floored:
+                tokens = x
+            else:
+                tokens = x.index_select(0, (top_k_index == expert).any(dim=-1).nonzero().squeeze(1))
+            self._quantize_expert_role(experts, gate_up, expert, tokens)
+            fused = getattr(experts, gate_up.param)[expert]
+            gate, up = torch.nn.functional.linear(tokens, fused).chunk(2, dim=-1)  # as the experts' forward does
+            hidden = experts.act_fn(gate) * up
+            del gate, up
+            self._quantize_expert_role(experts, down, expert, hidden)
+            del tokens, hidden
+        self.routing = {"routed_tokens": counts, "floor": floored, "floor_tokens": floor}
+
+    def _quantize_expert_role(self, experts: nn.Module, role, expert: int, inputs: torch.Tensor) -> None:
+        """Hand expert `expert`'s parts of `role` (its gate and up, or its down) with `inputs [n, K]` to the
+        method as one group; hold the stored tensors and put their dequantization into the fused parameter."""
+        fused = getattr(experts, role.param)
+        parts = role.parts[expert]
+        modules = tuple(part.module for part in parts)
+        planned = {m: self.plan.modules[m] for m in modules
+                   if m in self.plan.modules and self.plan.modules[m].scheme.is_quantized}
+        if not planned:
+            return
+        weights = {part.module: fused.data[expert, part.rows.start:part.rows.stop] for part in parts}
+        group = LinearGroup(modules=modules, planned=planned, weights=weights, inputs=[inputs.unsqueeze(0)],
+                            producer=None, gptq=self.settings, nvfp4_alpha=self.nvfp4_alpha)
+        result = self.method.quantize_group(group)
+        if result.input_scale is not None:
+            raise NanoqError(f"method {self.method.name}: {modules[0]} has no producer to take an input scale")
+        for part in parts:
+            if part.module not in planned:
+                continue
+            entry = planned[part.module]
+            stored = result.stored[part.module]
+            reference = result.references.get(part.module, weights[part.module])
+            restored = dequantize(stored, entry.scheme, *reference.shape).to(fused.device)
+            self.results[part.module] = (stored, module_record(reference, self.tensors[f"{part.module}.weight"].dtype,
+                                                               stored, entry.scheme, entry.requested, restored))
+            fused.data[expert, part.rows.start:part.rows.stop] = restored
 
     def _scale_inputs(self, group: tuple[str, ...], planned: dict[str, PlannedModule], inputs: list[torch.Tensor],
                       scale: torch.Tensor) -> bool:
@@ -312,9 +372,9 @@ def quantize_checkpoint(
     tied = bool(source.config.get("tie_word_embeddings", False))
     if allocation is not None and calibration is None:
         raise NanoqError("the allocator measures sensitivity on calibration text: pass --calib FILE")
-    if arch.experts is not None and method.needs_calibration:
-        raise NanoqError(f"method {recipe.method}: calibrated methods do not quantize mixture-of-experts models yet "
-                         "(use rtn)")
+    if arch.experts is not None and (tune.enabled or e2e.enabled or allocation is not None):
+        raise NanoqError("mixture-of-experts models: --tune-steps, --e2e-steps and the allocator do not handle "
+                         "experts yet (quantize with a recipe and rtn, gptq or awq)")
     shapes = _block_linear_shapes(source, arch, num_layers)
     plan: Plan = resolve_plan(recipe, arch, shapes, tables, tied)
     moe = _moe_record(arch, plan, num_layers)
@@ -384,6 +444,8 @@ def quantize_checkpoint(
                     float_hidden = targets
                     calib_info["tuning"]["blocks"].append({"block": index, **walk.tuning})
                 done = walk.results
+                if walk.routing:
+                    moe[index].update(walk.routing)
                 for section, values in walk.notes.items():
                     calib_info.setdefault(section, {}).update(values)
                 tuned = {}

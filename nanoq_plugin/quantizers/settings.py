@@ -16,6 +16,9 @@ class GptqSettings:
     block_size: int = 128
     act_order: bool = True
     clip_search: bool = True  # group scales from the error-minimizing clip range (rtn.rtn_scales)
+    # a mixture-of-experts expert routed fewer calibration tokens than this is calibrated on all tokens, as if
+    # routed (GPTQModel's floor): a Hessian from a handful of tokens is too poorly conditioned to trust
+    moe_floor_tokens: int = 256
 
 
 HELD_OUT = 4  # windows kept out of training to decide whether the tuned block is better

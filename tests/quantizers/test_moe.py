@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.format.reference import dequantize
-from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.format.schemes import FLOAT, parse_scheme
 from nanoq_plugin.quantizers.data_free import quantize_data_free
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import PRESETS, Recipe, Rule
@@ -104,3 +104,109 @@ def test_one_scheme_per_expert_role_and_routers_stay_float(moe_sources, tmp_path
                                                                 + "$", parse_scheme("int8")),))
     result = quantize_checkpoint(per_expert, tmp_path / "down", down, progress=False)
     assert result.manifest["moe"]["0"]["schemes"] == {"gate_up_proj": "int4g32", "down_proj": "int8"}
+
+
+def _dequantized_float_checkpoint(nano_dir, target):
+    """A float checkpoint (per-expert saved names, transformers loads it itself) whose every quantized module is
+    its nano tensors dequantized by the format's reference."""
+    from safetensors.torch import save_file
+
+    config = json.loads((nano_dir / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    tensors = _tensors(nano_dir)
+    manifest = json.loads((nano_dir / "nano_manifest.json").read_text())
+    out = {}
+    for module, scheme_name in quant["modules"].items():
+        parts = {name.rpartition(".")[2]: tensors.pop(name) for name in list(tensors)
+                 if name.rpartition(".")[0] == module}
+        out[f"{module}.weight"] = dequantize(parts, parse_scheme(scheme_name), *manifest["modules"][module]["shape"])
+    out.update(tensors)
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def _top_k_sets(model, ids, k):
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True).router_logits
+    return [torch.topk(layer, k, dim=-1).indices.sort(dim=-1).values for layer in logits]
+
+
+# w4g128 on the experts, attention kept float: in a tiny random model int4 attention alone moves the routers'
+# inputs enough to flip 8-17 % of the top-2 choices (random weights route by near ties); the experts' own
+# quantization, which is what this file guards, keeps them (measured 97-99 %)
+RECIPES = {"w8": PRESETS["w8"],
+           "w4g128-experts": Recipe("w4g128-experts", parse_scheme("int4g128"), rules=(Rule("self_attn", FLOAT),),
+                                    group_size_fallback=True)}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_dequantized_model_routes_as_the_float_model(moe_sources, tmp_path, recipe):
+    from transformers import AutoModelForCausalLM
+
+    family, per_expert, _ = moe_sources
+    result = quantize_checkpoint(per_expert, tmp_path / "nano", RECIPES[recipe], progress=False)
+    restored = _dequantized_float_checkpoint(result.output, tmp_path / "restored")
+    ids = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+    float_sets = _top_k_sets(AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32), ids, 2)
+    quant_sets = _top_k_sets(AutoModelForCausalLM.from_pretrained(restored, dtype=torch.float32), ids, 2)
+    same = torch.stack([(a == b).all(dim=-1) for a, b in zip(float_sets, quant_sets)]).float().mean().item()
+    assert same >= 0.95, f"{family} {recipe}: routing agreement {same:.3f}"
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def calibrated_source(request, tmp_path_factory, smollm2_dir):
+    """(family, source) of a one-block tiny MoE with a real tokenizer whose router is perturbed so that experts 6
+    and 7 get few tokens (their logits are zero: they win only where most others are negative)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param) / "src", num_layers=1,
+                              dtype=torch.float32, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, source / name)
+    tensors = _tensors(source)
+    tensors[f"model.layers.0.{ROUTER[request.param]}.weight"][6:] = 0
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    return request.param, source
+
+
+def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrated_source, tmp_path, wikitext):
+    from nanoq_plugin.quantizers.settings import GptqSettings
+
+    family, source = calibrated_source
+    recipe = PRESETS["w4g128"].with_method("gptq")
+    runs = {}
+    for floor in (32, 0):
+        result = quantize_checkpoint(source, tmp_path / f"floor{floor}", recipe, calibration=str(wikitext),
+                                     progress=False, calib_windows=8, calib_seq_len=32,
+                                     gptq=GptqSettings(clip_search=False, moe_floor_tokens=floor))
+        runs[floor] = (result.manifest["moe"]["0"], _tensors(result.output))
+    record = runs[32][0]
+    counts = record["routed_tokens"]
+    assert sum(counts) == 8 * 32 * 2 and len(counts) == 8  # every token to its top 2, as the router chose
+    assert record["floor"] == [e for e, n in enumerate(counts) if n < 32] and record["floor_tokens"] == 32
+    assert {6, 7} & set(record["floor"]), counts  # the perturbed router starves them
+    assert runs[0][0]["floor"] == [] and runs[0][0]["routed_tokens"] == counts
+    floats = _float_experts(source)[0]
+    config = json.loads((tmp_path / "floor32" / "config.json").read_text())["quantization_config"]["modules"]
+    for e, weights in enumerate(floats):
+        modules = ["model.layers.0." + template.format(e=e) for template in SAVED[family]]
+        # calibrated on all tokens (the floor) or on its routed tokens alone: the same tokens without the floor
+        for module in modules:
+            same = all(torch.equal(runs[32][1][name], runs[0][1][name]) for name in runs[0][1]
+                       if name.rpartition(".")[0] == module)
+            assert same == (e not in record["floor"]), (module, counts)
+        # every expert quantized, and its own weight (not a neighbour's, nor gate for up)
+        restored = []
+        for module, weight in zip(modules, weights):
+            parts = {n.rpartition(".")[2]: t for n, t in runs[32][1].items() if n.rpartition(".")[0] == module}
+            restored.append(dequantize(parts, parse_scheme(config[module]), *weight.shape))
+        gate, up, down = weights
+        errors = [torch.linalg.norm(r - w) / torch.linalg.norm(w) for r, w in zip(restored, weights)]
+        assert max(errors) < 0.3, (e, errors)
+        assert torch.linalg.norm(restored[0] - up) / torch.linalg.norm(up) > 2 * max(errors)
+        other = floats[(e + 1) % 8][2]
+        assert torch.linalg.norm(restored[2] - other) / torch.linalg.norm(other) > 2 * max(errors)
