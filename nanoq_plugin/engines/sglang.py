@@ -8,6 +8,8 @@ dim on dim 1 (docs/FORMAT.md); column-parallel, QKV and merged gate/up layers sl
 layers slice dim 0 (whole groups per rank); per-channel int8 scales `[N]` are sliced with N or replicated;
 a codebook layer holds one table per fused part and the rotation's `signs` (see `common`).
 After loading each layer is repacked for its kernel (`kernels.ops`); float modules get SGLang's `UnquantizedLinearMethod`.
+A checkpoint with quantized experts (a mixture of experts) is refused when the config is built: SGLang's MoE
+layers have their own method API, which this adapter does not implement yet; float experts are SGLang's own.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..format.validate import load_nano_checkpoint
 from ..kernels.ops import apply_linear
 from .common import (ParamRole, checkpoint_part_sizes, fused_parts, fused_scheme, part_table_parameter,
                      register_stored_params, swap_in_prepared)
+from .expert_schemes import quantized_expert_blocks
 
 PARAM_CLASSES = {ParamRole.WEIGHT: ModelWeightParameter, ParamRole.GROUP_SCALE: GroupQuantScaleParameter,
                  ParamRole.CHANNEL_SCALE: ChannelQuantScaleParameter, ParamRole.INPUT_VECTOR: RowvLLMParameter,
@@ -51,6 +54,12 @@ class NanoSglangConfig(QuantizationConfig):
         if quant_config is None:
             raise NanoqError("--quantization nano: the checkpoint's config.json has no nano quantization_config "
                              "(quantize it first with `nanoq quantize`)")
+        experts = quantized_expert_blocks(quant_config)
+        if experts:
+            more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
+            raise NanoqError(f"config.json: the experts of {experts[0]}{more} are quantized, and the SGLang adapter has "
+                             "no mixture-of-experts method yet: serve this checkpoint with vLLM (--quantization nano) "
+                             "or keep the experts float")
         self.quant_config = quant_config
         self.packed_modules_mapping = dict(packed_modules_mapping or {})
 

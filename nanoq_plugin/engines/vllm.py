@@ -8,6 +8,7 @@ needs whole groups per rank); per-channel int8 scales `[N]` are sliced with N or
 layer holds one table per fused part (`[parts, 2**b]`, loaded by shard id) and the rotation's `signs [K]`
 (sliced like K on row-parallel layers), see `common`.
 A quantized embedding table is stored like a linear with N = vocab; each rank loads its vocab slice.
+Quantized experts of a mixture-of-experts block are served by `vllm_moe.NanoFusedMoEMethod`.
 After loading, every layer is repacked once for its kernel (`kernels.ops.prepare_linear`, docs/kernels.md)
 and the stored copies are freed.
 """
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -39,6 +41,7 @@ from vllm.model_executor.parameter import (
 from ..errors import NanoqError
 from .common import (ParamRole, checkpoint_part_sizes, fused_parts, fused_scheme, part_table_parameter,
                      register_stored_params, swap_in_prepared)
+from .vllm_moe import nano_moe_method
 from ..format.quant_config import QUANT_METHOD, NanoQuantConfig
 from ..format.schemes import Scheme
 from ..format.validate import load_nano_checkpoint
@@ -114,6 +117,8 @@ class NanoVllmConfig(QuantizationConfig):
         if isinstance(layer, VocabParallelEmbedding):
             name = prefix if prefix in self.quant_config.modules else (self._embedding_module() if not prefix else None)
             return None if name is None else NanoEmbeddingMethod(self.quant_config.modules[name], name)
+        if isinstance(layer, RoutedExperts):
+            return nano_moe_method(self.quant_config, layer, prefix)
         if isinstance(layer, LinearBase):
             scheme = self._scheme_of(prefix)
             if scheme is None:

@@ -240,6 +240,20 @@ def test_from_config_accepts_sglang_extra_keys():
         NanoSglangConfig.from_config({"quant_method": "gptq"})
 
 
+def test_quantized_experts_are_refused_until_sglang_has_a_nano_moe_method():
+    """Quantized experts would otherwise reach SGLang's FusedMoE with no nano method and load nothing; float experts
+    and the dense linears of the same model still configure."""
+    experts = "model.layers.1.mlp.experts"
+    quant = NanoQuantConfig(modules={f"{ATTN}.q_proj": parse_scheme("int8"),
+                                     **{f"{experts}.{e}.{proj}": parse_scheme("int4g128")
+                                        for e in range(4) for proj in ("gate_proj", "up_proj", "down_proj")}})
+    with pytest.raises(NanoqError, match=rf"the experts of {experts} are quantized, and the SGLang adapter has no "
+                                         "mixture-of-experts method"):
+        NanoSglangConfig.from_config({**quant.to_dict(), "hf_config": None})
+    dense_only = NanoQuantConfig(modules={f"{ATTN}.q_proj": parse_scheme("int8")})
+    assert NanoSglangConfig.from_config({**dense_only.to_dict(), "hf_config": None}).scheme_of(f"{ATTN}.q_proj")
+
+
 def test_from_config_validates_a_local_checkpoint(tmp_path):
     quant = NanoQuantConfig(modules={f"{ATTN}.q_proj": parse_scheme("int8")}).to_dict()
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quant}))

