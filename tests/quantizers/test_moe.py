@@ -210,3 +210,17 @@ def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrate
         assert torch.linalg.norm(restored[0] - up) / torch.linalg.norm(up) > 2 * max(errors)
         other = floats[(e + 1) % 8][2]
         assert torch.linalg.norm(restored[2] - other) / torch.linalg.norm(other) > 2 * max(errors)
+
+
+def test_shared_experts_are_linears_and_their_gate_stays_float(tmp_path):
+    source = build_tiny_model("qwen2_moe", tmp_path / "src", num_layers=1, dtype=torch.float32)
+    result = quantize_checkpoint(source, tmp_path / "out", PRESETS["w4g128"], progress=False)
+    modules = json.loads((result.output / "config.json").read_text())["quantization_config"]["modules"]
+    head = "model.layers.0.mlp."
+    assert {f"{head}shared_expert.{p}_proj" for p in ("gate", "up", "down")} <= set(modules)
+    assert len([m for m in modules if ".experts." in m]) == 8 * 3
+    assert f"{head}shared_expert_gate" not in modules and f"{head}gate" not in modules
+    assert f"{head}shared_expert_gate.weight" in _tensors(result.output)
+    named = Recipe("gate", parse_scheme("int4g32"), rules=(Rule("shared_expert_gate", parse_scheme("int8")),))
+    with pytest.raises(NanoqError, match=r"routing gate model\.layers\.0\.mlp\.shared_expert_gate \(int8\)"):
+        quantize_checkpoint(source, tmp_path / "named", named, progress=False)
