@@ -117,7 +117,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_checkpoint(
         args.src, args.out, recipe, device=args.device, calibration=args.calib, progress=not args.quiet,
         max_shard_bytes=args.max_shard_mb * 2**20, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
-        gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search),
+        gptq=GptqSettings(damp=args.damp, act_order=not args.no_act_order, clip_search=not args.no_clip_search,
+                          moe_floor_tokens=args.moe_floor_tokens),
         allocation=allocation, tune=TuneSettings(steps=args.tune_steps, lr=args.tune_lr),
         e2e=ModelTuneSettings(steps=args.e2e_steps, lr=args.e2e_lr, windows=args.e2e_windows),
     )
@@ -319,7 +320,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantizers.settings import ModelTuneSettings, TuneSettings
+    from .quantizers.settings import GptqSettings, ModelTuneSettings, TuneSettings
     from .quantizers.methods import method_names
     from .quantizers.recipe import PRESETS
     from .surgery.settings import MODES, SearchSettings
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of act-order")
     q.add_argument("--no-clip-search", action="store_true",
                    help="GPTQ group scales from the plain min-max range instead of the error-minimizing clip")
+    q.add_argument("--moe-floor-tokens", type=count_int, default=GptqSettings.moe_floor_tokens,
+                   help="mixture of experts: an expert routed fewer calibration tokens than this is calibrated on "
+                        "all tokens, as if routed")
     q.add_argument("--tune-steps", type=count_int, default=0,
                    help="after GPTQ/AWQ, Adam steps per block fitting its scales, codebook levels and norms to the "
                         "float model's block outputs (0: off; 128 is a good start, ~0.2 s a step on 2 cores)")
