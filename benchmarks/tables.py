@@ -67,9 +67,37 @@ def quality_table() -> str:
     return "\n".join([*lines, "", source("quality-smollm2.json")])
 
 
-def quality_all_table() -> str:
-    """Every row of the quality benchmark: config, method, calibration windows, ratio, bits per weight."""
-    data = load("quality-smollm2.json")
+# the configs measured on every example model: (result id, what it is)
+MODEL_ROWS = (
+    ("w8", "int8 per channel, RTN"),
+    ("w4g128", "int4 g128, RTN"),
+    ("w4g128-gptq", "int4 g128, GPTQ"),
+    ("cb4g128-gptq-tuned", "4-bit codebook g128, GPTQ + block tuning"),
+    ("cb3g128-gptq-tuned", "3-bit codebook g128, GPTQ + block tuning"),
+)
+MODEL_FILES = ("quality-smollm2.json", "quality-gemma3-270m.json")
+
+
+def quality_models_table() -> str:
+    """The same configs and protocol on each example model: perplexity ratio and bits per weight side by side."""
+    reports = [load(name) for name in MODEL_FILES]
+    names = [report["model"].split(" (")[0] for report in reports]
+    protocol = reports[0]["protocol"]
+    lines = [f"{protocol['text']}, context {protocol['ctx']}, stride {protocol['stride']}, {protocol['windows']} windows; "
+             "perplexity ratio to the float model (bits / weight of the quantized linears). Base perplexity: "
+             + ", ".join(f"{name} {report['base_perplexity']:.2f}" for name, report in zip(names, reports)) + ".", "",
+             "| config | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    rows = [{row["preset"]: row for row in report["results"]} for report in reports]
+    for key, what in MODEL_ROWS:
+        cells = [f"{r[key]['ppl_ratio']:.3f} ({r[key]['bits_per_weight_quantized_modules']:.2f})" if key in r
+                 else "not measured" for r in rows]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", source(*MODEL_FILES)])
+
+
+def quality_all_table(name: str = "quality-smollm2.json") -> str:
+    """Every row of a quality report: config, method, calibration windows, ratio, bits per weight."""
+    data = load(name)
     lines = ["| result | method | calibration windows | perplexity ratio | bits / weight (quantized linears) "
              "| commit |", "|---|---|---:|---:|---:|---|"]
     for row in data["results"]:
@@ -79,7 +107,7 @@ def quality_all_table() -> str:
         commit = (row.get("commit") or "")[:10] or "not recorded"  # merged rows keep their own commit
         lines.append(f"| `{row['preset']}` | {row['method']} | {windows or '—'} | {shown} | "
                      f"{row['bits_per_weight_quantized_modules']:.2f} | {commit} |")
-    return "\n".join([*lines, "", f"Base perplexity {data['base_perplexity']:.2f}. " + source("quality-smollm2.json")])
+    return "\n".join([*lines, "", f"Base perplexity {data['base_perplexity']:.2f}. " + source(name)])
 
 
 SERVE_CONFIGS = (("nano-w8a8", "nano `w8a8`"), ("nano-w8", "nano `w8`"), ("nano-w4g128", "nano `w4g128`"),
@@ -182,6 +210,8 @@ def gguf_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality_table,
     "quality-all": quality_all_table,
+    "quality-models": quality_models_table,
+    "quality-all-gemma3-270m": lambda: quality_all_table("quality-gemma3-270m.json"),
     "cpu-serving-isa": isa_serving_table,
     "cpu-kernels": cpu_kernel_table,
     "gpu": gpu_table,

@@ -56,3 +56,22 @@ def test_the_pages_list_the_tested_architectures(page):
                 and "`gemma2`" in line)
     listed = re.findall(r"`([a-z0-9_]+)`", line.split(";")[0])
     assert listed == list(TESTED_FAMILIES), (page, listed)
+
+
+def test_models_table_puts_the_example_models_side_by_side(tables, monkeypatch):
+    """Same config, one column per example model; a config a model's report lacks is 'not measured'."""
+    def report(model, base, rows):
+        return {"model": f"{model} (package)", "base_perplexity": base, "provenance": {"commit": "0123456789abcdef"},
+                "protocol": {"text": "wikitext-2-raw wiki.test.raw", "ctx": 512, "stride": 256, "windows": 64},
+                "results": [{"preset": preset, "ppl_ratio": ratio, "bits_per_weight_quantized_modules": bits}
+                            for preset, ratio, bits in rows]}
+    reports = {"quality-smollm2.json": report("SmolLM2", 21.5, [("w8", 1.0013, 8.0234), ("w4g128", 1.4925, 4.2188)]),
+               "quality-gemma3-270m.json": report("Gemma", 30.25, [("w4g128", 1.61, 4.125)])}
+    monkeypatch.setattr(tables, "load", reports.__getitem__)
+    text = tables.quality_models_table()
+    assert "Base perplexity: SmolLM2 21.50, Gemma 30.25." in text
+    assert "| config | SmolLM2 | Gemma |" in text
+    assert "| int8 per channel, RTN | 1.001 (8.02) | not measured |" in text
+    assert "| int4 g128, RTN | 1.492 (4.22) | 1.610 (4.12) |" in text
+    assert "| 3-bit codebook g128, GPTQ + block tuning | not measured | not measured |" in text
+    assert "[quality-gemma3-270m.json](/benchmarks/results/quality-gemma3-270m.json) (commit 0123456789)" in text
