@@ -215,6 +215,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             line += (f"  base {summary['base_perplexity']:.4f}  ratio {summary['ppl_ratio']:.4f}"
                      f"  last-logit cosine {summary['logit_cosine']:.5f}")
         print(line + f"  ({summary['protocol']['windows']} windows of {args.ctx}, stride {args.stride})")
+        routing = summary.get("routing_agreement")
+        if routing and routing.get("overall") is not None:
+            lowest = min(routing["blocks"].items(), key=lambda item: item[1])
+            print(f"routing agreement {routing['overall']:.4f} (tokens whose top-k experts are those the base picks; "
+                  f"lowest block {lowest[0]} {lowest[1]:.4f})")
     else:
         print("no --text given: perplexity skipped")
     for sample in summary["samples"]:

@@ -98,6 +98,12 @@ def render_model_card(manifest: dict, summary: dict) -> str:
         if summary.get("ppl_ratio") is not None:
             lines += ["", f"Perplexity ratio to base: **{summary['ppl_ratio']:.4f}**; mean last-token logit cosine "
                           f"to base: {summary['logit_cosine']:.5f}."]
+        routing = summary.get("routing_agreement")
+        if routing and routing.get("overall") is not None:
+            worst = min(((v, k) for k, v in routing["blocks"].items() if v is not None), default=None)
+            lines += ["", f"Routing agreement with base (tokens whose top-k experts are the same set): "
+                          f"**{routing['overall']:.4f}** over {routing['tokens']} tokens per MoE block"
+                          + (f"; lowest block `{worst[1]}` {worst[0]:.4f}." if worst else ".")]
     else:
         lines.append("No perplexity text was given.")
     if provenance.get("example_model_note"):

@@ -16,6 +16,7 @@ from .gguf_model import gguf_storage, load_gguf
 from .model_card import render_model_card
 from .perplexity import evaluate_perplexity
 from .quantized_model import load_quantized_model
+from .routing import RoutingRecorder, experts_modules, routing_agreement
 from .samples import greedy_samples
 
 SUMMARY_NAME = "eval_summary.json"
@@ -116,9 +117,13 @@ def run_eval(
         token_ids = tokenizer(text, return_tensors="pt").input_ids[0]
         if token_ids.numel() < 2:
             raise NanoqError(f"--text {text_file}: {token_ids.numel()} token(s), perplexity needs at least 2")
-        result = evaluate_perplexity(
-            models, token_ids, ctx, stride, max_windows, reference="base" if base_dir else None, progress=progress
-        )
+        # a mixture of experts compared with its base: which experts each token goes to, in both models
+        routed = base_dir is not None and bool(experts_modules(models["quantized"]))
+        with RoutingRecorder(models["quantized"] if routed else None) as ours, \
+                RoutingRecorder(models["base"] if routed else None) as theirs:
+            result = evaluate_perplexity(
+                models, token_ids, ctx, stride, max_windows, reference="base" if base_dir else None, progress=progress
+            )
         for name, value in result.perplexity.items():
             if not math.isfinite(value):
                 raise NanoqError(f"{gguf_file or checkpoint.directory}: the {name} model's perplexity on "
@@ -129,6 +134,8 @@ def run_eval(
         summary["base_perplexity"] = result.perplexity.get("base")
         summary["ppl_ratio"] = summary["perplexity"] / summary["base_perplexity"] if base_dir else None
         summary["logit_cosine"] = result.last_logit_cosine.get("quantized")
+        if routed:
+            summary["routing_agreement"] = routing_agreement(theirs, ours)
     quantized_samples = greedy_samples(models["quantized"], tokenizer)
     base_samples = greedy_samples(models["base"], tokenizer) if base_dir else None
     summary["samples"] = []
