@@ -10,7 +10,8 @@ import torch
 
 from ..errors import NanoqError
 from .checkpoint import SourceCheckpoint, read_json
-from .expected_tensors import check_nano_tensors
+from .expected_tensors import check_nano_tensors, model_tensors
+from .expert_tensors import ExpertsModule
 from .layout import check_shape_fits, param_specs
 from .manifest import MANIFEST_NAME, check_manifest, dtype_name
 from .quant_config import NanoQuantConfig
@@ -29,6 +30,11 @@ class NanoCheckpoint:
         """`[out, in]` of quantized `module`, from the manifest."""
         out_features, in_features = self.manifest["modules"][module]["shape"]
         return int(out_features), int(in_features)
+
+    def experts_modules(self) -> tuple[ExpertsModule, ...]:
+        """The MoE experts modules of the checkpoint's model (empty for a dense model), with the stored name of
+        every expert projection (`format.expert_tensors`)."""
+        return model_tensors(self.tensors.config, str(self.directory / "config.json")).experts
 
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """The stored tensors of quantized `module` by their short names (`qweight`, `scales`, ...)."""

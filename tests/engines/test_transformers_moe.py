@@ -156,3 +156,20 @@ def test_an_expert_role_in_two_schemes_is_refused(tmp_path):
     with pytest.raises(NanoqError, match=r"MoE block 'model\.layers\.0\.mlp' stores its experts' gate_up_proj in 2 "
                                          r"schemes: int4g32 \(e\.g\. '" + module.replace(".", r"\.") + r"'\), int8"):
         load(out)
+
+
+def test_exports_refuse_an_moe_checkpoint_with_one_line(tmp_path, capsys):
+    """compressed-tensors: not exported yet (refused by name); GGUF exports only float Llama/Qwen2/Qwen3 sources."""
+    from nanoq_plugin.cli import main
+
+    source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
+    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    capsys.readouterr()
+    assert main(["export", "compressed-tensors", str(out), str(tmp_path / "ct")]) == 2
+    assert main(["export", "gguf", str(source), str(tmp_path / "model.gguf")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[0] == (f"nanoq: error: {out}: a mixture-of-experts checkpoint (1 MoE blocks, e.g. "
+                         "'model.layers.0.mlp') has no compressed-tensors export yet; serve the nano checkpoint "
+                         "itself (--quantization nano)")
+    assert errors[1].startswith("nanoq: error: ") and "'qwen3_moe' has no GGUF export" in errors[1]
+    assert len(errors) == 2 and not (tmp_path / "ct").exists() and not (tmp_path / "model.gguf").exists()
