@@ -156,31 +156,38 @@ def test_the_dequantized_model_routes_as_the_float_model(moe_sources, tmp_path, 
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
-def calibrated_source(request, tmp_path_factory, smollm2_dir):
-    """(family, source) of a one-block tiny MoE with a real tokenizer whose router is perturbed so that experts 6
-    and 7 get few tokens (their logits are zero: they win only where most others are negative)."""
+def calibrated_sources(request, tmp_path_factory, smollm2_dir):
+    """(family, per-expert source, fused-3-D source) of a one-block tiny MoE with a real tokenizer (same weights),
+    whose router is perturbed so that experts 6 and 7 get few tokens (their logits are zero: they win only where
+    most others are negative)."""
     import shutil
 
     from safetensors.torch import save_file
 
-    source = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param) / "src", num_layers=1,
-                              dtype=torch.float32, vocab_size=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, source / name)
-    tensors = _tensors(source)
-    tensors[f"model.layers.0.{ROUTER[request.param]}.weight"][6:] = 0
-    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    return request.param, source
+    base = tmp_path_factory.mktemp(request.param)
+    sources = []
+    for layout, router in (("per_expert", ROUTER[request.param]), ("fused", "mlp.gate")):  # fused: in-memory names
+        source = build_tiny_model(request.param, base / layout, num_layers=1, dtype=torch.float32, vocab_size=49152,
+                                  fused_experts=layout == "fused")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_dir / name, source / name)
+        tensors = _tensors(source)
+        tensors[f"model.layers.0.{router}.weight"][6:] = 0
+        save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+        sources.append(source)
+    return request.param, *sources
 
 
-def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrated_source, tmp_path, wikitext):
+def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrated_sources, tmp_path, wikitext):
+    """With the floor, the starved experts are calibrated on all tokens; without it (from the fused-3-D source,
+    which must give the very same tensors) on their few routed tokens: exactly the floored experts differ."""
     from nanoq_plugin.quantizers.settings import GptqSettings
 
-    family, source = calibrated_source
+    family, source, fused = calibrated_sources
     recipe = PRESETS["w4g128"].with_method("gptq")
     runs = {}
-    for floor in (32, 0):
-        result = quantize_checkpoint(source, tmp_path / f"floor{floor}", recipe, calibration=str(wikitext),
+    for floor, layout in ((32, source), (0, fused)):
+        result = quantize_checkpoint(layout, tmp_path / f"floor{floor}", recipe, calibration=str(wikitext),
                                      progress=False, calib_windows=8, calib_seq_len=32,
                                      gptq=GptqSettings(clip_search=False, moe_floor_tokens=floor))
         runs[floor] = (result.manifest["moe"]["0"], _tensors(result.output))
@@ -224,3 +231,18 @@ def test_shared_experts_are_linears_and_their_gate_stays_float(tmp_path):
     named = Recipe("gate", parse_scheme("int4g32"), rules=(Rule("shared_expert_gate", parse_scheme("int8")),))
     with pytest.raises(NanoqError, match=r"routing gate model\.layers\.0\.mlp\.shared_expert_gate \(int8\)"):
         quantize_checkpoint(source, tmp_path / "named", named, progress=False)
+
+
+def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path, wikitext):
+    """AWQ (no scale folded into experts: their input's norm is shared by all of them and the router) on codebook
+    schemes: every expert quantized near its own weight, routing recorded."""
+    family, source, _ = calibrated_sources
+    if family != "qwen3_moe":
+        pytest.skip("one family is enough for the method: the expert walk is the GPTQ test's")
+    result = quantize_checkpoint(source, tmp_path / "awq", PRESETS["cb4g128"].with_method("awq"),
+                                 calibration=str(wikitext), progress=False, calib_windows=8, calib_seq_len=32)
+    modules = result.manifest["modules"]
+    experts = [m for m in modules if ".experts." in m]
+    assert len(experts) == 8 * 3 and all(modules[m]["scheme"].startswith("cb4") for m in experts)
+    assert max(modules[m]["rel_error"] for m in experts) < 0.15
+    assert sum(result.manifest["moe"]["0"]["routed_tokens"]) == 8 * 32 * 2
