@@ -246,3 +246,15 @@ def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path,
     assert len(experts) == 8 * 3 and all(modules[m]["scheme"].startswith("cb4") for m in experts)
     assert max(modules[m]["rel_error"] for m in experts) < 0.15
     assert sum(result.manifest["moe"]["0"]["routed_tokens"]) == 8 * 32 * 2
+
+
+def test_the_allocator_and_block_tuning_refuse_experts_in_one_line(moe_sources, tmp_path, wikitext):
+    from nanoq_plugin.quantizers.allocator import AllocationRequest
+    from nanoq_plugin.quantizers.settings import TuneSettings
+
+    _, per_expert, _ = moe_sources
+    allocation = AllocationRequest((parse_scheme("int4g32"), parse_scheme("int8")), target_bpw=5.0)
+    for kwargs in ({"allocation": allocation}, {"tune": TuneSettings(steps=2)}):
+        with pytest.raises(NanoqError, match="^mixture-of-experts models: .* do not handle experts yet"):
+            quantize_checkpoint(per_expert, tmp_path / "out", PRESETS["w4g128"].with_method("gptq"),
+                                calibration=str(wikitext), progress=False, **kwargs)
