@@ -10,7 +10,7 @@ config (no kernel is chosen or prepared, so none is warned about).
 Modules whose forward is not just their dequantized weight keep their prepared kernel: `int8-a8` quantizes
 its input per token at run time, so it stays a `NanoLinear` (and a head tied to an `int8-a8` table stays a
 `NanoTiedHead`). A checkpoint with such modules is loaded by the nano loader, then its weight-only modules are
-replaced.
+replaced, except mixture-of-experts projections, which stay in their `NanoExperts` (kernels).
 
 `kernels`: the checkpoint as transformers loads it for serving, every module through its prepared kernel
 (on a CPU without a fast kernel for a scheme, that is the reference, which dequantizes on every call).
@@ -47,7 +47,9 @@ def load_quantized_model(checkpoint: NanoCheckpoint, dtype: torch.dtype,
         dequantized, kept = 0, schemes
         if scoring == "dequantized":
             dequantized = dequantize_weight_only_modules(model, checkpoint, dtype)
-            kept = [scheme for scheme in schemes if scheme.quantizes_activations]
+            experts = {module for found in checkpoint.experts_modules() for module in found.modules()}
+            kept = [scheme for name, scheme in checkpoint.quant_config.modules.items()
+                    if scheme.quantizes_activations or name in experts]
     kernels = dict(sorted(Counter(scheme.name for scheme in kept).items()))
     return model, {"mode": scoring, "dequantized_modules": dequantized, "kernel_modules": kernels}
 
@@ -87,8 +89,9 @@ def dequantize_weight_only_modules(model: nn.Module, checkpoint: NanoCheckpoint,
     from ..engines.transformers import NanoEmbedding, NanoLinear
 
     replaced = 0
+    experts = {module for found in checkpoint.experts_modules() for module in found.modules()}
     for name, scheme in checkpoint.quant_config.modules.items():
-        if scheme.quantizes_activations:
+        if scheme.quantizes_activations or name in experts:  # experts stay in their NanoExperts' kernels
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -14,54 +14,33 @@ from safetensors.torch import load_file, save_file
 
 from nanoq_plugin.engines.transformers import NanoExperts, NanoLinear
 from nanoq_plugin.errors import NanoqError
+from nanoq_plugin.eval.quantized_model import load_quantized_model
+from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.format.checkpoint import SourceCheckpoint
-from nanoq_plugin.format.expected_tensors import model_tensors
-from nanoq_plugin.format.layout import TensorSpec, param_specs, stored_bytes
-from nanoq_plugin.format.manifest import MANIFEST_NAME, ModuleRecord, build_manifest
+from nanoq_plugin.format.layout import param_specs
+from nanoq_plugin.format.manifest import MANIFEST_NAME
 from nanoq_plugin.format.quant_config import NanoQuantConfig
 from nanoq_plugin.format.reference import dequantize
 from nanoq_plugin.format.schemes import parse_scheme
+from nanoq_plugin.format.validate import load_nano_checkpoint
+from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
+from nanoq_plugin.quantizers.recipe import Recipe, Rule
 from nanoq_plugin.quantizers.rtn import quantize_rtn
 from tiny_models import build_tiny_model
 
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
-def quantize_experts(source, out, schemes: dict[str, str]):
-    """Write a nano checkpoint of float `source` whose expert projections are RTN-quantized, role by role
-    (`{"gate_up_proj": "int4g32", "down_proj": "int8"}`; a role left out stays float), every other tensor
-    float. A stand-in for `nanoq quantize` built only from the format layer (reference `compress`)."""
-    source = SourceCheckpoint(source)
-    model = model_tensors(source.config, "config.json")
-    quantized, tensors, records = {}, {}, {}
-    for experts in model.experts:
-        for role in experts.roles:
-            if role.param not in schemes:
-                continue
-            scheme = parse_scheme(schemes[role.param])
-            for module in role.modules():
-                weight = source.get(f"{module}.weight")
-                stored = quantize_rtn(weight.float(), scheme)
-                quantized[module] = scheme
-                tensors.update({f"{module}.{name}": t for name, t in stored.items()})
-                specs = param_specs(scheme, *weight.shape)
-                error = (dequantize(stored, scheme, *weight.shape) - weight.float()).norm() / weight.float().norm()
-                records[module] = ModuleRecord(scheme, scheme, tuple(weight.shape), weight.dtype, stored_bytes(specs),
-                                               float(error), specs)
-    floats = {}
-    for name in source.keys():
-        if name.removesuffix(".weight") not in quantized:
-            tensors[name] = source.get(name)
-            floats[name] = TensorSpec(tuple(tensors[name].shape), tensors[name].dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = dict(source.config)
-    config["quantization_config"] = NanoQuantConfig(modules=quantized).to_dict()
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / MANIFEST_NAME).write_text(json.dumps(build_manifest(records, floats, {"source": str(source.directory)})))
-    for extra in ("generation_config.json",):
-        if (source.directory / extra).is_file():
-            shutil.copy(source.directory / extra, out / extra)
+# gate/up and down of every expert, as the saved names end (Qwen-MoE style and Mixtral's w1/w3/w2)
+GATE_UP, DOWN = r"experts\.\d+\.(gate_proj|up_proj|w1|w3)$", r"experts\.\d+\.(down_proj|w2)$"
+
+
+def quantize(source, out, gate_up: str, down: str, default: str = "int8"):
+    """`nanoq quantize` (RTN) of `source` with the experts' gate/up and down projections in the given schemes
+    (`float` keeps a role float) and every other linear in `default`."""
+    recipe = Recipe("moe-test", parse_scheme(default),
+                    rules=(Rule(GATE_UP, parse_scheme(gate_up)), Rule(DOWN, parse_scheme(down))))
+    quantize_checkpoint(source, out, recipe, progress=False)
     return out
 
 
@@ -83,6 +62,9 @@ def dequantized_reference(source, nano_dir, dtype=torch.float32):
         weight = state[f"{module}.weight"]
         stored = {name: checkpoint.get(f"{module}.{name}") for name in param_specs(scheme, *weight.shape)}
         state[f"{module}.weight"] = dequantize(stored, scheme, *weight.shape).contiguous()  # float32
+    for name in checkpoint.keys():  # float tensors a quantizer may have changed
+        if name in state and checkpoint.dtype(name).is_floating_point:
+            state[name] = checkpoint.get(name)
     tmp = nano_dir.parent / (nano_dir.name + "_reference")
     shutil.copytree(source, tmp, dirs_exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -95,11 +77,11 @@ TOKENS = torch.tensor([[1, 17, 33, 250, 9, 88, 121, 7, 64, 300, 45, 2]])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_quantized_experts_load_and_match_the_reference(family, tmp_path):
     source = build_tiny_model(family, tmp_path / "src", num_layers=2)
-    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int4g32", "down_proj": "int8"})
+    out = quantize(source, tmp_path / "nano", "int4g32", "int8")
     model = load(out)
     experts = [m for m in model.modules() if isinstance(m, NanoExperts)]
     assert len(experts) == 2 and all(m.num_experts == 8 for m in experts)
-    assert sum(isinstance(m, NanoLinear) for m in model.modules()) == 2 * 8 * 3
+    assert sum(isinstance(m, NanoLinear) for e in experts for m in e.modules()) == 2 * 8 * 3
     assert not any(p.dim() == 3 for p in model.parameters())  # no fused float expert weight is left
     reference = dequantized_reference(source, out)
     float_model = load(source)
@@ -107,12 +89,27 @@ def test_quantized_experts_load_and_match_the_reference(family, tmp_path):
         got, want, base = model(TOKENS).logits, reference(TOKENS).logits, float_model(TOKENS).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - base).abs().max() > 1e-3  # the experts really are the quantized ones
+    # the eval's models of the checkpoint: nanoq's float reference, and eval's two scorings
+    checkpoint = load_nano_checkpoint(out)
+    evaluated = [dequantized_float_model(source, out)] + [load_quantized_model(checkpoint, torch.float32, scoring)[0]
+                                                          for scoring in ("dequantized", "kernels")]
+    with torch.no_grad():
+        for other in evaluated:
+            torch.testing.assert_close(other(TOKENS).logits, want, rtol=1e-4, atol=1e-4)
+    # in bfloat16 every expert runs a prepared kernel (not the reference), close to the float32 reference
+    fast = load(out, torch.bfloat16)
+    kernels = {m.prepared.kernel for e in fast.modules() if isinstance(e, NanoExperts) for m in e.modules()
+               if isinstance(m, NanoLinear)}
+    assert "reference" not in kernels, kernels
+    with torch.no_grad():
+        fast_logits = fast(TOKENS).logits.float()
+    assert (fast_logits - want).abs().max() <= 0.05 * want.abs().max()
 
 
 def test_a_float_role_loads_through_transformers_conversion(tmp_path):
     """gate/up quantized, down left float: the float role is merged into the fused parameter as usual."""
     source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
-    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8"})
+    out = quantize(source, tmp_path / "nano", "int8", "float")
     model = load(out)
     reference = dequantized_reference(source, out)
     down = model.model.layers[0].mlp.experts.down_proj
@@ -123,7 +120,7 @@ def test_a_float_role_loads_through_transformers_conversion(tmp_path):
 
 def test_a_missing_expert_tensor_is_refused(tmp_path):
     source = build_tiny_model("mixtral", tmp_path / "src", num_layers=1)
-    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    out = quantize(source, tmp_path / "nano", "int8", "int8")
     tensors = load_file(str(out / "model.safetensors"))
     del tensors["model.layers.0.block_sparse_moe.experts.5.w3.qweight"]
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -134,7 +131,7 @@ def test_a_missing_expert_tensor_is_refused(tmp_path):
 
 def test_an_expert_role_in_two_schemes_is_refused(tmp_path):
     source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
-    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    out = quantize(source, tmp_path / "nano", "int8", "int8")
     # expert 3's up projection alone in int4g32: its tensors, manifest record and config entry all agree
     module = "model.layers.0.mlp.experts.3.up_proj"
     scheme = parse_scheme("int4g32")
@@ -163,7 +160,7 @@ def test_exports_refuse_an_moe_checkpoint_with_one_line(tmp_path, capsys):
     from nanoq_plugin.cli import main
 
     source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
-    out = quantize_experts(source, tmp_path / "nano", {"gate_up_proj": "int8", "down_proj": "int8"})
+    out = quantize(source, tmp_path / "nano", "int8", "int8")
     capsys.readouterr()
     assert main(["export", "compressed-tensors", str(out), str(tmp_path / "ct")]) == 2
     assert main(["export", "gguf", str(source), str(tmp_path / "model.gguf")]) == 2
