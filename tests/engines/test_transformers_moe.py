@@ -5,6 +5,7 @@ reference dequantization computes; a missing expert tensor and an expert role in
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -170,3 +171,49 @@ def test_exports_refuse_an_moe_checkpoint_with_one_line(tmp_path, capsys):
                          "itself (--quantization nano)")
     assert errors[1].startswith("nanoq: error: ") and "'qwen3_moe' has no GGUF export" in errors[1]
     assert len(errors) == 2 and not (tmp_path / "ct").exists() and not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("stored, message", [
+    ("extra", r"tensor 'model\.layers\.0\.mlp\.experts\.gate_up_proj' is not part of the Qwen3MoeForCausalLM"),
+    ("float twin", r"'model\.layers\.0\.mlp\.experts\.2\.down_proj\.weight' is stored beside the quantized tensors"),
+    ("shape", r"tensor 'model\.layers\.0\.mlp\.experts\.6\.gate_proj\.scales' is float16 \[3, 32\], the manifest and "
+              r"scheme int4g32 need float16 \[3, 64\]"),
+])
+def test_stray_or_misshapen_expert_tensors_are_refused(tmp_path, stored, message):
+    """A fused 3-D tensor beside the per-expert ones (transformers would load it over them), a float weight
+    beside an expert's quantized tensors, or an expert tensor of another shape: refused before loading."""
+    source = build_tiny_model("qwen3_moe", tmp_path / "src", num_layers=1)
+    out = quantize(source, tmp_path / "nano", "int4g32", "int8")
+    tensors = load_file(str(out / "model.safetensors"))
+    if stored == "extra":
+        tensors["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros(8, 128, 96, dtype=torch.bfloat16)
+    elif stored == "float twin":
+        tensors["model.layers.0.mlp.experts.2.down_proj.weight"] = torch.zeros(96, 64, dtype=torch.bfloat16)
+    else:
+        name = "model.layers.0.mlp.experts.6.gate_proj.scales"
+        tensors[name] = tensors[name][:, :32].contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NanoqError, match=message):
+        load(out)
+
+
+def test_inspect_shows_experts_per_block(tmp_path, capsys):
+    from nanoq_plugin.cli import main
+
+    source = build_tiny_model("mixtral", tmp_path / "src", num_layers=2)
+    out = quantize(source, tmp_path / "nano", "int4g32", "int8")
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "experts.0.w1" not in printed  # expert projections are not listed one by one
+    for block in (0, 1):
+        assert re.search(rf"model\.layers\.{block}\.block_sparse_moe +8 +2  gate_up_proj int4g32, down_proj int8 +"
+                         r"not recorded", printed), printed
+    # a calibrated method's routed-token counts and floor, as the quantizer records them in the manifest
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["moe"]["1"].update(routed_tokens=[40, 3, 0, 17, 90, 60, 2, 44], floor=[1, 2, 6], floor_tokens=16)
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"model\.layers\.1\.block_sparse_moe .* min 0, median 40, max 90; floor \(< 16 tokens, "
+                     r"calibrated on all\): experts 1, 2, 6\n +per expert: 40 3 0 17 90 60 2 44\n", printed), printed
