@@ -11,6 +11,11 @@ weight, output errors of different blocks are not comparable: SmolLM2's residual
 square over its 30 blocks, and absolute errors sent every 2-bit choice to the first blocks, whose damage
 then propagated through all the others. The unit's cost is the sum over its linears.
 
+Mixture-of-experts blocks: all experts' projections of one role (gate and up; down) are one unit (engines hold
+one scheme per role per block). An expert's error is measured on the tokens the float model's router sends it
+(the calibration floor applies: too few, and all tokens stand in for them) and weighed by the fraction of
+tokens it serves, so that it is comparable with a dense linear's error averaged over every token.
+
 Choice: a multiple-choice knapsack solved greedily on the convex hull — start every unit at its smallest
 candidate, then repeatedly take the upgrade with the largest error reduction per extra byte until the next
 one would overshoot the budget. The manifest records every unit's candidates, errors, bytes and choice.
@@ -79,6 +84,11 @@ def build_units(plan: Plan, arch: Architecture, num_layers: int, shapes: dict[st
     for index in range(num_layers):
         stem = f"{arch.block_prefix}.{index}."
         remaining = [m for m in arch.linears_of_block(index) if m in plan.modules and plan.modules[m].scheme.is_quantized]
+        for modules in arch.expert_modules(index).values():  # one unit per expert role
+            members = tuple(m for m in modules if m in remaining)
+            if members:
+                units.append(Unit(members, 0))
+                remaining = [m for m in remaining if m not in set(members)]
         for group in arch.fused_groups:
             members = tuple(stem + part for part in group if stem + part in remaining)
             if members:
@@ -110,6 +120,38 @@ def measure_group(units_by_module: dict[str, Unit], block: torch.nn.Module, pref
         for candidate, fitted in unit.schemes.items():
             restored = restored_nearest(weight, fitted[module])
             unit.errors[candidate] = unit.errors.get(candidate, 0.0) + output_error(weight, restored, h)
+
+
+def measure_experts(units_by_module: dict[str, Unit], block: torch.nn.Module, arch: Architecture, index: int,
+                    x: torch.Tensor, top_k_index: torch.Tensor, floor_tokens: int) -> None:
+    """Add the errors of every candidate to the expert-role units of block `index`, expert by expert, from the
+    experts' input `x [T, H]` and the router's choice `top_k_index [T, k]` (module docstring)."""
+    moe = arch.experts
+    experts = block.get_submodule(moe.experts)
+    roles = moe.modules[index].roles
+    counts = torch.bincount(top_k_index.reshape(-1), minlength=moe.num_experts)[:moe.num_experts]
+    for expert in range(moe.num_experts):
+        if counts[expert] < floor_tokens:
+            tokens = x
+        else:
+            tokens = x.index_select(0, (top_k_index == expert).any(dim=-1).nonzero().squeeze(1))
+        share = max(int(counts[expert]), 1) / x.shape[0]  # the fraction of tokens this expert serves
+        inputs = tokens
+        for position, role in enumerate(roles):
+            if position:  # down reads act(gate) * up, as the experts' forward computes it
+                gate, up = torch.nn.functional.linear(tokens, getattr(experts, roles[0].param).data[expert]).chunk(2, -1)
+                inputs = experts.act_fn(gate) * up
+            hessian = HessianAccumulator(inputs.shape[-1], inputs.device)
+            hessian.add(inputs)
+            fused = getattr(experts, role.param).data[expert]
+            for part in role.parts[expert]:
+                unit = units_by_module.get(part.module)
+                if unit is None:
+                    continue
+                weight = fused[part.rows.start:part.rows.stop].to(torch.float32)
+                for candidate, fitted in unit.schemes.items():
+                    error = output_error(weight, restored_nearest(weight, fitted[part.module]), hessian.hessian)
+                    unit.errors[candidate] = unit.errors.get(candidate, 0.0) + share * error
 
 
 def weigh_errors(units: list[Unit], weights: list[float]) -> None:
@@ -179,8 +221,10 @@ FISHER_WINDOWS = 8  # sensitivity windows whose loss gradient weighs the errors 
 
 def allocate_plan(source: SourceCheckpoint, arch: Architecture, plan: Plan, request: AllocationRequest,
                   recipe: Recipe, shapes: dict[str, tuple[int, int]], num_layers: int, by_block: dict,
-                  calibration: str, calib_seq_len: int, device: torch.device, progress: bool) -> dict:
-    """Measure every unit's sensitivity on the float model, choose schemes into `plan`; returns the record."""
+                  calibration: str, calib_seq_len: int, device: torch.device, progress: bool,
+                  floor_tokens: int = 256) -> dict:
+    """Measure every unit's sensitivity on the float model, choose schemes into `plan`; returns the record.
+    `floor_tokens`: an expert routed fewer tokens is measured on all tokens (the MoE calibration floor)."""
     units = build_units(plan, arch, num_layers, shapes, request.candidates, recipe.name)
     if not units:
         raise NanoqError(f"recipe {recipe.name}: no quantized block linears to allocate")
@@ -219,7 +263,8 @@ def allocate_plan(source: SourceCheckpoint, arch: Architecture, plan: Plan, requ
         prefix = f"{arch.block_prefix}.{index}"
         block_inputs.append(hidden[:FISHER_WINDOWS].to(torch.bfloat16))
         hidden = runner.walk(block, hidden, lambda group, inputs: bool(
-            measure_group(unit_of, block, prefix, group, inputs)))
+            measure_group(unit_of, block, prefix, group, inputs)), lambda x, picks: measure_experts(
+            unit_of, block, arch, index, x, picks, floor_tokens))
         release_freed_memory()
     head_name = f"{arch.lm_head}.weight"
     outside = dict(source.items([f"{arch.final_norm}.weight"] + ([head_name] if head_name in source else [])))

@@ -372,9 +372,9 @@ def quantize_checkpoint(
     tied = bool(source.config.get("tie_word_embeddings", False))
     if allocation is not None and calibration is None:
         raise NanoqError("the allocator measures sensitivity on calibration text: pass --calib FILE")
-    if arch.experts is not None and (tune.enabled or e2e.enabled or allocation is not None):
-        raise NanoqError("mixture-of-experts models: --tune-steps, --e2e-steps and the allocator do not handle "
-                         "experts yet (quantize with a recipe and rtn, gptq or awq)")
+    if arch.experts is not None and tune.enabled:
+        raise NanoqError("mixture-of-experts models: --tune-steps does not handle experts yet (quantize with rtn, "
+                         "gptq or awq)")
     shapes = _block_linear_shapes(source, arch, num_layers)
     plan: Plan = resolve_plan(recipe, arch, shapes, tables, tied)
     moe = _moe_record(arch, plan, num_layers)
@@ -389,7 +389,8 @@ def quantize_checkpoint(
     allocation_record = None
     if allocation is not None:
         allocation_record = allocate_plan(source, arch, plan, allocation, recipe, shapes, num_layers, by_block,
-                                          calibration, calib_seq_len, torch_device, progress)
+                                          calibration, calib_seq_len, torch_device, progress, gptq.moe_floor_tokens)
+        moe = _moe_record(arch, plan, num_layers)  # the allocated schemes
 
     records: dict[str, ModuleRecord] = {}
     float_specs: dict[str, TensorSpec] = {}

@@ -248,13 +248,33 @@ def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path,
     assert sum(result.manifest["moe"]["0"]["routed_tokens"]) == 8 * 32 * 2
 
 
-def test_the_allocator_and_block_tuning_refuse_experts_in_one_line(moe_sources, tmp_path, wikitext):
-    from nanoq_plugin.quantizers.allocator import AllocationRequest
+def test_block_tuning_refuses_experts_in_one_line(moe_sources, tmp_path, wikitext):
     from nanoq_plugin.quantizers.settings import TuneSettings
 
     _, per_expert, _ = moe_sources
-    allocation = AllocationRequest((parse_scheme("int4g32"), parse_scheme("int8")), target_bpw=5.0)
-    for kwargs in ({"allocation": allocation}, {"tune": TuneSettings(steps=2)}):
-        with pytest.raises(NanoqError, match="^mixture-of-experts models: .* do not handle experts yet"):
-            quantize_checkpoint(per_expert, tmp_path / "out", PRESETS["w4g128"].with_method("gptq"),
-                                calibration=str(wikitext), progress=False, **kwargs)
+    with pytest.raises(NanoqError, match="^mixture-of-experts models: --tune-steps does not handle experts yet"):
+        quantize_checkpoint(per_expert, tmp_path / "out", PRESETS["w4g128"].with_method("gptq"),
+                            calibration=str(wikitext), progress=False, tune=TuneSettings(steps=2))
+
+
+def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp_path, wikitext):
+    from nanoq_plugin.quantizers.allocator import AllocationRequest
+
+    family, source, _ = calibrated_sources
+    if family != "qwen3_moe":
+        pytest.skip("one family is enough: the expert walk is the GPTQ test's")
+    allocation = AllocationRequest((parse_scheme("int2g64"), parse_scheme("int4g128"), parse_scheme("int8")),
+                                   target_bpw=4.5, windows=8)
+    result = quantize_checkpoint(source, tmp_path / "out", PRESETS["w4g128"], calibration=str(wikitext),
+                                 progress=False, calib_seq_len=32, allocation=allocation)
+    record = result.manifest["provenance"]["allocation"]
+    units = {len(unit["modules"]): unit for unit in record["units"]}
+    assert 16 in units and 8 in units  # gate/up of all 8 experts, and their 8 downs, are one unit each
+    assert all(".experts." in m for m in units[16]["modules"] + units[8]["modules"])
+    modules = json.loads((result.output / "config.json").read_text())["quantization_config"]["modules"]
+    for unit in (units[16], units[8]):
+        chosen = {parse_scheme(modules[m]) for m in unit["modules"]}
+        assert len(chosen) == 1 and chosen.pop().bits == parse_scheme(unit["chosen"]).bits
+    assert record["achieved_bits_per_weight"] <= 4.5 + 1e-6
+    assert set(result.manifest["moe"]["0"]["schemes"].values()) == {modules[units[16]["modules"][0]],
+                                                                     modules[units[8]["modules"][0]]}
