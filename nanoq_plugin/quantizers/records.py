@@ -17,10 +17,15 @@ def module_record(reference: torch.Tensor, source_dtype: torch.dtype, tensors: d
     (the source weight, times AWQ's scales where they were folded in); `restored` is their dequantization
     when the caller has it already. NVFP4 records also carry the entropy of the packed bytes."""
     original = reference.to(torch.float32)
-    if restored is None:
+    owned = restored is None
+    if owned:
         restored = dequantize(tensors, scheme, *original.shape)
     restored = restored.to(device=original.device, dtype=torch.float32)
-    rel_error = (torch.linalg.norm(restored - original) / torch.linalg.norm(original).clamp_min(1e-30)).item()
+    # the difference overwrites a dequantization made here, which no one else holds (an 8B gate_proj's float32
+    # copy is 235 MB); a float scheme's dequantization may be the stored tensor itself
+    in_place = owned and scheme.is_quantized
+    difference = restored.sub_(original) if in_place else restored - original
+    rel_error = (torch.linalg.norm(difference) / torch.linalg.norm(original).clamp_min(1e-30)).item()
     specs = param_specs(scheme, *original.shape)
     record = ModuleRecord(scheme=scheme, requested_scheme=requested, shape=tuple(original.shape),
                           source_dtype=source_dtype, stored_bytes=stored_bytes(specs), rel_error=rel_error,
