@@ -77,9 +77,9 @@ def _fused_params(module) -> dict[str, torch.Tensor]:
 
 
 def find_experts_modules(model) -> list[ExpertsModule]:
-    """The experts modules of the transformers model `model` (any device, meta included) whose fused parameters transformers' save
-    conversion splits per expert. Experts that a family's checkpoints keep fused are not listed (they are stored
-    as their in-memory parameters)."""
+    """The experts modules of the transformers model `model` (any device, meta included) whose fused parameters
+    transformers' save conversion splits per expert. Experts that a family's checkpoints keep fused are not
+    listed (they are stored as their in-memory parameters)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key, revert_weight_conversion
 
