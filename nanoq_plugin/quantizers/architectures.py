@@ -30,10 +30,12 @@ class Architecture:
     experts: MoeAnatomy | None = None  # a mixture-of-experts model's experts (quantizers.experts)
 
     def saved(self, relative: str) -> str:
-        """The saved name of a block module (relative to the block) given its in-memory name; the same name
+        """The saved name of a block module or tensor (relative to the block) given its in-memory name; the same name
         except where transformers renames it on save (Mixtral's `mlp.` -> `block_sparse_moe.`)."""
         if self.experts is None:
             return relative
+        if relative.endswith((".weight", ".bias")):  # a tensor
+            return self.experts.saved(relative)
         return self.experts.saved(relative + ".weight").removesuffix(".weight")
 
     def expert_modules(self, index: int) -> dict[str, list[str]]:

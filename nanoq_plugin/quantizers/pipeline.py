@@ -161,10 +161,10 @@ class _BlockWalk:
             return False
         producer = self.arch.group_of(group).producer
         linears = LinearGroup(
-            modules=tuple(f"{self.prefix}.{name}" for name in group),
-            planned={f"{self.prefix}.{name}": entry for name, entry in planned.items()},
-            weights={f"{self.prefix}.{name}": self.block.get_submodule(name).weight.data for name in group},
-            inputs=inputs, producer=None if producer is None else f"{self.prefix}.{producer}",
+            modules=tuple(self._saved(name) for name in group),
+            planned={self._saved(name): entry for name, entry in planned.items()},
+            weights={self._saved(name): self.block.get_submodule(name).weight.data for name in group},
+            inputs=inputs, producer=None if producer is None else self._saved(producer),
             gptq=self.settings, nvfp4_alpha=self.nvfp4_alpha)
         result = self.method.quantize_group(linears)
         for section, values in result.notes.items():
@@ -173,7 +173,7 @@ class _BlockWalk:
         if result.input_scale is not None:
             inputs_changed = self._scale_inputs(group, planned, inputs, result.input_scale)
         for name, entry in planned.items():
-            module = f"{self.prefix}.{name}"
+            module = self._saved(name)
             self.references[module] = result.references.get(module, linears.weights[module])
             self._hold(name, result.stored[module], entry.scheme, entry.requested, self.tensors[f"{module}.weight"].dtype)
         return inputs_changed
@@ -268,7 +268,7 @@ class _BlockWalk:
         if not self.tuning["kept"]:
             return
         for name, tunable in tunables.items():
-            record = self.results[f"{self.prefix}.{name}"][1]
+            record = self.results[self._saved(name)][1]
             self._hold(name, tunable.stored(), record.scheme, record.requested_scheme, record.source_dtype)
         for name in norm_weights(self.block):
             self._store_float(name)
@@ -277,27 +277,32 @@ class _BlockWalk:
               source_dtype: torch.dtype) -> None:
         """Take `stored` as linear `name`'s result (recorded against its float reference in `references`)
         and run the block on its dequantization from here on."""
-        module = f"{self.prefix}.{name}"
+        module = self._saved(name)
         linear = self.block.get_submodule(name)
         restored = dequantize(stored, scheme, *linear.weight.shape).to(linear.weight.device)
         self.results[module] = (stored, module_record(self.references[module], source_dtype, stored, scheme,
                                                       requested, restored))
         linear.weight.data = restored
 
+    def _saved(self, name: str) -> str:
+        """The full saved name of block module or tensor `name` (relative, in-memory): where transformers saves it
+        under another name (an MoE block's renamed modules) the plan, the tensors and the results use that one."""
+        return f"{self.prefix}.{self.arch.saved(name)}"
+
     def _planned(self, group: tuple[str, ...]) -> dict[str, PlannedModule]:
-        entries = {name: self.plan.modules.get(f"{self.prefix}.{name}") for name in group}
+        entries = {name: self.plan.modules.get(self._saved(name)) for name in group}
         return {name: e for name, e in entries.items() if e is not None and e.scheme.is_quantized}
 
     def _store_float(self, name: str) -> None:
         """Write a float parameter (a scaled weight or bias) back to the tensors the block is saved from."""
-        key = f"{self.prefix}.{name}"
+        key = self._saved(name)
         self.tensors[key] = self.block.get_parameter(name).data.to(self.tensors[key].dtype)
 
     def _fold_into_producer(self, producer: str, scale: torch.Tensor, norm_offset: float = 0.0) -> None:
         """Divide the output channels of `producer` by `scale [K]`: a linear's rows, or a norm's gain — `w` or,
         for a norm computing `(1 + w) x̂` (`norm_offset` 1), `1 + w` — and its bias if it has one."""
         module = self.block.get_submodule(producer)
-        key = f"{self.prefix}.{producer}"
+        key = self._saved(producer)
         if key in self.results:  # a quantized linear: its per-output-channel scales absorb the division
             stored, record = self.results[key]
             stored["scales"] = (stored["scales"].to(torch.float32) / scale).to(stored["scales"].dtype)
@@ -349,6 +354,8 @@ def quantize_checkpoint(
             keeping = [name for name in method_names() if not get_method(name).folds_scales]
             raise NanoqError(f"--e2e-steps: method {recipe.method} folds scales into the float weights; "
                              f"use {' or '.join(keeping)}")
+        if open_float_source(source_dir, instead="quantize from a float checkpoint")[1].experts is not None:
+            raise NanoqError("mixture-of-experts models: --e2e-steps does not handle experts yet")
         staging = make_staging_dir(Path(output_dir).resolve())
         try:
             quantize_checkpoint(source_dir, staging, recipe, device, calibration, progress, max_shard_bytes,

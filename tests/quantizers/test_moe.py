@@ -248,13 +248,16 @@ def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path,
     assert sum(result.manifest["moe"]["0"]["routed_tokens"]) == 8 * 32 * 2
 
 
-def test_block_tuning_refuses_experts_in_one_line(moe_sources, tmp_path, wikitext):
-    from nanoq_plugin.quantizers.settings import TuneSettings
+def test_block_and_end_to_end_tuning_refuse_experts_in_one_line(moe_sources, tmp_path, wikitext):
+    from nanoq_plugin.quantizers.settings import ModelTuneSettings, TuneSettings
 
     _, per_expert, _ = moe_sources
-    with pytest.raises(NanoqError, match="^mixture-of-experts models: --tune-steps does not handle experts yet"):
-        quantize_checkpoint(per_expert, tmp_path / "out", PRESETS["w4g128"].with_method("gptq"),
-                            calibration=str(wikitext), progress=False, tune=TuneSettings(steps=2))
+    for option, kwargs in (("--tune-steps", {"tune": TuneSettings(steps=2)}),
+                           ("--e2e-steps", {"e2e": ModelTuneSettings(steps=2)})):
+        with pytest.raises(NanoqError, match=f"^mixture-of-experts models: {option} does not handle experts yet"):
+            quantize_checkpoint(per_expert, tmp_path / "out", PRESETS["w4g128"].with_method("gptq"),
+                                calibration=str(wikitext), progress=False, **kwargs)
+        assert not (tmp_path / "out").exists()
 
 
 def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp_path, wikitext):
