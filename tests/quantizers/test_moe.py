@@ -155,6 +155,14 @@ def test_the_dequantized_model_routes_as_the_float_model(moe_sources, tmp_path, 
     assert same >= 0.95, f"{family} {recipe}: routing agreement {same:.3f}"
 
 
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory, wikitext):
+    """The first 40 kB of WikiText-2 (tokenizing the whole file costs more than these tests' quantization)."""
+    path = tmp_path_factory.mktemp("calib") / "wiki.txt"
+    path.write_text(wikitext.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
 def calibrated_sources(request, tmp_path_factory, smollm2_dir):
     """(family, per-expert source, fused-3-D source) of a one-block tiny MoE with a real tokenizer (same weights),
@@ -178,7 +186,7 @@ def calibrated_sources(request, tmp_path_factory, smollm2_dir):
     return request.param, *sources
 
 
-def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrated_sources, tmp_path, wikitext):
+def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrated_sources, tmp_path, calib_text):
     """With the floor, the starved experts are calibrated on all tokens; without it (from the fused-3-D source,
     which must give the very same tensors) on their few routed tokens: exactly the floored experts differ."""
     from nanoq_plugin.quantizers.settings import GptqSettings
@@ -187,7 +195,7 @@ def test_gptq_calibrates_each_expert_on_its_routed_tokens_with_a_floor(calibrate
     recipe = PRESETS["w4g128"].with_method("gptq")
     runs = {}
     for floor, layout in ((32, source), (0, fused)):
-        result = quantize_checkpoint(layout, tmp_path / f"floor{floor}", recipe, calibration=str(wikitext),
+        result = quantize_checkpoint(layout, tmp_path / f"floor{floor}", recipe, calibration=str(calib_text),
                                      progress=False, calib_windows=8, calib_seq_len=32,
                                      gptq=GptqSettings(clip_search=False, moe_floor_tokens=floor))
         runs[floor] = (result.manifest["moe"]["0"], _tensors(result.output))
@@ -233,14 +241,14 @@ def test_shared_experts_are_linears_and_their_gate_stays_float(tmp_path):
         quantize_checkpoint(source, tmp_path / "named", named, progress=False)
 
 
-def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path, wikitext):
+def test_awq_with_codebooks_quantizes_every_expert(calibrated_sources, tmp_path, calib_text):
     """AWQ (no scale folded into experts: their input's norm is shared by all of them and the router) on codebook
     schemes: every expert quantized near its own weight, routing recorded."""
     family, source, _ = calibrated_sources
     if family != "qwen3_moe":
         pytest.skip("one family is enough for the method: the expert walk is the GPTQ test's")
     result = quantize_checkpoint(source, tmp_path / "awq", PRESETS["cb4g128"].with_method("awq"),
-                                 calibration=str(wikitext), progress=False, calib_windows=8, calib_seq_len=32)
+                                 calibration=str(calib_text), progress=False, calib_windows=8, calib_seq_len=32)
     modules = result.manifest["modules"]
     experts = [m for m in modules if ".experts." in m]
     assert len(experts) == 8 * 3 and all(modules[m]["scheme"].startswith("cb4") for m in experts)
@@ -260,7 +268,7 @@ def test_block_and_end_to_end_tuning_refuse_experts_in_one_line(moe_sources, tmp
         assert not (tmp_path / "out").exists()
 
 
-def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp_path, wikitext):
+def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp_path, calib_text):
     from nanoq_plugin.quantizers.allocator import AllocationRequest
 
     family, source, _ = calibrated_sources
@@ -268,7 +276,7 @@ def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp
         pytest.skip("one family is enough: the expert walk is the GPTQ test's")
     allocation = AllocationRequest((parse_scheme("int2g64"), parse_scheme("int4g128"), parse_scheme("int8")),
                                    target_bpw=4.5, windows=8)
-    result = quantize_checkpoint(source, tmp_path / "out", PRESETS["w4g128"], calibration=str(wikitext),
+    result = quantize_checkpoint(source, tmp_path / "out", PRESETS["w4g128"], calibration=str(calib_text),
                                  progress=False, calib_seq_len=32, allocation=allocation)
     record = result.manifest["provenance"]["allocation"]
     units = {len(unit["modules"]): unit for unit in record["units"]}
