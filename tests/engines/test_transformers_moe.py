@@ -75,10 +75,15 @@ def dequantized_reference(source, nano_dir, dtype=torch.float32):
 TOKENS = torch.tensor([[1, 17, 33, 250, 9, 88, 121, 7, 64, 300, 45, 2]])
 
 
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_quantized_experts_load_and_match_the_reference(family, tmp_path):
+def test_quantized_experts_load_and_match_the_reference(family, layout, tmp_path):
+    """From either source layout (per-expert tensors as `save_pretrained` writes them, or fused 3-D as in memory;
+    the same weights), the checkpoint loads and computes the float model of its reference dequantization."""
     source = build_tiny_model(family, tmp_path / "src", num_layers=2)
-    out = quantize(source, tmp_path / "nano", "int4g32", "int8")
+    quantized_from = build_tiny_model(family, tmp_path / "fused", num_layers=2, fused_experts=True) \
+        if layout == "fused" else source
+    out = quantize(quantized_from, tmp_path / "nano", "int4g32", "int8")
     model = load(out)
     experts = [m for m in model.modules() if isinstance(m, NanoExperts)]
     assert len(experts) == 2 and all(m.num_experts == 8 for m in experts)
