@@ -222,3 +222,20 @@ def test_inspect_shows_experts_per_block(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"model\.layers\.1\.block_sparse_moe .* min 0, median 40, max 90; floor \(< 16 tokens, "
                      r"calibrated on all\): experts 1, 2, 6\n +per expert: 40 3 0 17 90 60 2 44\n", printed), printed
+
+
+def test_a_float_source_stores_one_expert_layout(tmp_path):
+    """Per-expert (save_pretrained) and fused 3-D (in-memory) sources are both accepted; one that mixes them
+    (fused gate/up beside per-expert down projections) is refused with one line."""
+    from nanoq_plugin.format.expected_tensors import check_float_tensors
+
+    per_expert = build_tiny_model("qwen3_moe", tmp_path / "per_expert", num_layers=1)
+    fused = build_tiny_model("qwen3_moe", tmp_path / "fused", num_layers=1, fused_experts=True)
+    for source in (per_expert, fused):
+        assert [e.block for e in check_float_tensors(SourceCheckpoint(source)).experts] == ["model.layers.0.mlp"]
+    tensors = load_file(str(fused / "model.safetensors"))
+    down = tensors.pop("model.layers.0.mlp.experts.down_proj")
+    tensors.update({f"model.layers.0.mlp.experts.{e}.down_proj.weight": down[e].contiguous() for e in range(8)})
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NanoqError, match=r"tensor 'model\.layers\.0\.mlp\.experts\.down_proj' is missing"):
+        check_float_tensors(SourceCheckpoint(fused))
