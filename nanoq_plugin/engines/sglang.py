@@ -57,9 +57,9 @@ class NanoSglangConfig(QuantizationConfig):
         experts = quantized_expert_blocks(quant_config)
         if experts:
             more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
-            raise NanoqError(f"config.json: the experts of {experts[0]}{more} are quantized, and the SGLang adapter has "
-                             "no mixture-of-experts method yet: serve this checkpoint with vLLM (--quantization nano) "
-                             "or keep the experts float")
+            raise NanoqError(f"config.json: the experts of {experts[0]}{more} are quantized, and the SGLang adapter "
+                             "has no mixture-of-experts method yet: serve this checkpoint with vLLM (--quantization "
+                             "nano) or keep the experts float")
         self.quant_config = quant_config
         self.packed_modules_mapping = dict(packed_modules_mapping or {})
 

@@ -8,16 +8,18 @@ A nano checkpoint stores every expert projection per expert, as a dense linear o
 calls the parameter's `weight_loader` once per expert and shard. So this method registers, for each tensor
 `T` of the role's scheme (`format.layout.param_specs`), one parameter holding all this rank's experts:
 
-| parameter     | shape (per expert: the dense layout)       | sharding (tensor parallel)                     | loader |
-|---------------|--------------------------------------------|------------------------------------------------|--------|
-| `w13_<T>` of sharding input_output (`qweight`, `scales`, `zeros`) | `[E, K', 2*I_rank]` (K = H) | gate into columns `[0, I_rank)`, up into `[I_rank, 2*I_rank)`, each this rank's slice of I | vLLM's (`is_transposed`, `quant_method="group"`) |
-| `w2_<T>` of sharding input_output | `[E, K', H]` (K = I_rank)       | rows: this rank's slice of I                    | vLLM's |
-| `w13_scales` of sharding output (int8 per channel) | `[E, 2*I_rank]` | as the columns above                           | vLLM's (`quant_method="channel"`) |
-| `w2_scales` of sharding output | `[E, H]`                          | whole on every rank                             | vLLM's |
-| `w13_codebook` / `w2_codebook` (part_table) | `[E, 2, 2**b]` / `[E, 1, 2**b]` | one table per part (gate, up), whole | ours |
-| `w13_signs` / `w2_signs` (input vector) | `[E, H]` / `[E, I_rank]`       | with K: whole for w13 (gate and up must agree), sliced for w2 | ours |
-| `w13_weight` / `w2_weight` (a float role) | `[E, 2*I_rank, H]` / `[E, H, I_rank]` | as vLLM's unquantized experts | vLLM's |
+| parameter (sharding of T)   | shape                      | filled by | tensor parallel |
+|-----------------------------|----------------------------|-----------|-----------------|
+| w13_T (input_output: qweight, scales, zeros) | [E, K', 2*I_rank], K = H | vLLM (1) | gate, up: halves of N |
+| w2_T (input_output)         | [E, K', H], K = I_rank     | vLLM (1)  | rows: this rank's slice of I |
+| w13_scales (output: int8)   | [E, 2*I_rank]              | vLLM (2)  | as the w13 columns |
+| w2_scales (output: int8)    | [E, H]                     | vLLM (2)  | whole on every rank |
+| w13_codebook / w2_codebook (part_table) | [E, 2, 2**b] / [E, 1, 2**b] | ours | one table per part (gate, up), whole |
+| w13_signs / w2_signs (input) | [E, H] / [E, I_rank]      | ours      | w13 whole (gate and up must agree), w2 sliced |
+| w13_weight / w2_weight (a float role) | [E, 2*I_rank, H] / [E, H, I_rank] | vLLM | as vLLM's unquantized experts |
 
+(1) `is_transposed=True`, `quant_method="group"`: the K-first layout of GPTQ experts; each part gets this rank's
+slice of I. (2) `quant_method="channel"`.
 E counts this rank's experts (all of them unless expert parallelism places them), H the hidden size, I the
 experts' intermediate size. After loading, every expert's tensors of each role are repacked once for the same
 CPU/Triton kernels a dense linear of that scheme uses (`kernels.ops.prepare_linear`) and the stored copies freed.
