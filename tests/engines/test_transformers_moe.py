@@ -183,7 +183,7 @@ def test_exports_refuse_an_moe_checkpoint_with_one_line(tmp_path, capsys):
     ("float twin", r"'model\.layers\.0\.mlp\.experts\.2\.down_proj\.weight' is stored beside the quantized tensors"),
     ("shape", r"tensor 'model\.layers\.0\.mlp\.experts\.6\.gate_proj\.scales' is float16 \[3, 32\], the manifest and "
               r"scheme int4g32 need float16 \[3, 64\]"),
-])
+], ids=["extra", "float-twin", "shape"])
 def test_stray_or_misshapen_expert_tensors_are_refused(tmp_path, stored, message):
     """A fused 3-D tensor beside the per-expert ones (transformers would load it over them), a float weight
     beside an expert's quantized tensors, or an expert tensor of another shape: refused before loading."""
