@@ -422,6 +422,25 @@ def quantize_checkpoint(
                     writer.add(f"{module}.{part}", value.cpu())
                 records[module] = record
 
+        def write_data_free(names: list[str]) -> None:
+            """Quantize and store `names` (one block's tensors) with the method from the weights alone, loading
+            one fused group (or one other tensor) at a time: an 8B block is 436 MB in bf16, twice that as the
+            float32 working copies, and holding it whole beside a filling output shard was the run's peak."""
+            planned = [n.removesuffix(".weight") for n in names if n.endswith(".weight")
+                       and (entry := plan.modules.get(n.removesuffix(".weight"))) is not None
+                       and entry.scheme.is_quantized]
+            written = set()
+            for modules in _fused_groups(planned, arch):
+                tensors = {f"{m}.weight": source.get(f"{m}.weight") for m in modules}
+                write(tensors, _quantize_from_weights(method, tensors, plan, arch, torch_device, gptq,
+                                                      recipe.nvfp4_alpha))
+                written.update(tensors)
+                del tensors
+                release_freed_memory()
+            for name in names:
+                if name not in written:
+                    write({name: source.get(name)}, {})
+
         hidden = float_hidden = runner = calib_info = None
         if method.needs_calibration:
             ids = calibration_windows(source.directory, calibration, calib_windows, calib_seq_len)
@@ -440,33 +459,32 @@ def quantize_checkpoint(
             release_freed_memory()
         bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
         for index in bar:
+            if runner is None:  # from the weights alone: one fused group in memory at a time, not the block
+                write_data_free(by_block.get(index, []))
+                bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
+                continue
             block_tensors = dict(source.items(by_block.get(index, [])))
-            if runner is None:
-                done = _quantize_from_weights(method, block_tensors, plan, arch, torch_device, gptq, recipe.nvfp4_alpha)
-            else:
-                block_start = time.perf_counter()
-                walk = _BlockWalk(runner, arch, plan, index, block_tensors, method, gptq, recipe.nvfp4_alpha, tune)
-                targets = None if float_hidden is None else runner.forward(walk.block, float_hidden)
-                hidden = walk.run(hidden, targets)
-                if targets is not None:
-                    float_hidden = targets
-                    calib_info["tuning"]["blocks"].append({"block": index, **walk.tuning})
-                done = walk.results
-                if walk.routing:
-                    moe[index].update(walk.routing)
-                for section, values in walk.notes.items():
-                    calib_info.setdefault(section, {}).update(values)
-                tuned = {}
-                if walk.tuning:  # the block's held-out error after tuning, relative to the method's
-                    t = walk.tuning
-                    tuned["tuned"] = f"{t['held_out_error_after'] / max(t['held_out_error_before'], 1e-30):.2f}x"
-                bar.set_postfix(block_s=f"{time.perf_counter() - block_start:.1f}",
-                                peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB", **tuned)
+            block_start = time.perf_counter()
+            walk = _BlockWalk(runner, arch, plan, index, block_tensors, method, gptq, recipe.nvfp4_alpha, tune)
+            targets = None if float_hidden is None else runner.forward(walk.block, float_hidden)
+            hidden = walk.run(hidden, targets)
+            if targets is not None:
+                float_hidden = targets
+                calib_info["tuning"]["blocks"].append({"block": index, **walk.tuning})
+            done = walk.results
+            if walk.routing:
+                moe[index].update(walk.routing)
+            for section, values in walk.notes.items():
+                calib_info.setdefault(section, {}).update(values)
+            tuned = {}
+            if walk.tuning:  # the block's held-out error after tuning, relative to the method's
+                t = walk.tuning
+                tuned["tuned"] = f"{t['held_out_error_after'] / max(t['held_out_error_before'], 1e-30):.2f}x"
+            bar.set_postfix(block_s=f"{time.perf_counter() - block_start:.1f}",
+                            peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB", **tuned)
             write(block_tensors, done)
             del block_tensors, done
             release_freed_memory()
-            if runner is None:
-                bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
 
         quant_config = NanoQuantConfig(modules=plan.quantized(), tied_lm_head=plan.tied_lm_head)
         config = dict(source.config)
