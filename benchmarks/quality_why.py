@@ -104,7 +104,7 @@ def analyse(name: str, windows: int, work: Path) -> dict:
         groups = defaultdict(list)
         for linear_name, record in per_linear.items():
             groups[group(linear_name)].append(record[key])
-        return {g: round(sum(v) / len(v), 4) for g, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+        return {g: round(sum(v) / len(v), 4) for g, v in sorted(groups.items())}
 
     by_kind = lambda n: LINEAR.match(n).group(2)  # noqa: E731
     by_block = lambda n: int(LINEAR.match(n).group(1))  # noqa: E731
