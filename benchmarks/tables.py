@@ -207,6 +207,37 @@ def gguf_table() -> str:
     return "\n".join([*lines, "", source("gguf-smollm2.json")])
 
 
+def scale_table() -> str:
+    """Quantizing large shapes on the CPU: per result file and run, wall time and peak RSS against the budget."""
+    names = sorted(p.name for p in RESULTS.glob("scale-*.json"))
+    lines = ["| shape | method | blocks | wall time | peak RSS above imports | budget | load average | commit |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name in names:
+        data = load(name)
+        shape, budget = data["shape"], data["budget"]["total_bytes"]
+        load_average = data["provenance"]["cpu"].get("load_average_1m")
+        commit = (data["provenance"].get("commit") or "not recorded")[:10]
+        described = (f"{shape['name']} (hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']})")
+        for run in data["runs"]:
+            if run.get("extrapolated"):
+                blocks = data.get("extrapolated_to_layers", shape["layers"])
+                lines.append(f"| {described} | {run['method']} {run['scheme']} | {blocks} | {run['seconds'] / 60:.1f} "
+                             f"min, extrapolated from {run['blocks_measured']} blocks | not measured | | | {commit} |")
+                continue
+            # peak_rss_after_imports_bytes is the RSS once python, torch and transformers are imported
+            rss = run["peak_rss_bytes"] - run["peak_rss_after_imports_bytes"] if "peak_rss_after_imports_bytes" in run else None
+            over = "" if rss is None else (" (within)" if rss <= budget else f" ({rss / budget - 1:+.0%})")
+            lines.append(f"| {described} | {run['method']} {run['scheme']} | {run['blocks_run']} | "
+                         f"{run['seconds'] / 60:.1f} min | "
+                         + ("not measured" if rss is None else f"{rss / 1e9:.2f} GB{over}")
+                         + f" | {budget / 1e9:.2f} GB | "
+                         + ("not recorded" if load_average is None else f"{load_average:.1f}") + f" | {commit} |")
+    caption = ("Random bf16 weights of the shape, 2 CPU cores; budget = two blocks of float weights + one output "
+               "shard + the embedding; load average: runnable processes when the result was written (above 0, "
+               "other jobs shared the cores and times are slower than an idle machine's).")
+    return "\n".join([caption, "", *lines, "", source(*names)])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality_table,
     "quality-all": quality_all_table,
@@ -216,6 +247,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "cpu-kernels": cpu_kernel_table,
     "gpu": gpu_table,
     "gguf": gguf_table,
+    "scale": scale_table,
 }
 
 
