@@ -150,7 +150,8 @@ def write_example_model(output_dir: str | os.PathLike, name: str = DEFAULT_EXAMP
         )
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        marker = {"example_model": entry.name, "source_package": entry.pin, "source_file": entry.gguf_name,
+        marker = {"example_model": entry.name, "model": entry.model_name, "source_package": entry.pin,
+                  "source_file": entry.gguf_name,
                   "license": entry.license, "note": entry.weights_note}
         (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         publish_dir(staging, output)

@@ -71,3 +71,19 @@ def test_gemma_chat_template_puts_the_system_message_in_the_first_user_turn():
         "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello.<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n")
+
+
+def test_a_checkpoint_of_an_example_model_carries_its_marker_note(tiny_llama):
+    """The manifest's provenance repeats what the folder's marker says (model, file, license, note)."""
+    import json
+
+    from nanoq_plugin.format.checkpoint import SourceCheckpoint
+    from nanoq_plugin.quantizers.provenance import provenance
+    from nanoq_plugin.quantizers.recipe import load_recipe
+
+    gemma = examples.EXAMPLE_MODELS["gemma3-270m"]
+    marker = {"example_model": gemma.name, "model": gemma.model_name, "source_package": gemma.pin,
+              "source_file": gemma.gguf_name, "license": gemma.license, "note": gemma.weights_note}
+    (tiny_llama / examples.MARKER_NAME).write_text(json.dumps(marker))
+    note = provenance(SourceCheckpoint(tiny_llama), load_recipe("w8"), None, None)["example_model_note"]
+    assert note == f"gemma-3-270m from gemma-3-270m-q4_k_m.gguf ({gemma.license}): {gemma.weights_note}"

@@ -51,6 +51,6 @@ def provenance(source: SourceCheckpoint, recipe: Recipe, calibration: str | None
     marker = source.directory / EXAMPLE_MARKER_NAME
     if marker.exists():  # written by `nanoq example-model`: what its GGUF stored, and its license
         example = json.loads(marker.read_text(encoding="utf-8"))
-        record["example_model_note"] = (f"{record['source_model']} from {example['source_file']} "
+        record["example_model_note"] = (f"{example.get('model', record['source_model'])} from {example['source_file']} "
                                          f"({example['license']}): {example['note']}")
     return record
