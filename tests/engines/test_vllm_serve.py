@@ -232,7 +232,7 @@ def test_a_scheme_without_a_fast_kernel_warns_at_start_and_strict_mode_refuses(t
     """NANOQ_CPU_ISA=none stands for a CPU with no kernel of ours (aarch64, old x86): the codebook layers fall to
     the reference, and vLLM's start log says so in one line; NANOQ_STRICT_KERNELS=1 refuses to start."""
     recipe_file = tmp_path / "codebook.yaml"
-    recipe_file.write_text(TINY_RECIPES["codebook"])
+    recipe_file.write_text("default: cb3g128\nembeddings: int8\n")
     model = tmp_path / "nano"
     quantize_checkpoint(tiny_float_model, model, load_recipe(str(recipe_file)), progress=False)
     monkeypatch.setenv("NANOQ_CPU_ISA", "none")
