@@ -177,25 +177,31 @@ class BlockRunner:
         """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches of `batch_size`."""
         return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch_size)])
 
-    def _group_inputs(self, block: nn.Module, chunks: list[torch.Tensor], linear: str) -> list[torch.Tensor]:
-        """The input of `linear` (a relative name) for every chunk, with the block as it is now: the block runs
-        until that linear is called."""
-        captured = []
+    def _forward_until(self, block: nn.Module, chunks: list[torch.Tensor], module: str, record, missing: str) -> None:
+        """Run each chunk through `block` until `module` (a relative name) is called, handing its call's
+        `(args, kwargs)` to `record`; NanoqError '`<block>: <missing>`' when a forward never calls it."""
 
-        def hook(module, args):
-            captured.append(args[0])
+        def hook(_module, args, kwargs):
+            record(args, kwargs)
             raise _Captured
 
-        handle = block.get_submodule(linear).register_forward_pre_hook(hook)
+        handle = block.get_submodule(module).register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for chunk in chunks:
                 try:
                     self.call(block, chunk)
                 except _Captured:
                     continue
-                raise NanoqError(f"{type(block).__name__}: {linear} was not called in a forward pass")
+                raise NanoqError(f"{type(block).__name__}: {missing}")
         finally:
             handle.remove()
+
+    def _group_inputs(self, block: nn.Module, chunks: list[torch.Tensor], linear: str) -> list[torch.Tensor]:
+        """The input of `linear` (a relative name) for every chunk, with the block as it is now: the block runs
+        until that linear is called."""
+        captured = []
+        self._forward_until(block, chunks, linear, lambda args, kwargs: captured.append(args[0]),
+                            f"{linear} was not called in a forward pass")
         return captured
 
     def _expert_inputs(self, block: nn.Module, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,23 +209,15 @@ class BlockRunner:
         block as it is now (each forward stops at the experts: the router is the model's own)."""
         xs, picks = [], []
 
-        def hook(module, args, kwargs):
+        def record(args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            xs.append(hidden.reshape(-1, hidden.shape[-1]))
-            picks.append(index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1))
-            raise _Captured
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            xs.append(flat)
+            picks.append(index.reshape(flat.shape[0], -1))
 
-        handle = block.get_submodule(self.arch.experts.experts).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for chunk in chunks:
-                try:
-                    self.call(block, chunk)
-                except _Captured:
-                    continue
-                raise NanoqError(f"{type(block).__name__}: its experts were not called in a forward pass")
-        finally:
-            handle.remove()
+        self._forward_until(block, chunks, self.arch.experts.experts, record,
+                            "its experts were not called in a forward pass")
         return torch.cat(xs), torch.cat(picks).to(torch.int64)
 
     @torch.no_grad()
