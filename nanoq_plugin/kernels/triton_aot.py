@@ -4,7 +4,9 @@ Triton's CPU interpreter, which the tests run the kernels in, executes the Pytho
 misses what only the compiler checks (which globals a kernel may read, types, shared memory per block).
 This module compiles every weight format with a decode and a prefill tile, the whole-weight dequantizer
 and the embedding gather, and every candidate tile with one format, to a cubin for `--arch` (default 90:
-H100 / H200), and reports each variant's shared memory and matrix instructions.
+H100 / H200), and reports each variant's shared memory and matrix instructions; likewise the grouped MoE
+kernel (triton_moe) in its two launches, w13 ("moe-w13") and w2 with the routing weights ("moe-w2"), for every
+format it serves.
 
     python -m nanoq_plugin.kernels.triton_aot            # a table; exit 1 if any variant fails
     python -m nanoq_plugin.kernels.triton_aot --json     # the same as JSON (tests/kernels/test_triton_aot.py)
@@ -32,7 +34,8 @@ from .triton_dequant import FMT_CODEBOOK, FMT_INT8_CHANNEL, FMT_INT_GROUP
 HOPPER_MAX_SHARED = 232448
 _POINTER_TYPE = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _DTYPE_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_ALIGNED_INTS = ("N", "K", "H", "stride_xm", "stride_om", "stride_osplit", "stride_q", "stride_s", "k_per_split")
+_ALIGNED_INTS = ("N", "K", "H", "stride_xm", "stride_om", "stride_osplit", "stride_q", "stride_s", "k_per_split",
+                 "stride_am", "stride_qe", "stride_se")
 # (label, format, bits, group size, has zeros) of every weight format the kernels read
 FORMATS = (
     ("int8", FMT_INT8_CHANNEL, 8, 0, False),
@@ -46,12 +49,15 @@ FORMATS = (
     ("cb3g128", FMT_CODEBOOK, 3, 128, False),
     ("cb4g128", FMT_CODEBOOK, 4, 128, False),
 )
+# the formats the grouped MoE kernel serves (triton_moe.unsupported_reason: no codebooks)
+MOE_FORMATS = tuple(label for label, fmt, *_ in FORMATS if fmt != FMT_CODEBOOK)
+MOE_TOP_K = 8  # the w13 launch's rows per token (Qwen3-MoE's top-k); only an index divisor in the kernel
 
 
 @dataclass(frozen=True)
 class Variant:
     """One compiled kernel: `kernel` "gemm" (a TileConfig as block_m/n/k, split_k, warps, stages), "dequantize"
-    (block_k x block_n tiles) or "embedding"."""
+    (block_k x block_n tiles), "embedding", or "moe-w13" / "moe-w2" (a triton_moe.MoeConfig)."""
 
     kernel: str
     format: str
@@ -82,11 +88,27 @@ def variants() -> list[Variant]:
             gemm("int4g128", swapped, "fp32")]
     out += [Variant("embedding", label, "bf16", block_n=16, block_k=128) for label, *_ in FORMATS]
     out += [Variant("dequantize", label, "bf16", block_n=64, block_k=64) for label, *_ in FORMATS]
+    out += moe_variants()
     unique = []
     for variant in out:
         if variant not in unique:
             unique.append(variant)
     return unique
+
+
+def moe_variants() -> list[Variant]:
+    """The grouped MoE kernel: both launches of every format it serves with the decode configuration in bf16,
+    every candidate configuration with int4g128, and float16 / float32 activations once."""
+    from .triton_moe import MOE_CONFIGS
+
+    def moe(kernel: str, label: str, config, dtype: str = "bf16") -> Variant:
+        return Variant(kernel, label, dtype, config.block_m, config.block_n, config.block_k,
+                       num_warps=config.num_warps, num_stages=config.num_stages)
+
+    out = [moe(kernel, label, MOE_CONFIGS[0]) for label in MOE_FORMATS for kernel in ("moe-w13", "moe-w2")]
+    out += [moe(kernel, "int4g128", config) for config in MOE_CONFIGS for kernel in ("moe-w13", "moe-w2")]
+    out += [moe("moe-w13", "int4g128", MOE_CONFIGS[0], "fp16"), moe("moe-w2", "int4g128", MOE_CONFIGS[2], "fp32")]
+    return out
 
 
 def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -119,6 +141,19 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
         fn = dequantize_kernel
         constexprs = dict(**weight.constexprs(), BLOCK_K=variant.block_k, BLOCK_N=variant.block_n)
         pointers.update(out_ptr=_POINTER_TYPE[act])
+    elif variant.kernel.startswith("moe-"):
+        from .triton_moe import MoeConfig, kernel_constexprs as moe_constexprs, moe_dequant_gemm_kernel
+
+        fn = moe_dequant_gemm_kernel
+        w13 = variant.kernel == "moe-w13"
+        config = MoeConfig(variant.block_m, variant.block_n, variant.block_k, variant.num_warps, variant.num_stages)
+        # model-sized N and K (no tile clamped); w13 writes the activation dtype (and gets the scales as its unread
+        # routing weights, as fused_moe_nano passes them), w2 float32 rows times float32 routing weights
+        constexprs = moe_constexprs(weight, config, 4096, 4096, MOE_TOP_K if w13 else 1, not w13, act,
+                                    interpret=False)
+        pointers.update(a_ptr=_POINTER_TYPE[act], out_ptr=_POINTER_TYPE[act] if w13 else "*fp32",
+                        weights_ptr="*fp16" if w13 else "*fp32", sorted_rows_ptr="*i32", block_experts_ptr="*i32",
+                        padded_rows_ptr="*i32")
     else:
         fn = embedding_gather_kernel
         constexprs = dict(**weight.constexprs(), BLOCK_T=variant.block_n, BLOCK_H=variant.block_k)

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from nanoq_plugin.kernels.triton_aot import FORMATS, HOPPER_MAX_SHARED  # noqa: E402
+from nanoq_plugin.kernels.triton_aot import FORMATS, HOPPER_MAX_SHARED, MOE_FORMATS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,19 @@ def test_every_variant_compiles_for_sm90(reports):
     assert {r["format"] for r in reports if r["kernel"] == "gemm"} == {label for label, *_ in FORMATS}
     for kernel in ("embedding", "dequantize"):
         assert {r["format"] for r in reports if r["kernel"] == kernel} == {label for label, *_ in FORMATS}
+
+
+def test_grouped_moe_kernel_compiles_for_every_format_it_serves(reports):
+    """Both launches of the grouped MoE kernel (triton_moe), every format it serves; 16-bit activations reach the
+    tensor cores (warpgroup MMAs from 64-row blocks on, as the dense prefill tiles)."""
+    for kernel in ("moe-w13", "moe-w2"):
+        assert {r["format"] for r in reports if r["kernel"] == kernel} == set(MOE_FORMATS)
+    moe = [r for r in reports if r["kernel"].startswith("moe-")]
+    assert {r["block_m"] for r in moe} >= {16, 64}
+    for r in moe:
+        assert r["ok"], r
+        if r["act_dtype"] != "fp32":
+            assert r["mma"] == ("wgmma" if r["block_m"] >= 64 else "mma.sync"), r
 
 
 def test_tiles_fit_hopper_shared_memory_and_use_tensor_cores(reports):
