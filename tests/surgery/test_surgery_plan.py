@@ -1,9 +1,8 @@
-"""--drop / --swap / --duplicate parsing, layer maps, and the surgered config."""
+"""--drop / --swap / --duplicate parsing and layer maps (the surgered config: test_surgery_config.py)."""
 
 import pytest
 
 from nanoq_plugin.errors import NanoqError
-from nanoq_plugin.surgery.config import surgered_config
 from nanoq_plugin.surgery.plan import build_layer_map, parse_indices, parse_swaps
 
 
@@ -46,28 +45,3 @@ def test_parse_flags():
         parse_swaps(["11-12"])
     with pytest.raises(NanoqError, match=r"--swap 5:5: a block cannot be swapped with itself"):
         parse_swaps(["5:5"])
-
-
-def test_config_per_layer_lists_follow_their_blocks():
-    config = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"], "max_window_layers": 28,
-              "use_sliding_window": False, "sliding_window": None}
-    new = surgered_config(config, build_layer_map(4, drop=[0], swap=[(2, 3)], duplicate=[1]), "config.json")
-    assert new["num_hidden_layers"] == 4 and new["layer_types"] == ["b", "b", "d", "c"]
-    assert new["max_window_layers"] == 28  # sliding window off: the value has no effect and is kept
-    assert config["layer_types"] == ["a", "b", "c", "d"]  # the input is not modified
-
-
-def test_config_qwen2_sliding_window_layers():
-    config = {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}
-    dropped = surgered_config(config, build_layer_map(4, drop=[0]), "config.json")
-    assert dropped["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
-    assert dropped["max_window_layers"] == 1
-    with pytest.raises(NanoqError, match=r"config.json: this surgery puts a full-attention block after a sliding"):
-        surgered_config(config, build_layer_map(4, swap=[(1, 2)]), "config.json")
-
-
-def test_config_that_disagrees_with_the_map():
-    with pytest.raises(NanoqError, match=r"cfg: num_hidden_layers is 5 but the layer map is for 4 blocks"):
-        surgered_config({"num_hidden_layers": 5}, build_layer_map(4, drop=[1]), "cfg")
-    with pytest.raises(NanoqError, match=r"cfg: layer_types should list one entry per block \(4\)"):
-        surgered_config({"num_hidden_layers": 4, "layer_types": ["a"]}, build_layer_map(4, drop=[1]), "cfg")
