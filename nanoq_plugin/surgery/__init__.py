@@ -2,7 +2,10 @@
 checkpoint, and search for the best surgery by perplexity and a factual question suite.
 
 - `plan`: `--drop/--swap/--duplicate` parsed and validated into a `LayerMap` (new block -> source block).
-- `config`: the config of the surgered model (num_hidden_layers and the per-layer attributes).
+- `layer_fields`: the config fields that say something per block (per-layer lists, index patterns, index lists),
+  read off transformers' own config class.
+- `config`: the config of the surgered model (num_hidden_layers and those fields rewritten).
+- `verify`: the check that transformers builds every new block as its source block (meta device).
 - `apply`: the checkpoint writer (streams tensors, one at a time, into a temp dir renamed into place).
 - `inmemory`: the same surgery applied to a loaded transformers model, for evaluation without writing.
 - `qa`: the question suite (greedy, chat template, exact match after normalisation).

@@ -3,8 +3,8 @@
 Tensors are streamed one at a time from the source safetensors into shards in a temp dir beside OUT, with
 `model.layers.{source}.` renamed to `model.layers.{new}.`; the folder is renamed into place only when
 complete. A duplicated block is stored twice (engines load one tensor per block). The config gets the new
-`num_hidden_layers` and per-layer attributes; tokenizer and generation files are copied; `nanoq_surgery.json`
-records the source and the layer map.
+`num_hidden_layers` and per-block fields (`surgery.config`); tokenizer and generation files are copied;
+`nanoq_surgery.json` records the source and the layer map.
 """
 
 from __future__ import annotations

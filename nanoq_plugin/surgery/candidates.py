@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import NanoqError
+from ..quantizers.anatomy import decoder_blocks
 from .plan import LayerMap, build_layer_map
 from .settings import MODES
-
 
 
 @torch.inference_mode()
@@ -29,7 +29,8 @@ def block_influence(model, token_ids: torch.Tensor) -> list[float]:
     records: dict[int, float] = {}
     inputs: dict[int, torch.Tensor] = {}
     handles = []
-    for index, block in enumerate(model.model.layers):
+    _, blocks = decoder_blocks(model, model.config.num_hidden_layers, "model config")
+    for index, block in enumerate(blocks):
         def before(module, args, kwargs, index=index):
             inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
 
@@ -45,7 +46,7 @@ def block_influence(model, token_ids: torch.Tensor) -> list[float]:
     finally:
         for handle in handles:
             handle.remove()
-    return [records[i] for i in range(len(model.model.layers))]
+    return [records[i] for i in range(len(blocks))]
 
 
 def drop_one(num_layers: int, influence: list[float]) -> list[LayerMap]:
