@@ -167,7 +167,6 @@ def main() -> None:
                     if on_gpu else ""
                 print(f"{model} {scheme} T={tokens:5d}  bf16 per-expert {base_ms:.4f} ms  ours {ours_ms:.4f} ms "
                       f"({base_ms / ours_ms:.2f}x){graph}  rel error {rel_error:.1e}", flush=True)
-            del w13, w2, dense13, dense2
     write_results()
     print(f"wrote {out_path}")
     if failures:
