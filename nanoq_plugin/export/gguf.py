@@ -13,10 +13,10 @@ Q8_0: blocks of 32 along the input dimension, int8 codes and one f16 scale (absm
 weight. Q4_0: blocks of 32, 4-bit codes in [-8, 7] and one f16 scale, symmetric, 4.5 bits per weight.
 Quantization is gguf-py's (`gguf.quants.quantize`, numpy, the reference of llama.cpp's formats).
 
-Llama's q_proj and k_proj rows are permuted per head from Hugging Face's rotate-half layout to the
-interleaved pairs llama.cpp's rotary embedding uses (the permutation of llama.cpp's convert_hf_to_gguf,
-which transformers' GGUF loader reverses); Qwen2 and Qwen3 use the NeoX rotary embedding and are written
-unpermuted. The tokenizer and chat template go in the metadata (`gguf_vocab`).
+The families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3), their hyperparameter keys and their
+tensor transforms (Llama's q/k row permutation to llama.cpp's interleaved rotary pairs, Gemma's `1 + w`
+norms) are `gguf_arch`'s, each as llama.cpp's convert_hf_to_gguf writes it. The tokenizer and chat template
+go in the metadata (`gguf_vocab`).
 
 Tensors are streamed: the tensor table is written from the headers, then each tensor is loaded, converted,
 written and dropped; the file is written beside OUT under a temp name and renamed when complete.
@@ -36,25 +36,12 @@ from tqdm import tqdm
 from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint, discard_staging, make_staging_file, publish_file
 from ..format.expected_tensors import check_float_tensors
+from .gguf_arch import Family, family_of
 from .gguf_vocab import read_vocab
 
 TYPES = ("f16", "q8_0", "q4_0")
 DEFAULT_TYPE = "f16"
 BLOCK = 32  # elements per Q8_0 / Q4_0 block
-
-
-@dataclass(frozen=True)
-class _Arch:
-    gguf_name: str
-    permute_qk: bool
-    head_dim_keys: bool  # writes attention.key_length / value_length (Qwen3, and Llama when head_dim is set)
-
-
-ARCHITECTURES = {
-    "llama": _Arch("llama", permute_qk=True, head_dim_keys=False),
-    "qwen2": _Arch("qwen2", permute_qk=False, head_dim_keys=False),
-    "qwen3": _Arch("qwen3", permute_qk=False, head_dim_keys=True),
-}
 
 
 @dataclass
@@ -79,44 +66,11 @@ def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _check_config(config: dict, where: str) -> _Arch:
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise NanoqError(f"{where}: model_type {model_type!r} has no GGUF export (supported: {', '.join(ARCHITECTURES)})")
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method")
-        raise NanoqError(f"{where}: quantized (quant_method {method!r}); export the float model it was made from")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise NanoqError(f"{where}: rope_type {rope['rope_type']!r} is not exported (only the default rotary embedding)")
-    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
-        raise NanoqError(f"{where}: Llama with attention_bias/mlp_bias is not exported")
-    if config.get("use_sliding_window") and config.get("sliding_window") is not None:
-        raise NanoqError(f"{where}: sliding-window attention is not exported")
-    return ARCHITECTURES[model_type]
-
-
-def _write_hyperparameters(writer, config: dict, arch: _Arch, name: str, file_type: int) -> None:
+def _write_hyperparameters(writer, config: dict, family: Family, name: str, file_type: int) -> None:
     import gguf
 
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // heads
     writer.add_name(name)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(config["vocab_size"])
-    if arch.gguf_name == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    if arch.head_dim_keys or head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    family.hyperparameters(writer, config)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -129,11 +83,11 @@ class _Planned:
     qtype: object  # gguf.GGMLQuantizationType
 
 
-def _plan(source: SourceCheckpoint, arch: _Arch, requested: str) -> list[_Planned]:
+def _plan(source: SourceCheckpoint, family: Family, requested: str) -> list[_Planned]:
     import gguf
 
     config = source.config
-    arch_enum = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch.gguf_name)
+    arch_enum = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == family.gguf_name)
     names = gguf.get_tensor_name_map(arch_enum, config["num_hidden_layers"])
     tied = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in source
     wanted = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -144,7 +98,7 @@ def _plan(source: SourceCheckpoint, arch: _Arch, requested: str) -> list[_Planne
             continue  # llama.cpp reads the tied head from token_embd
         name = names.get_name(tensor, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise NanoqError(f"{source.file_of(tensor)}: tensor '{tensor}' has no GGUF name for {arch.gguf_name}")
+            raise NanoqError(f"{source.file_of(tensor)}: tensor '{tensor}' has no GGUF name for {family.gguf_name}")
         shape = source.shape(tensor)
         if len(shape) == 1:
             qtype = gguf.GGMLQuantizationType.F32
@@ -182,12 +136,14 @@ def _check_range(source: SourceCheckpoint, item: _Planned, data: np.ndarray) -> 
                          f"what GGUF {item.qtype.name} holds (at most {limit:.6g}); nothing written")
 
 
-def _tensor_data(source: SourceCheckpoint, item: _Planned, config: dict, arch: _Arch) -> np.ndarray:
+def _tensor_data(source: SourceCheckpoint, item: _Planned, config: dict, family: Family) -> np.ndarray:
     import gguf
 
     data = source.get(item.source).to(torch.float32).numpy()
+    if family.norm_offset and item.source.endswith("norm.weight"):
+        data = data + np.float32(family.norm_offset)  # Gemma's x * (1 + w) as llama.cpp's x * w
     _check_range(source, item, data)
-    if arch.permute_qk and item.name.endswith(("attn_q.weight", "attn_k.weight")):
+    if family.permute_qk and item.name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config["num_attention_heads"] if "attn_q" in item.name else config.get("num_key_value_heads") or config["num_attention_heads"]
         data = llama_permute(data, heads)
     if item.qtype == gguf.GGMLQuantizationType.F32:
@@ -208,7 +164,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
     source = SourceCheckpoint(model_dir)
     where = str(source.directory / "config.json")
     config = source.config
-    arch = _check_config(config, where)
+    family = family_of(config, where)
     check_float_tensors(source)
     output = Path(output).resolve()
     if output.exists():
@@ -216,12 +172,12 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
     if output.suffix != ".gguf":
         raise NanoqError(f"{output}: the output of `nanoq export gguf` is a file named *.gguf")
     vocab = read_vocab(source.directory, config["vocab_size"])
-    planned = _plan(source, arch, tensor_type)
+    planned = _plan(source, family, tensor_type)
 
-    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
+    writer = gguf.GGUFWriter(path=None, arch=family.gguf_name)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[tensor_type]
-    _write_hyperparameters(writer, config, arch, source.directory.name, file_type)
+    _write_hyperparameters(writer, config, family, source.directory.name, file_type)
     vocab.add_to(writer)
     for item in planned:
         if item.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -237,7 +193,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for item in tqdm(planned, desc=f"gguf {tensor_type}", unit="tensor", disable=not progress):
-            writer.write_tensor_data(_tensor_data(source, item, config, arch))
+            writer.write_tensor_data(_tensor_data(source, item, config, family))
         writer.close()
         publish_file(temp, output)
     except BaseException:
@@ -246,4 +202,4 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
         raise
     counts = Counter(item.qtype.name for item in planned)
     params = sum(int(np.prod(item.shape)) for item in planned)
-    return GgufExport(output, output.stat().st_size, arch.gguf_name, dict(counts), params)
+    return GgufExport(output, output.stat().st_size, family.gguf_name, dict(counts), params)
