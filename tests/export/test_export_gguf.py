@@ -354,3 +354,33 @@ def test_smollm2_q4_0_with_its_real_tokenizer(smollm2_dir, tmp_path):
     # q4_0 costs this model real accuracy (benchmark, 8192 positions: mean cosine 0.867, top-1 0.693)
     assert torch.nn.functional.cosine_similarity(got, original, dim=-1).mean() >= 0.75
     assert (got.argmax(-1) == original.argmax(-1)).float().mean() >= 0.5
+
+
+@pytest.mark.slow
+def test_gemma3_keys_and_norms_are_those_of_llama_cpps_own_file(gemma3_dir, tmp_path):
+    """Gemma 3 270M's folder was made from llama.cpp's own GGUF of it (the example model's package): the export
+    writes the same `gemma3.*` keys with the same values, the same tensor names, and the norms back as the
+    file's `1 + w` (up to the folder's bf16 rounding of w). The tokenizer is not compared: it is SentencePiece,
+    which the export refuses."""
+    from nanoq_plugin.example_model import EXAMPLE_MODELS
+    from nanoq_plugin.export.gguf import _plan, _tensor_data
+    from nanoq_plugin.format.checkpoint import SourceCheckpoint
+
+    reference = gguf.GGUFReader(str(EXAMPLE_MODELS["gemma3-270m"].locate_gguf(tmp_path)))
+    source = SourceCheckpoint(gemma3_dir)
+    family = ARCHITECTURES["gemma3_text"]
+    writer = gguf.GGUFWriter(path=None, arch="gemma3")
+    family.hyperparameters(writer, source.config)
+    ours = {key: value.value for key, value in writer.kv_data[0].items() if key.startswith("gemma3.")}
+    theirs = {key: field.contents() for key, field in reference.fields.items() if key.startswith("gemma3.")}
+    assert ours == theirs
+    planned = {item.name: item for item in _plan(source, family, "f16")}
+    stored = {t.name: t for t in reference.tensors}
+    assert set(planned) == set(stored)
+    norms = [name for name in stored if name.endswith("norm.weight")]
+    assert len(norms) == 18 * 6 + 1
+    for name in norms:
+        expected = np.array(stored[name].data, dtype=np.float32)
+        got = _tensor_data(source, planned[name], source.config, family)
+        # the folder holds w = file - 1 rounded to bf16 (8 significant bits); without the + 1 this is off by 1
+        assert (np.abs(got - expected) <= np.abs(expected - 1) / 256 + 1e-6).all(), name
