@@ -116,7 +116,11 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GgufVocab:
                          "folder that has its fast tokenizer)")
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (data.get("decoder") or {}).get("type") != "ByteLevel":
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        raise NanoqError(f"{path}: a SentencePiece-style tokenizer (BPE with byte_fallback, as Gemma, Mistral v0.x and "
+                         "Phi-3 have), llama.cpp's 'llama' tokenizer model, which is not exported: only byte-level "
+                         "BPE ('gpt2')")
+    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise NanoqError(f"{path}: not a byte-level BPE tokenizer (model {model.get('type')!r}); only llama.cpp's "
                          "'gpt2' tokenizer model is exported")
     if data.get("normalizer") is not None:

@@ -146,15 +146,18 @@ FAMILY_KEYS = {
                                "gemma3.block_count": 6}),
     "phi3": ("phi3", {"phi3.rope.dimension_count": 32, "phi3.rope.scaling.original_context_length": 4096,
                       "phi3.attention.sliding_window": 0, "phi3.rope.freq_base": 10000.0}),
+    "phi3-window": ("phi3", {"phi3.attention.sliding_window": 127}),  # Phi-3-mini's window (2047 there)
 }
 
 
-@pytest.mark.parametrize("model_type", list(FAMILY_KEYS))
-def test_family_hyperparameters_are_llama_cpps(tmp_path, small_tokenizer, model_type):
-    source = tiny_model(model_type, tmp_path / "src", small_tokenizer, tied=model_type.startswith("gemma"))
+@pytest.mark.parametrize("case", list(FAMILY_KEYS))
+def test_family_hyperparameters_are_llama_cpps(tmp_path, small_tokenizer, case):
+    model_type = case.removesuffix("-window")
+    extra = {"sliding_window": 127} if case.endswith("-window") else {}
+    source = tiny_model(model_type, tmp_path / "src", small_tokenizer, tied=model_type.startswith("gemma"), **extra)
     export_gguf(source, tmp_path / "m.gguf", "f16", progress=False)
     fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
-    arch, expected = FAMILY_KEYS[model_type]
+    arch, expected = FAMILY_KEYS[case]
     assert fields["general.architecture"].contents() == arch
     assert {key: fields[key].contents() for key in expected} == pytest.approx(expected)
     absent = {"gemma2": ["gemma2.vocab_size", "gemma2.rope.dimension_count"],
@@ -301,6 +304,17 @@ def test_what_the_file_cannot_hold_is_refused_in_one_line(tmp_path, tiny_llama, 
     status, err = run_cli(["export", "gguf", tiny_llama, tmp_path / "x.gguf"], capsys)
     assert status == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*nanoq-tmp*"))
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_in_one_line(tmp_path, small_tokenizer, capsys):
+    source = tiny_model("gemma2", tmp_path / "src", small_tokenizer, tied=True)
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["model"]["byte_fallback"] = True
+    (source / "tokenizer.json").write_text(json.dumps(data))
+    status, err = run_cli(["export", "gguf", source, tmp_path / "x.gguf"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "tokenizer.json: a SentencePiece-style tokenizer (BPE with byte_fallback" in err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_the_docs_list_the_exported_families():
