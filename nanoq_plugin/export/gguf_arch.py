@@ -174,6 +174,8 @@ def _write_qwen3(writer, config: dict) -> None:
 
 
 def _write_gemma2(writer, config: dict) -> None:
+    # llama.cpp's Gemma2Model leaves out rope.freq_base (its loader then uses 10000, Gemma 2's value); written
+    # here so that a different base is carried too: llama.cpp's loader reads the key for every architecture
     _write_common(writer, config)
     writer.add_key_length(_head_dim(config))
     writer.add_value_length(_head_dim(config))

@@ -135,7 +135,8 @@ def test_qwen_rows_are_not_permuted_and_biases_and_norms_are_kept(tmp_path, smal
 
 # What each new family's llama.cpp converter writes beyond the shared keys (convert_hf_to_gguf.py's Gemma2Model,
 # Gemma3Model, Phi3MiniModel; Mistral goes through LlamaModel). transformers' reader ignores some of these
-# (Gemma 2's soft-capping, Phi-3's window), so the reload cannot check them: this does.
+# (Gemma 2's soft-capping, Phi-3's window), so the reload cannot check them: this does. (Gemma 2's
+# rope.freq_base is the one key added: llama.cpp's converter leaves it to its loader's default, 10000.)
 FAMILY_KEYS = {
     "mistral": ("llama", {"llama.rope.dimension_count": 32, "llama.vocab_size": 320, "llama.rope.freq_base": 10000.0}),
     "gemma2": ("gemma2", {"gemma2.attention.key_length": 256, "gemma2.attention.value_length": 256,
