@@ -32,8 +32,9 @@ _NOT_PATTERNS = ("num_hidden_layers",)
 @dataclass(frozen=True)
 class LayerFields:
     """The per-block fields of one config: `lists` (name -> one value per block, as transformers reads them),
-    `patterns` (integer fields that derive those lists by block index) and `stated_patterns` (the patterns that
-    do derive them in this config as stated: no explicit list overrides them)."""
+    `patterns` (integer fields from which the class derives those lists by block index when they are not stated,
+    found only where their current values derive exactly `lists`) and `stated_patterns` (those of `patterns`
+    that define the lists in this config as stated: config.json states no list that overrides them)."""
 
     lists: dict[str, list]
     patterns: tuple[str, ...]
@@ -76,7 +77,8 @@ def _layer_fields(config_json: str, where: str) -> LayerFields:
     if stated is None:
         from ..quantizers.anatomy import transformers_config
 
-        transformers_config(config, where)  # raises the one-line refusal
+        transformers_config(config, where)  # raises the one-line refusal naming transformers' reason
+        raise NanoqError(f"{where}: transformers refuses this {model_type} config")
     candidates = [k for k, v in stated.items() if isinstance(v, list) and len(v) == n and k not in INDEX_LISTS]
     unstated = {k: v for k, v in fields.items() if k not in candidates}
     lists: dict[str, list] = {}
