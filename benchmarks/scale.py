@@ -12,17 +12,18 @@ installed the process runs under it, recording anonymous memory maps: glibc serv
 or more with its own map, so the largest map is the largest single allocation of that size (smaller ones come
 from the heap and are not seen); on CUDA the largest block the caching allocator handed out is recorded too.
 
-RTN quantizes the whole model. GPTQ (`--gptq-blocks K`, 128 x 512 calibration tokens by default) is timed on
-the first block and on the first K blocks (the source's first shards, linked): per block = the difference over
-K - 1 blocks, the rest (embedding, calibration, head) = the one-block run less one block; the whole model
-(`--extrapolate-layers`, default `--layers`) is extrapolated from those two and marked so in the JSON;
-`--rtn-blocks K` does the same for RTN. Peak memory of a GPTQ run is reached inside a block, but a K-block run
-writes fewer output bytes than a full run: its output shard may not have reached full size.
+RTN quantizes the whole model. GPTQ (`--gptq-blocks K`, 128 x 512 calibration tokens by default) runs on the first
+K blocks (the source's first shards, linked): the pipeline times each block (reading, quantizing and writing
+it), the rest of the run (imports excluded: embedding, calibration, head) is the run less its blocks, and the
+whole model (`--extrapolate-layers`, default `--layers`) is extrapolated as the rest plus the depth times the mean
+block, marked so in the JSON; `--rtn-blocks K` does the same for RTN. Peak memory of a GPTQ run is reached inside
+a block, but a K-block run writes fewer output bytes than a full run: its output shard may not have reached full
+size.
 
     python benchmarks/scale.py                       # Llama-3-8B shape, ~16 GB source under .cache/scale
     python benchmarks/scale.py --device cuda         # the same quantized on the GPU
     python benchmarks/scale.py --hidden 1024 --intermediate 3584 --heads 8 --kv-heads 2 --layers 4   # medium
-    python benchmarks/scale.py --layers 2 --extrapolate-layers 32 --methods rtn --rtn-blocks 2   # 8B blocks, ~3 GB
+    python benchmarks/scale.py --methods gptq --gptq-blocks 1       # GPTQ on the 8B's first block, extrapolated
 
 Writes benchmarks/results/scale-<shape>-<device>.json (shape `llama3-8b`, else `h<hidden>-l<layers>`).
 """
@@ -290,7 +291,7 @@ def _quantize_one(request: dict) -> None:
     record = {"seconds": round(result.seconds, 2), "peak_rss_bytes": result.peak_rss_bytes,
               "peak_rss_after_imports_bytes": after_imports, "output_shards": len(files),
               "output_index": (output / INDEX_NAME).is_file(), "output_bytes": sum(f.stat().st_size for f in files),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "block_seconds": [round(t, 2) for t in result.block_seconds]}
     if cuda:
         record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         traces = torch.cuda.memory._snapshot()["device_traces"]
@@ -313,6 +314,19 @@ def _within(run: dict, limit: dict) -> bool:
     return run["peak_rss_bytes"] - run["peak_rss_after_imports_bytes"] <= limit["total_bytes"]
 
 
+def extrapolate(run: dict, depth: int) -> dict:
+    """The whole model's time from a run on its first blocks: the run's time outside its blocks plus `depth`
+    times its mean block time (the pipeline's own per-block clock)."""
+    blocks = run["block_seconds"]
+    per_block = sum(blocks) / len(blocks)
+    outside = run["seconds"] - sum(blocks)
+    return {"method": run["method"], "scheme": run["scheme"], "device": run["device"], "extrapolated": True,
+            "blocks_measured": [len(blocks)], "per_block_seconds": round(per_block, 2),
+            "per_block_spread_seconds": [min(blocks), max(blocks)], "outside_blocks_seconds": round(outside, 2),
+            "seconds": round(outside + depth * per_block, 1),
+            "note": f"whole model ({depth} blocks) from a run on its first {len(blocks)}: not measured"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Shape()
@@ -325,9 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq"], default=["rtn", "gptq"])
     parser.add_argument("--gptq-blocks", type=int, default=2,
-                        help="GPTQ runs on the first block and on the first K blocks, and is extrapolated (K >= 2)")
+                        help="GPTQ runs on the first K blocks and is extrapolated from their times (K >= 1)")
     parser.add_argument("--rtn-blocks", type=int, default=0,
-                        help="RTN likewise on the first 1 and K blocks (default 0: the whole model, measured)")
+                        help="RTN likewise on the first K blocks (default 0: the whole model, measured)")
     parser.add_argument("--extrapolate-layers", type=int,
                         help="the depth the extrapolated entries stand for (default --layers; e.g. --layers 2 "
                              "--extrapolate-layers 32 times two 8B-shaped blocks without generating all 32)")
@@ -347,9 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quantize_one:
         _quantize_one(json.loads(args.quantize_one))
         return {}
-    if args.gptq_blocks < 2 or args.rtn_blocks == 1 or args.rtn_blocks < 0:
-        parser.error("--gptq-blocks and --rtn-blocks must be at least 2 (the per-block time is a difference of two "
-                     "runs; --rtn-blocks 0 runs the whole model)")
+    if args.gptq_blocks < 1 or args.rtn_blocks < 0:
+        parser.error("--gptq-blocks must be at least 1 and --rtn-blocks at least 0 (0 runs the whole model)")
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from provenance import provenance
@@ -369,43 +382,24 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for method in args.methods:
         calibration = Path(args.calib) if method != "rtn" else None
-        first = min(args.gptq_blocks if method == "gptq" else args.rtn_blocks, shape.layers)
-        if first == 0 or (first == shape.layers == depth):
-            plan = [(shape.layers, source_dir)]
-        else:
-            plan = [(blocks, first_blocks_view(source_dir, shape, blocks, work / f"first-{blocks}-blocks")
-                     if blocks < shape.layers else source_dir) for blocks in (1, first)]
-        measured = []
-        for blocks, directory in plan:
-            output = work / f"out-{method}-{blocks}-blocks"
+        first = min(args.gptq_blocks if method == "gptq" else args.rtn_blocks, shape.layers) or shape.layers
+        directory = (source_dir if first == shape.layers
+                     else first_blocks_view(source_dir, shape, first, work / f"first-{first}-blocks"))
+        output = work / f"out-{method}-{first}-blocks"
+        shutil.rmtree(output, ignore_errors=True)
+        run = quantize_in_child(directory, output, method, args.device, calibration, args.calib_windows,
+                                args.calib_seq_len, max_shard_bytes, not args.no_trace)
+        run.update({"method": method, "scheme": "w4g128", "device": args.device, "blocks_run": first,
+                    "output": str(output), "within_budget": _within(run, limit)})
+        if calibration:
+            run["calibration"] = {"file": str(calibration), "windows": args.calib_windows,
+                                  "seq_len": args.calib_seq_len}
+        print(json.dumps(run), flush=True)
+        if not args.keep_outputs:
             shutil.rmtree(output, ignore_errors=True)
-            run = quantize_in_child(directory, output, method, args.device, calibration, args.calib_windows,
-                                    args.calib_seq_len, max_shard_bytes, not args.no_trace)
-            run.update({"method": method, "scheme": "w4g128", "device": args.device, "blocks_run": blocks,
-                        "output": str(output), "within_budget": _within(run, limit)})
-            if calibration:
-                run["calibration"] = {"file": str(calibration), "windows": args.calib_windows,
-                                      "seq_len": args.calib_seq_len}
-            print(json.dumps(run), flush=True)
-            if not args.keep_outputs:
-                shutil.rmtree(output, ignore_errors=True)
-            measured.append(run)
-        runs += measured
-        if len(measured) == 2:
-            (one, many) = measured
-            per_block = (many["seconds"] - one["seconds"]) / (many["blocks_run"] - 1)
-            fixed = one["seconds"] - per_block
-            if per_block <= 0:
-                print(f"{method}: the {many['blocks_run']}-block run took no longer than the 1-block run: "
-                      "timing noise exceeds a block's time at this size; the extrapolation means nothing",
-                      file=sys.stderr)
-            runs.append({"method": method, "scheme": "w4g128", "device": args.device, "extrapolated": True,
-                         "blocks_measured": [1, many["blocks_run"]], "per_block_seconds": round(per_block, 2),
-                         "outside_blocks_seconds": round(fixed, 2),
-                         "seconds": round(fixed + depth * per_block, 1),
-                         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in measured),
-                         "note": f"whole model ({depth} blocks) from runs on the first 1 and "
-                                 f"{many['blocks_run']} blocks: not measured"})
+        runs.append(run)
+        if first < depth:
+            runs.append(extrapolate(run, depth))
     report = {
         "provenance": provenance(args.device),
         "benchmark": "scale",

@@ -221,8 +221,12 @@ def scale_table() -> str:
         for run in data["runs"]:
             if run.get("extrapolated"):
                 blocks = data.get("extrapolated_to_layers", shape["layers"])
+                measured = run["blocks_measured"]
+                how = (f"runs on {measured[0]} and {measured[1]} blocks" if len(measured) == 2
+                       else f"its first {measured[0]} block{'s' if measured[0] > 1 else ''}, "
+                            f"{run['per_block_seconds'] / 60:.1f} min each")
                 lines.append(f"| {described} | {run['method']} {run['scheme']} | {blocks} | {run['seconds'] / 60:.1f} "
-                             f"min, extrapolated from {run['blocks_measured']} blocks | not measured | | | {commit} |")
+                             f"min, extrapolated from {how} | not measured | | | {commit} |")
                 continue
             # peak_rss_after_imports_bytes is the RSS once python, torch and transformers are imported
             rss = run["peak_rss_bytes"] - run["peak_rss_after_imports_bytes"] if "peak_rss_after_imports_bytes" in run else None

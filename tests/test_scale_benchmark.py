@@ -1,4 +1,4 @@
-"""benchmarks/scale.py on a tiny shape: a streamed multi-shard source, quantized (RTN, GPTQ on the first blocks)
+"""benchmarks/scale.py on a tiny shape: a streamed multi-shard source, quantized (RTN, GPTQ on the first blocks, extrapolated from its per-block times)
 into multi-shard outputs with an index, equal to quantizing the same weights from one file into one file."""
 
 import importlib.util
@@ -62,14 +62,16 @@ def test_scale_script_on_a_tiny_shape(scale, tokenizer_dir, tmp_path):
     assert index["metadata"]["total_size"] == report["shape"]["params"] * 2
     assert len(set(index["weight_map"].values())) == 5
 
-    rtn, gptq_one, gptq_two, gptq = report["runs"]
-    assert (rtn["method"], rtn["blocks_run"], gptq_one["blocks_run"], gptq_two["blocks_run"]) == ("rtn", 3, 1, 2)
-    for run in (rtn, gptq_one, gptq_two):
+    rtn, gptq_two, gptq = report["runs"]
+    assert (rtn["method"], rtn["blocks_run"], gptq_two["blocks_run"]) == ("rtn", 3, 2)
+    for run in (rtn, gptq_two):
         assert run["output_shards"] >= 2 and run["output_index"], run
         assert run["peak_rss_bytes"] > run["peak_rss_after_imports_bytes"] > 0
         assert "largest_map_bytes" in run and run["seconds"] > 0
-    assert gptq["extrapolated"] and gptq["blocks_measured"] == [1, 2] and "not measured" in gptq["note"]
+        assert len(run["block_seconds"]) == run["blocks_run"] and sum(run["block_seconds"]) < run["seconds"]
+    assert gptq["extrapolated"] and gptq["blocks_measured"] == [2] and "not measured" in gptq["note"]
     assert report["extrapolated_to_layers"] == 5 and "(5 blocks)" in gptq["note"]
+    assert gptq["per_block_seconds"] == pytest.approx(sum(gptq_two["block_seconds"]) / 2, abs=0.01)
     assert gptq["seconds"] == pytest.approx(gptq["outside_blocks_seconds"] + 5 * gptq["per_block_seconds"], abs=0.1)
     assert report["budget"]["total_bytes"] == 2 * report["shape"]["block_bytes"] + int(0.03 * 2**20) + 320 * 64 * 2
 

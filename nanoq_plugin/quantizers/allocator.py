@@ -40,6 +40,7 @@ from .block_runner import BlockRunner
 from .calibration import calibration_windows
 from .codebook import fake_quantize_codebook
 from .gptq import HessianAccumulator
+from .input_statistics import InputStatistics
 from .loss_weights import head_loss_gradient, residual_fisher
 from .memory import release_freed_memory
 from .recipe import Plan, PlannedModule, Recipe, fit_group_size
@@ -105,15 +106,12 @@ def build_units(plan: Plan, arch: Architecture, num_layers: int, shapes: dict[st
 
 
 def measure_group(units_by_module: dict[str, Unit], block: torch.nn.Module, prefix: str, group: tuple[str, ...],
-                  inputs: list[torch.Tensor]) -> None:
-    """Add the errors of every candidate to the units of `group`'s linears, from their inputs `[b, L, K]`."""
+                  statistics: InputStatistics) -> None:
+    """Add the errors of every candidate to the units of `group`'s linears, from the statistics of their inputs."""
     members = {f"{prefix}.{name}": name for name in group if f"{prefix}.{name}" in units_by_module}
     if not members:
         return
-    hessian = HessianAccumulator(inputs[0].shape[-1], inputs[0].device)
-    for chunk in inputs:
-        hessian.add(chunk)
-    h = hessian.hessian
+    h = statistics.hessian
     for module, name in members.items():
         unit = units_by_module[module]
         weight = block.get_submodule(name).weight.data.to(torch.float32)
@@ -262,9 +260,9 @@ def allocate_plan(source: SourceCheckpoint, arch: Architecture, plan: Plan, requ
         block = build_block(index)
         prefix = f"{arch.block_prefix}.{index}"
         block_inputs.append(hidden[:FISHER_WINDOWS].to(torch.bfloat16))
-        hidden = runner.walk(block, hidden, lambda group, inputs: bool(
-            measure_group(unit_of, block, prefix, group, inputs)), lambda x, picks: measure_experts(
-            unit_of, block, arch, index, x, picks, floor_tokens))
+        hidden = runner.walk(block, hidden, lambda group, statistics: measure_group(
+            unit_of, block, prefix, group, statistics), lambda x, picks: measure_experts(
+            unit_of, block, arch, index, x, picks, floor_tokens), out=hidden)
         release_freed_memory()
     head_name = f"{arch.lm_head}.weight"
     outside = dict(source.items([f"{arch.final_norm}.weight"] + ([head_name] if head_name in source else [])))

@@ -21,11 +21,12 @@ from ..errors import NanoqError
 from .anatomy import meta_model, transformers_config
 from .architectures import Architecture, architecture_for
 from .experts import memory_state
+from .input_statistics import InputStatistics
 
-# visit(group, inputs) sees the input chunks `[b, L, K]` float32 of a group of linears (an input group of the
+# visit(group, statistics) sees the statistics of a group of linears' inputs (an input group of the
 # architecture) before the block uses them; it may change the block (quantize the group, fold scales into the
-# group's producer) and returns True when the inputs themselves must be recomputed (it changed the producer).
-Visit = Callable[[tuple[str, ...], list[torch.Tensor]], bool]
+# group's producer)
+Visit = Callable[[tuple[str, ...], InputStatistics], None]
 # visit_experts(x, top_k_index) sees a mixture-of-experts block's experts input `[T, H]` float32 (every token of
 # every chunk) and the experts the model's own router sent each token to, `[T, top_k]` int64, before the block
 # uses them; it may change the experts' weights.
@@ -41,6 +42,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+MAX_BATCH = 8  # windows per batch at most
+ACTIVATION_BYTES = 64 * 2**20  # one float32 activation of a batch at most (when the batch is not set)
+
+
 class _Captured(Exception):
     """Raised by a forward pre-hook once it has what it came for: the rest of the forward is not run."""
 
@@ -52,7 +57,7 @@ def _block_output(out) -> torch.Tensor:
 class BlockRunner:
     """Builds block `i` from its stored tensors and runs hidden states `[B, L, H]` through it."""
 
-    def __init__(self, config: dict, device: torch.device, batch_size: int = 8,
+    def __init__(self, config: dict, device: torch.device, batch_size: int | None = None,
                  arch: Architecture | None = None) -> None:
         self.config = transformers_config(config)
         self.config._attn_implementation = "sdpa"  # causal without an explicit mask where the layer type allows
@@ -65,9 +70,20 @@ class BlockRunner:
         self.layer_cls = type(getattr(meta.get_submodule(parent) if parent else meta, attribute)[0])
         self._final_norm_template = meta.get_submodule(self.arch.final_norm)
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # windows per batch; None: as many as fit ACTIVATION_BYTES (`batch`)
+        # the widest activation a block makes per token: the MLP's intermediate (an MoE's per-expert one is smaller)
+        self._widest = max([self.config.hidden_size] + [value for key, value in vars(self.config).items()
+                                                        if key.endswith("intermediate_size") and isinstance(value, int)])
         self._shells: dict[object, nn.Module] = {}
         self._kwargs: dict[tuple, dict] = {}
+
+    def batch(self, length: int) -> int:
+        """Windows of `length` tokens per batch: `batch_size` if given, else at most MAX_BATCH and as many as keep
+        one float32 activation of the widest layer within ACTIVATION_BYTES (an MLP makes four at once; at 8B,
+        8 windows of 512 tokens are 235 MB each)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(1, min(MAX_BATCH, ACTIVATION_BYTES // (length * self._widest * 4)))
 
     # -- the block and its call arguments ---------------------------------------------------------------
     def layer_type(self, index: int):
@@ -159,7 +175,10 @@ class BlockRunner:
             scale = table(torch.zeros((1, 1), dtype=torch.long, device=self.device)).reshape(-1)
         finally:
             table.weight.data = unit
-        rows = embedding_weight[ids.to(embedding_weight.device)].to(device=self.device, dtype=torch.float32) * scale
+        ids = ids.to(embedding_weight.device)
+        rows = torch.empty((*ids.shape, self.config.hidden_size), device=self.device)
+        for start in range(0, ids.shape[0], MAX_BATCH):  # no second full-size copy in the table's dtype
+            rows[start:start + MAX_BATCH] = embedding_weight[ids[start:start + MAX_BATCH]].to(self.device) * scale
         args, kwargs = self._capture(shell, inputs_embeds=rows)
         return (args[0] if args else kwargs["hidden_states"]).to(torch.float32)
 
@@ -174,8 +193,8 @@ class BlockRunner:
 
     @torch.no_grad()
     def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches of `batch_size`."""
-        return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch_size)])
+        """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches (`batch`)."""
+        return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch(hidden.shape[1]))])
 
     def _forward_until(self, block: nn.Module, chunks: list[torch.Tensor], module: str, record, missing: str) -> None:
         """Run each chunk through `block` until `module` (a relative name) is called, handing its call's
@@ -196,13 +215,20 @@ class BlockRunner:
         finally:
             handle.remove()
 
-    def _group_inputs(self, block: nn.Module, chunks: list[torch.Tensor], linear: str) -> list[torch.Tensor]:
-        """The input of `linear` (a relative name) for every chunk, with the block as it is now: the block runs
-        until that linear is called."""
-        captured = []
-        self._forward_until(block, chunks, linear, lambda args, kwargs: captured.append(args[0]),
-                            f"{linear} was not called in a forward pass")
-        return captured
+    def _group_statistics(self, block: nn.Module, chunks: list[torch.Tensor], linear: str) -> InputStatistics:
+        """The statistics of the input of `linear` (a relative name) over every chunk, with the block as it is now:
+        the block runs until that linear is called, and each chunk's input is added and dropped (never held)."""
+        statistics = None
+
+        def record(args, kwargs):
+            nonlocal statistics
+            x = args[0]
+            if statistics is None:
+                statistics = InputStatistics(x.shape[-1], x.device)
+            statistics.add(x)
+
+        self._forward_until(block, chunks, linear, record, f"{linear} was not called in a forward pass")
+        return statistics
 
     def _expert_inputs(self, block: nn.Module, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts module's input `[T, H]` and the router's choice `[T, top_k]` over all chunks, with the
@@ -222,20 +248,27 @@ class BlockRunner:
 
     @torch.no_grad()
     def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit,
-             visit_experts: VisitExperts | None = None) -> torch.Tensor:
+             visit_experts: VisitExperts | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run `hidden [B, L, H]` float32 through the block, calling `visit` on each input group of the
-        architecture, in the order the block uses them, with that group's inputs computed by the block with every
-        earlier group already changed (true sequential); returns the block's output `[B, L, H]` as changed.
+        architecture, in the order the block uses them, with the statistics of that group's inputs computed by
+        the block with every earlier group already changed (true sequential); returns the block's output
+        `[B, L, H]` as changed, written into `out` when given (which may be `hidden` itself: each batch's output
+        replaces its input, so that an 8B model's 1 GB of calibration states is not held twice).
 
         Each group's inputs come from a forward that stops at its first linear, so a block costs about one
-        forward per group up to that point (about two and a half forwards for a Llama block).
+        forward per group up to that point (about two and a half forwards for a Llama block). Memory: the block,
+        `hidden`, one batch's activations and the statistics, never a group's inputs over every batch.
         """
-        chunks = list(hidden.split(self.batch_size))
+        batch = self.batch(hidden.shape[1])
+        chunks = list(hidden.split(batch))
         for group in self.arch.groups:
-            # visit's answer (its producer changed) needs nothing here: every later group's inputs, and the
-            # output, are computed afresh by the block as it now is
-            visit(group.linears, self._group_inputs(block, chunks, group.linears[0]))
+            # every later group's inputs, and the output, are computed afresh by the block as visit left it
+            visit(group.linears, self._group_statistics(block, chunks, group.linears[0]))
         if self.arch.experts is not None and visit_experts is not None:
             # the experts read what the router reads, after every group before them (attention) is quantized
             visit_experts(*self._expert_inputs(block, chunks))
-        return torch.cat([self.call(block, chunk) for chunk in chunks])
+        if out is None:
+            return torch.cat([self.call(block, chunk) for chunk in chunks])
+        for chunk, target in zip(chunks, out.split(batch)):
+            target.copy_(self.call(block, chunk))
+        return out

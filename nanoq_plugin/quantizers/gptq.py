@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -53,9 +54,21 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """The symmetric `[K, K]` float32 Hessian."""
+        """The symmetric `[K, K]` float32 Hessian (a new tensor; the accumulator goes on)."""
         upper = torch.triu(self._upper)
         return upper + torch.triu(upper, diagonal=1).t()
+
+    def take(self) -> torch.Tensor:
+        """The symmetric `[K, K]` float32 Hessian, made in place from the accumulated tiles: no second `[K, K]`
+        copy (0.8 GB for an 8B down_proj). The accumulator is used up."""
+        h, self._upper = self._upper, None
+        k = h.shape[0]
+        for start in range(0, k, self.TILE):  # mirror the upper triangle down, one tile column at a time
+            end = min(start + self.TILE, k)
+            tile = h[start:end, start:end]
+            tile.copy_(torch.triu(tile) + torch.triu(tile, diagonal=1).t())
+            h[end:, start:end] = h[start:end, end:].t()
+        return h
 
 
 def _column_quant_params(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, in_features: int):
@@ -99,34 +112,70 @@ def check_hessian(weight: torch.Tensor, hessian: torch.Tensor, where: str) -> No
         raise NanoqError(f"{where}: Hessian is {list(hessian.shape)}, expected [{k}, {k}]")
 
 
-def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, fake_quantize: ColumnQuantizer,
-               settings: GptqSettings = GptqSettings(), where: str = "linear") -> torch.Tensor:
-    """The GPTQ loop: quantize `weight [N, K]` column by column with `fake_quantize`, spreading each column's
-    error over the later columns through the inverse of `hessian [K, K]`; returns the quantized weight
-    `[N, K]` float32 (every column on its grid). Inputs with a zero Hessian diagonal get weight 0."""
-    check_hessian(weight, hessian, where)
-    w = weight.to(torch.float32).clone()
-    n, k = w.shape
-    h = hessian.to(device=w.device, dtype=torch.float32).clone()
+class PreparedHessian(NamedTuple):
+    """A Hessian made ready for the GPTQ loop, the same for every linear that reads the same inputs (a group's
+    q/k/v or gate/up share one): `order [K]` int64 the column order (decreasing `diag H` with act-order),
+    `dead [K]` bool the inputs that never fire, `inverse_factor [K, K]` float32 the upper Cholesky factor of the
+    damped inverse Hessian, in `order`."""
+
+    order: torch.Tensor
+    dead: torch.Tensor
+    inverse_factor: torch.Tensor
+
+
+def prepare_hessian(hessian: torch.Tensor, settings: GptqSettings = GptqSettings(), where: str = "linear",
+                    in_place: bool = False) -> PreparedHessian:
+    """`hessian [K, K]` ready for the GPTQ loop. With `in_place` the caller gives `hessian` away and it is
+    overwritten: at most two `[K, K]` float32 tensors are alive at once (an 8B down_proj's are 0.8 GB each)."""
+    h = hessian if in_place else hessian.clone()
+    del hessian
+    h = h.to(torch.float32)
+    k = h.shape[0]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=w.device)
-    w = w[:, order]
-    h = h[order][:, order]
+    order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=h.device)
+    if settings.act_order:  # one index at a time: the permuted copy replaces the original before the next
+        h = h.index_select(0, order)
+        h = h.index_select(1, order)
     h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
-    quantized = torch.zeros_like(w)
     with flush_denormals():  # tiny inverse-Hessian entries (e.g. after AWQ scaling) are 100x slower as denormals
         try:
-            h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+            factor = torch.linalg.cholesky(h)
+            del h
+            inverse = torch.cholesky_inverse(factor)
+            del factor
+            inverse_factor = torch.linalg.cholesky(inverse, upper=True)
         except torch.linalg.LinAlgError:
             raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
                              "(raise it, or use more calibration data)") from None
-        _gptq_loop(w, h_inv, quantized, order.tolist(), fake_quantize, settings.block_size)
+    return PreparedHessian(order, dead, inverse_factor)
+
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, fake_quantize: ColumnQuantizer,
+               settings: GptqSettings = GptqSettings(), where: str = "linear") -> torch.Tensor:
+    """The GPTQ loop: quantize `weight [N, K]` column by column with `fake_quantize`, spreading each column's
+    error over the later columns through the inverse of `hessian [K, K]` (or its `prepare_hessian`, shared by the
+    linears of a group); returns the quantized weight `[N, K]` float32 (every column on its grid). Inputs with a
+    zero Hessian diagonal get weight 0."""
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(
+        _checked(weight, hessian, where), settings, where)
+    check_hessian(weight, prepared.inverse_factor, where)
+    w = weight.to(torch.float32).clone()
+    w[:, prepared.dead.to(w.device)] = 0.0
+    order = prepared.order.to(w.device)
+    w = w[:, order]
+    quantized = torch.zeros_like(w)
+    with flush_denormals():
+        _gptq_loop(w, prepared.inverse_factor.to(w.device), quantized, order.tolist(), fake_quantize,
+                   settings.block_size)
     restored = torch.empty_like(quantized)
     restored[:, order] = quantized
     return restored
+
+
+def _checked(weight: torch.Tensor, hessian: torch.Tensor, where: str) -> torch.Tensor:
+    check_hessian(weight, hessian, where)
+    return hessian
 
 
 def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, quantized: torch.Tensor, original_index: list[int],
@@ -149,16 +198,18 @@ def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, quantized: torch.Tensor, or
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, settings: GptqSettings = GptqSettings(),
-    where: str = "linear",
+    weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, scheme: Scheme,
+    settings: GptqSettings = GptqSettings(), where: str = "linear",
 ) -> dict[str, torch.Tensor]:
     """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of an
-    integer `scheme` (group-wise or int8 per channel)."""
-    check_hessian(weight, hessian, where)
+    integer `scheme` (group-wise or int8 per channel); `hessian` may come prepared (`prepare_hessian`)."""
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(
+        _checked(weight, hessian, where), settings, where)
+    check_hessian(weight, prepared.inverse_factor, where)
     w = weight.to(torch.float32)
-    dead = torch.diag(hessian) == 0
+    dead = prepared.dead
     scales, zeros = rtn_scales(torch.where(dead.to(w.device), 0.0, w), scheme, settings.clip_search)
     col_scale, col_zero = _column_quant_params(scales, zeros, scheme, w.shape[1])  # [K, N]
-    restored = gptq_solve(w, hessian, lambda column, k: _fake_quantize(column, col_scale[k], col_zero[k], scheme),
+    restored = gptq_solve(w, prepared, lambda column, k: _fake_quantize(column, col_scale[k], col_zero[k], scheme),
                           settings, where)
     return compress(restored, scheme, scales, zeros)

@@ -56,9 +56,10 @@ def residual_fisher(runner: BlockRunner, build_block: Callable[[int], nn.Module]
         for parameter in block.parameters():
             parameter.requires_grad_(False)
         upstream = torch.empty_like(gradient)
-        for start in range(0, gradient.shape[0], runner.batch_size):
-            chunk = block_inputs[index][start:start + runner.batch_size].to(torch.float32).requires_grad_(True)
-            runner.call(block, chunk).backward(gradient[start:start + runner.batch_size])
-            upstream[start:start + runner.batch_size] = chunk.grad
+        batch = runner.batch(gradient.shape[1])
+        for start in range(0, gradient.shape[0], batch):
+            chunk = block_inputs[index][start:start + batch].to(torch.float32).requires_grad_(True)
+            runner.call(block, chunk).backward(gradient[start:start + batch])
+            upstream[start:start + batch] = chunk.grad
         gradient = upstream
     return weights

@@ -3,8 +3,8 @@ at a time with the recipe's method (`methods`), stream the packed tensors to a t
 checkpoint into place.
 
 A method needing calibration sees its block through the walk (`_BlockWalk`): the block runs on the quantized
-model's hidden states, and each group of linears sharing an input goes to the method with its captured inputs
-before the block uses them. A method needing none gets the same groups from the stored weights. Either way the
+model's hidden states, and each group of linears sharing an input goes to the method with the statistics of
+its inputs (accumulated batch by batch, the inputs never held) before the block uses them. A method needing none gets the same groups from the stored weights. Either way the
 writer stores what the method returned; the tables (embedding, LM head), which no walk reaches, are rounded to
 nearest.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from .block_runner import BlockRunner, resolve_device
 from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
+from .input_statistics import InputStatistics
 from .memory import peak_rss_bytes, release_freed_memory
 from .methods import LinearGroup, QuantMethod, calibrated_method_names, get_method, method_names
 from .model_tuning import tune_checkpoint
@@ -50,12 +51,14 @@ Quantized = dict[str, tuple[dict[str, torch.Tensor], ModuleRecord]]  # module ->
 
 @dataclass
 class QuantizeResult:
-    """What `quantize_checkpoint` made: the output folder, its manifest, timing and peak memory."""
+    """What `quantize_checkpoint` made: the output folder, its manifest, timing (the whole run, and each decoder
+    block's quantization from reading its tensors to writing them) and peak memory."""
 
     output: Path
     manifest: dict
     seconds: float
     peak_rss_bytes: int
+    block_seconds: list[float] = field(default_factory=list)
 
 
 def _block_linear_shapes(source: SourceCheckpoint, arch: Architecture, num_layers: int) -> dict[str, tuple[int, int]]:
@@ -146,37 +149,37 @@ class _BlockWalk:
         """The block's output `[B, L, H]` with its quantized weights; `results` holds the stored tensors.
         With `targets [B, L, H]` (the float model's block outputs) and tuning on, the quantized block's
         scales, levels and norms are then fitted to them (quantizers.block_tuning)."""
+        tuning = targets is not None and self.tune.enabled  # tuning reads the block's inputs after the walk
         with flush_denormals():
-            output = self.runner.walk(self.block, hidden, self.visit, self.visit_experts)
-            if targets is None or not self.tune.enabled:
+            output = self.runner.walk(self.block, hidden, self.visit, self.visit_experts,
+                                      out=None if tuning else hidden)
+            if not tuning:
                 return output
             self._tune(hidden, targets)
             return self.runner.forward(self.block, hidden) if self.tuning["kept"] else output
 
-    def visit(self, group: tuple[str, ...], inputs: list[torch.Tensor]) -> bool:
-        """Hand `group`'s planned linears and their inputs to the method and hold what it returns; True when
-        the inputs must be recomputed (the method had a scale folded into their producer, a norm)."""
+    def visit(self, group: tuple[str, ...], statistics: InputStatistics) -> None:
+        """Hand `group`'s planned linears and the statistics of their inputs to the method and hold what it
+        returns (a scale it asks for is folded into the inputs' producer)."""
         planned = self._planned(group)
         if not planned:
-            return False
+            return
         producer = self.arch.group_of(group).producer
         linears = LinearGroup(
             modules=tuple(self._saved(name) for name in group),
             planned={self._saved(name): entry for name, entry in planned.items()},
             weights={self._saved(name): self.block.get_submodule(name).weight.data for name in group},
-            inputs=inputs, producer=None if producer is None else self._saved(producer),
+            statistics=statistics, producer=None if producer is None else self._saved(producer),
             gptq=self.settings, nvfp4_alpha=self.nvfp4_alpha)
         result = self.method.quantize_group(linears)
         for section, values in result.notes.items():
             self.notes.setdefault(section, {}).update(values)
-        inputs_changed = False
         if result.input_scale is not None:
-            inputs_changed = self._scale_inputs(group, planned, inputs, result.input_scale)
+            self._scale_inputs(group, planned, result.input_scale)
         for name, entry in planned.items():
             module = self._saved(name)
             self.references[module] = result.references.get(module, linears.weights[module])
             self._hold(name, result.stored[module], entry.scheme, entry.requested, self.tensors[f"{module}.weight"].dtype)
-        return inputs_changed
 
     def visit_experts(self, x: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Quantize every expert of the block from the tokens the model's router sent it: `x [T, H]` float32 is
@@ -220,8 +223,9 @@ class _BlockWalk:
         if not planned:
             return
         weights = {part.module: fused.data[expert, part.rows.start:part.rows.stop] for part in parts}
-        group = LinearGroup(modules=modules, planned=planned, weights=weights, inputs=[inputs.unsqueeze(0)],
-                            producer=None, gptq=self.settings, nvfp4_alpha=self.nvfp4_alpha)
+        group = LinearGroup(modules=modules, planned=planned, weights=weights,
+                            statistics=InputStatistics.of(inputs), producer=None, gptq=self.settings,
+                            nvfp4_alpha=self.nvfp4_alpha)
         result = self.method.quantize_group(group)
         if result.input_scale is not None:
             raise NanoqError(f"method {self.method.name}: {modules[0]} has no producer to take an input scale")
@@ -235,12 +239,11 @@ class _BlockWalk:
             self.results[part.module] = (stored, module_record(reference, self.tensors[f"{part.module}.weight"].dtype,
                                                                stored, entry.scheme, entry.requested, restored))
             fused.data[expert, part.rows.start:part.rows.stop] = restored
+            self._release_stored_weight(part.module)
 
-    def _scale_inputs(self, group: tuple[str, ...], planned: dict[str, PlannedModule], inputs: list[torch.Tensor],
-                      scale: torch.Tensor) -> bool:
+    def _scale_inputs(self, group: tuple[str, ...], planned: dict[str, PlannedModule], scale: torch.Tensor) -> None:
         """Divide `group`'s inputs by `scale [K]`: fold it into their producer and multiply the group's float
-        linears by it. A linear producer's outputs in `inputs` are divided in place; True when a norm produced
-        them (cheap to recompute)."""
+        linears by it (the walk computes every later input afresh from the block as changed)."""
         entry = self.arch.group_of(group)
         if entry.producer is None:
             raise NanoqError(f"method {self.method.name}: {self.prefix}.{group[0]}'s input has no producer to take a scale")
@@ -251,11 +254,6 @@ class _BlockWalk:
                 linear = self.block.get_submodule(name)
                 linear.weight.data = linear.weight.data * scale
                 self._store_float(f"{name}.weight")
-        if isinstance(self.block.get_submodule(producer), nn.Linear):
-            for chunk in inputs:
-                chunk.div_(scale)
-            return False
-        return True
 
     def _tune(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
         """Fit the continuous parameters of the block's quantized linears and norms to `targets`."""
@@ -283,6 +281,12 @@ class _BlockWalk:
         self.results[module] = (stored, module_record(self.references[module], source_dtype, stored, scheme,
                                                       requested, restored))
         linear.weight.data = restored
+        self._release_stored_weight(module)
+
+    def _release_stored_weight(self, module: str) -> None:
+        """Keep only the shape and dtype of quantized `module`'s stored weight: the block runs on its own float32
+        copy, and the writer stores the results instead (an 8B block's linears are 436 MB in bf16)."""
+        self.tensors[f"{module}.weight"] = self.tensors[f"{module}.weight"].to("meta")
 
     def _saved(self, name: str) -> str:
         """The full saved name of block module or tensor `name` (relative, in-memory): where transformers saves it
@@ -458,13 +462,15 @@ def quantize_checkpoint(
             write({name: source.get(name)}, {})
             release_freed_memory()
         bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
+        block_seconds = []
         for index in bar:
+            block_start = time.perf_counter()
             if runner is None:  # from the weights alone: one fused group in memory at a time, not the block
                 write_data_free(by_block.get(index, []))
+                block_seconds.append(time.perf_counter() - block_start)
                 bar.set_postfix(peak_rss=f"{peak_rss_bytes() / 2**30:.2f}GiB")
                 continue
             block_tensors = dict(source.items(by_block.get(index, [])))
-            block_start = time.perf_counter()
             walk = _BlockWalk(runner, arch, plan, index, block_tensors, method, gptq, recipe.nvfp4_alpha, tune)
             targets = None if float_hidden is None else runner.forward(walk.block, float_hidden)
             hidden = walk.run(hidden, targets)
@@ -485,6 +491,7 @@ def quantize_checkpoint(
             write(block_tensors, done)
             del block_tensors, done
             release_freed_memory()
+            block_seconds.append(time.perf_counter() - block_start)
 
         quant_config = NanoQuantConfig(modules=plan.quantized(), tied_lm_head=plan.tied_lm_head)
         config = dict(source.config)
@@ -495,4 +502,4 @@ def quantize_checkpoint(
         manifest = build_manifest(records, float_specs, record, moe)
         copies = [source.directory / f for f in SIDE_FILES if (source.directory / f).is_file()]
         output = writer.commit({"config.json": config, MANIFEST_NAME: manifest}, copies)
-    return QuantizeResult(output, manifest, time.perf_counter() - start, peak_rss_bytes())
+    return QuantizeResult(output, manifest, time.perf_counter() - start, peak_rss_bytes(), block_seconds)

@@ -25,9 +25,8 @@ def test_forward_and_walk_equal_the_full_model(family, tmp_path, make_tiny_model
     torch.testing.assert_close(hidden, states[0], rtol=1e-5, atol=1e-5)
     seen = []
 
-    def visit(group, inputs):
-        seen.append((group, sum(chunk.shape[0] for chunk in inputs)))
-        return False
+    def visit(group, statistics):
+        seen.append((group, statistics.samples))
 
     for index in range(2):  # the last hidden state is after the final norm
         tensors = dict(source.items([n for n in source.keys() if architecture.block_of(n) == index]))
@@ -36,8 +35,10 @@ def test_forward_and_walk_equal_the_full_model(family, tmp_path, make_tiny_model
         walked = runner.walk(block, hidden, visit)
         torch.testing.assert_close(forward, states[index + 1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(walked, states[index + 1], rtol=1e-5, atol=1e-5)
-        hidden = walked
-    assert seen == [(group.linears, 5) for group in architecture.groups] * 2
+        in_place = runner.walk(block, hidden, visit, out=hidden)  # each batch's output replaces its input
+        assert in_place.data_ptr() == hidden.data_ptr()
+        torch.testing.assert_close(hidden, walked, rtol=0, atol=0)
+    assert seen == [(group.linears, 5 * 24) for group in architecture.groups] * 4
 
 
 def test_a_group_sees_the_inputs_the_changed_block_gives_it(tmp_path, make_tiny_model):
@@ -51,11 +52,12 @@ def test_a_group_sees_the_inputs_the_changed_block_gives_it(tmp_path, make_tiny_
     hidden = torch.randn(2, 8, 96)
     seen = {}
 
-    def visit(group, inputs):
-        seen[group] = torch.cat(inputs)
+    def visit(group, statistics):
+        seen[group] = statistics
         if group[0] == "self_attn.v_proj" or "self_attn.v_proj" in group:
             block.get_submodule("self_attn.v_proj").weight.data.zero_()
-        return False
 
     runner.walk(block, hidden, visit)
-    assert seen[("self_attn.o_proj",)].abs().max() == 0  # attention over zero values
+    assert seen[("self_attn.o_proj",)].hessian.abs().max() == 0  # attention over zero values
+    assert seen[("self_attn.o_proj",)].abs_mean.abs().max() == 0
+    assert seen[("mlp.down_proj",)].abs_mean.min() > 0

@@ -1,5 +1,5 @@
 """Methods as strategies: a method registered from outside the package is offered by the recipe and the command
-line, and the pipeline calls it with each group of linears sharing an input (with their captured inputs) and
+line, and the pipeline calls it with each group of linears sharing an input (with the statistics of their captured inputs) and
 stores exactly what it returns, folding the input scales it asks for into the groups' producers."""
 
 import json
@@ -29,7 +29,7 @@ class Recorder(QuantMethod):
     calls: list[tuple] = []
 
     def quantize_group(self, group: LinearGroup) -> GroupResult:
-        inputs = None if group.inputs is None else [tuple(chunk.shape) for chunk in group.inputs]
+        inputs = None if group.statistics is None else (group.statistics.samples, *group.hessian.shape)
         type(self).calls.append((group.modules, group.producer, inputs, tuple(group.planned)))
         return GroupResult({m: quantize_rtn(group.weights[m], entry.scheme) for m, entry in group.planned.items()})
 
@@ -112,7 +112,7 @@ def test_the_walk_calls_a_registered_method_with_each_group_and_its_inputs(regis
             modules = tuple(f"model.layers.{index}.{name}" for name in group)
             in_features = 256 if group == ("mlp.down_proj",) else 96
             expected.append((modules, None if producer is None else f"model.layers.{index}.{producer}",
-                             [(3, 16, in_features)], modules))
+                             (3 * 16, in_features, in_features), modules))
     assert Recorder.calls == expected
     assert result.manifest["provenance"]["recipe"]["method"] == "test-recorder"
     assert result.manifest["provenance"]["calibration"]["used"]

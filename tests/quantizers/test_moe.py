@@ -289,3 +289,25 @@ def test_the_allocator_gives_each_expert_role_one_scheme(calibrated_sources, tmp
     assert record["achieved_bits_per_weight"] <= 4.5 + 1e-6
     assert set(result.manifest["moe"]["0"]["schemes"].values()) == {modules[units[16]["modules"][0]],
                                                                      modules[units[8]["modules"][0]]}
+
+
+def test_the_command_line_sets_the_floor(calibrated_sources, tmp_path, calib_text, capsys):
+    """`nanoq quantize --moe-floor-tokens N` reaches the walk (the manifest records N and floors the experts
+    routed fewer tokens); a negative N is refused in one line before anything is written."""
+    from nanoq_plugin.cli import main
+
+    family, source, _ = calibrated_sources
+    if family != "qwen3_moe":
+        pytest.skip("one family is enough for the option's plumbing")
+    def quantize(output, floor):
+        return main(["quantize", str(source), str(output), "--recipe", "w4g128", "--method", "gptq", "--calib",
+                     str(calib_text), "--calib-windows", "8", "--calib-seq-len", "32", "--moe-floor-tokens", floor])
+
+    assert quantize(tmp_path / "out", "100000") == 0
+    record = json.loads((tmp_path / "out" / "nano_manifest.json").read_text())["moe"]["0"]
+    assert record["floor_tokens"] == 100000 and record["floor"] == list(range(8))  # every expert below it
+    capsys.readouterr()
+    assert quantize(tmp_path / "bad", "-1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("nanoq: error: ") and "--moe-floor-tokens" in err, err
+    assert not (tmp_path / "bad").exists()

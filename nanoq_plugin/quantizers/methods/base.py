@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
 from ...format.schemes import Scheme, SchemeKind
@@ -23,6 +22,7 @@ from ..settings import GptqSettings
 if TYPE_CHECKING:
     import torch
 
+    from ..input_statistics import InputStatistics
     from ..recipe import PlannedModule
 
 
@@ -34,7 +34,8 @@ class LinearGroup:
     `planned`: those to quantize, with their schemes (the others stay float).
     `weights`: every module's float32 weight `[N, K]` on the device as the block holds it now; read-only
     (a method returns new tensors).
-    `inputs`: the captured input chunks `[b, L, K]` float32, or None without calibration.
+    `statistics`: the statistics of the group's calibration inputs (their Hessian and mean magnitude per input
+    channel, accumulated while the block ran: the inputs themselves are not kept), or None without calibration.
     `producer`: the op whose output channels produce those inputs (a norm or a linear), which can absorb a
     per-input-channel scale (`GroupResult.input_scale`); None where there is none.
     """
@@ -42,36 +43,31 @@ class LinearGroup:
     modules: tuple[str, ...]
     planned: dict[str, PlannedModule]
     weights: dict[str, torch.Tensor]
-    inputs: list[torch.Tensor] | None = None
+    statistics: InputStatistics | None = None
     producer: str | None = None
     gptq: GptqSettings = GptqSettings()
     nvfp4_alpha: float = 1.0  # NVFP4 block-scale inflation (quantizers.nvfp4)
 
     @property
     def hessian(self) -> torch.Tensor:
-        """`H = 2/n · Σ xᵀx` of the inputs, float32 `[K, K]` (computed once and shared: copy it to change it)."""
-        return self._input_statistics[0]
+        """`H = 2/n · Σ xᵀx` of the inputs, float32 `[K, K]` (shared: copy it to change it)."""
+        return self._statistics.hessian
+
+    def release_hessian(self) -> torch.Tensor:
+        """The Hessian given away (`InputStatistics.release_hessian`), for a method that is its last reader and
+        changes it in place."""
+        return self._statistics.release_hessian()
 
     @property
     def input_abs_mean(self) -> torch.Tensor:
         """Mean `|x|` per input channel, float32 `[K]`."""
-        return self._input_statistics[1]
+        return self._statistics.abs_mean
 
-    @cached_property
-    def _input_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        from ..gptq import HessianAccumulator
-
-        if not self.inputs:
+    @property
+    def _statistics(self) -> InputStatistics:
+        if self.statistics is None:
             raise ValueError(f"{self.modules[0]}: input statistics of a group that came without inputs")
-        k, device = self.inputs[0].shape[-1], self.inputs[0].device
-        hessian = HessianAccumulator(k, device)
-        abs_sum = torch.zeros(k, device=device)
-        for chunk in self.inputs:
-            hessian.add(chunk)
-            abs_sum += chunk.abs().sum(dim=tuple(range(chunk.dim() - 1)))
-        return hessian.hessian, abs_sum / hessian.samples
+        return self.statistics
 
 
 @dataclass
