@@ -452,15 +452,17 @@ def quantize_checkpoint(
                           "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
                           "true_sequential": True}
             runner = BlockRunner(source.config, torch_device, arch=arch)
+        # one tensor at a time: at 8B the embedding and the untied head are 1 GB each, and holding both at once
+        # was the run's peak; and before the calibration states exist (1 GB at 8B), which rounding the head beside
+        # would hold as well
+        for name in by_block.get(None, []):
+            write({name: source.get(name)}, {})
+            release_freed_memory()
+        if runner is not None:
             hidden = runner.embed(ids, source.get(f"{arch.embedding}.weight"))
             if tune.enabled:
                 calib_info["tuning"] = {**tune.describe(), "blocks": []}
                 float_hidden = hidden.clone()
-        # one tensor at a time: at 8B the embedding and the untied head are 1 GB each, and holding both at once
-        # was the run's peak
-        for name in by_block.get(None, []):
-            write({name: source.get(name)}, {})
-            release_freed_memory()
         bar = tqdm(range(num_layers), desc=f"quantize ({recipe.method})", unit="block", disable=not progress)
         block_seconds = []
         for index in bar:
