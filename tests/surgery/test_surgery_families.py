@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from tiny_models import MOE_FAMILIES
 from transformers import AutoModelForCausalLM
 
+from nanoq_plugin.cli import main
+from nanoq_plugin.eval.reference_model import dequantized_float_model
 from nanoq_plugin.quantizers.architectures import TESTED_FAMILIES
 from nanoq_plugin.surgery.apply import write_surgery
 from nanoq_plugin.surgery.inmemory import surgered
@@ -124,3 +126,40 @@ def test_moe_source_with_fused_experts(tmp_path, make_tiny_model):
     reference = skip_block(load_strictly(source), 1)
     with torch.no_grad():
         assert torch.equal(load_strictly(out)(ids()).logits, reference(ids()).logits)
+
+
+def test_moe_surgery_then_quantize_with_a_rule_naming_new_experts(tmp_path, make_tiny_model):
+    """After dropping block 0 of a Mixtral, block 1 is source block 2: a recipe rule naming block 1's experts'
+    down projections (one scheme per role: engines fuse a block's experts) reaches them, and the quantized
+    checkpoint's manifest names the new blocks only."""
+    source = make_tiny_model("mixtral", tmp_path / "src", num_layers=3, dtype=torch.float32)
+    surgered_dir = write_surgery(source, tmp_path / "surgered", build_layer_map(3, drop=[0]), progress=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("default: int4g32\nrules:\n  - 'model\\.layers\\.1\\.block_sparse_moe\\.experts\\.\\d+\\.w2$': int8\n")
+    nano = tmp_path / "nano"
+    assert main(["quantize", str(surgered_dir), str(nano), "--recipe", str(recipe), "--quiet"]) == 0
+    modules = json.loads((nano / "config.json").read_text())["quantization_config"]["modules"]
+    assert {name for name, scheme in modules.items() if scheme == "int8"} == {
+        f"model.layers.1.block_sparse_moe.experts.{e}.w2" for e in range(8)}
+    assert len(modules) == 2 * 8 * 3 + 2 * 4 and not any(name.startswith("model.layers.2.") for name in modules)
+
+    dequantized = dequantized_float_model(surgered_dir, nano)
+    source_w2 = load_file(source / "model.safetensors")["model.layers.2.block_sparse_moe.experts.3.w2.weight"]
+    down = dequantized.model.layers[1].mlp.experts.down_proj[3]  # transformers holds the experts fused: [E, H, I]
+    assert (down - source_w2).abs().max() <= source_w2.abs().max() / 127  # int8 per channel: within one step
+    with torch.no_grad():
+        assert torch.equal(load_strictly(nano)(ids()).logits.argmax(-1), dequantized(ids()).logits.argmax(-1))
+
+
+@pytest.mark.slow
+def test_real_gemma3_drop_a_full_attention_block(gemma3_dir, tmp_path):
+    """Gemma 3 270M (18 blocks, every sixth full attention, sliding window 512): dropping full-attention block 5
+    leaves blocks 0-9 sliding; over 520 tokens the checkpoint computes as the model with block 5 skipped (the
+    final hidden states are compared: the head, untouched by surgery, would only add a [520, 262144] product)."""
+    out = write_surgery(gemma3_dir, tmp_path / "out", build_layer_map(18, drop=[5]), progress=False)
+    source_types = json.loads((gemma3_dir / "config.json").read_text())["layer_types"]
+    assert json.loads((out / "config.json").read_text())["layer_types"] == source_types[:5] + source_types[6:]
+    prompt = ids(length=520, batch=1)
+    with torch.no_grad():
+        expected = skip_block(load_strictly(gemma3_dir), 5).model(prompt).last_hidden_state
+        assert torch.equal(load_strictly(out).model(prompt).last_hidden_state, expected)
