@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for method in args.methods:
         calibration = Path(args.calib) if method != "rtn" else None
-        first = min(args.gptq_blocks if method == "gptq" else args.rtn_blocks, shape.layers) or shape.layers
+        asked = args.gptq_blocks if method == "gptq" else args.rtn_blocks  # 0: the whole model, not extrapolated
+        first = min(asked, shape.layers) or shape.layers
         directory = (source_dir if first == shape.layers
                      else first_blocks_view(source_dir, shape, first, work / f"first-{first}-blocks"))
         output = work / f"out-{method}-{first}-blocks"
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep_outputs:
             shutil.rmtree(output, ignore_errors=True)
         runs.append(run)
-        if first < depth:
+        if asked and first < depth:
             runs.append(extrapolate(run, depth))
     report = {
         "provenance": provenance(args.device),
