@@ -83,6 +83,7 @@ class CpuInt4GroupKernel:
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """Stored qweight/scales/zeros -> `packed` uint8 `[N, K/2]` and `scale_zeros [K/G, N, 2]` (activation dtype)."""
+        blocked64_layout()  # probed (and cached) here, at load: `apply` may run inside a graph torch.compile traces
         scheme = config.scheme
         groups, g = config.in_features // scheme.group_size, scheme.group_size
         scales = tensors["scales"].to(torch.float32)
