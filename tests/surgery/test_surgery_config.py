@@ -2,9 +2,12 @@
 blocks, patterns are restated or refused, block-index lists are renumbered, and a field that sets blocks by index
 in a way surgery cannot rewrite is refused by building the blocks."""
 
+import json
+
 import pytest
 from transformers import AutoConfig
 
+from nanoq_plugin.cli import main
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.surgery.config import surgered_config
 from nanoq_plugin.surgery.layer_fields import layer_fields
@@ -96,3 +99,19 @@ def test_config_that_disagrees_with_the_map():
     with pytest.raises(NanoqError, match=r"^cfg: transformers refuses this gemma2 config"):
         surgered_config(config_of("gemma2", layer_types=[S, F, S, F]) | {"layer_types": [S]},
                         build_layer_map(4, drop=[1]), "cfg")
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path, make_tiny_model, capsys):
+    source = make_tiny_model("qwen2", tmp_path / "src", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    del config["layer_types"]
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    (source / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["surgery", str(source), str(tmp_path / "out"), "--swap", "1:2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json: max_window_layers=2 sets blocks by their index" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*nanoq-tmp*"))
+    assert main(["surgery", str(source), str(tmp_path / "out"), "--drop", "0", "--quiet"]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["layer_types"] == [F, S, S] and written["max_window_layers"] == 1
