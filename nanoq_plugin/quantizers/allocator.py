@@ -39,7 +39,6 @@ from .awq import output_error
 from .block_runner import BlockRunner
 from .calibration import calibration_windows
 from .codebook import fake_quantize_codebook
-from .gptq import HessianAccumulator
 from .input_statistics import InputStatistics
 from .loss_weights import head_loss_gradient, residual_fisher
 from .memory import release_freed_memory
@@ -139,8 +138,7 @@ def measure_experts(units_by_module: dict[str, Unit], block: torch.nn.Module, ar
             if position:  # down reads act(gate) * up, as the experts' forward computes it
                 gate, up = torch.nn.functional.linear(tokens, getattr(experts, roles[0].param).data[expert]).chunk(2, -1)
                 inputs = experts.act_fn(gate) * up
-            hessian = HessianAccumulator(inputs.shape[-1], inputs.device)
-            hessian.add(inputs)
+            hessian = InputStatistics.of(inputs).hessian  # once per role, not per part and candidate
             fused = getattr(experts, role.param).data[expert]
             for part in role.parts[expert]:
                 unit = units_by_module.get(part.module)
@@ -148,7 +146,7 @@ def measure_experts(units_by_module: dict[str, Unit], block: torch.nn.Module, ar
                     continue
                 weight = fused[part.rows.start:part.rows.stop].to(torch.float32)
                 for candidate, fitted in unit.schemes.items():
-                    error = output_error(weight, restored_nearest(weight, fitted[part.module]), hessian.hessian)
+                    error = output_error(weight, restored_nearest(weight, fitted[part.module]), hessian)
                     unit.errors[candidate] = unit.errors.get(candidate, 0.0) + share * error
 
 

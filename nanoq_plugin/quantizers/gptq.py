@@ -162,9 +162,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, fa
     error over the later columns through the inverse of `hessian [K, K]` (or its `prepare_hessian`, shared by the
     linears of a group); returns the quantized weight `[N, K]` float32 (every column on its grid). Inputs with a
     zero Hessian diagonal get weight 0."""
-    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(
-        _checked(weight, hessian, where), settings, where)
-    check_hessian(weight, prepared.inverse_factor, where)
+    prepared = _prepared(weight, hessian, settings, where)
     w = weight.to(torch.float32).clone()
     w[:, prepared.dead.to(w.device)] = 0.0
     order = prepared.order.to(w.device)
@@ -178,8 +176,13 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, fa
     return restored
 
 
-def _checked(weight: torch.Tensor, hessian: torch.Tensor, where: str) -> torch.Tensor:
-    check_hessian(weight, hessian, where)
+def _prepared(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, settings: GptqSettings,
+              where: str) -> PreparedHessian:
+    """`hessian` prepared for `weight [N, K]` (as given when it comes prepared); NanoqError unless it is K x K."""
+    if not isinstance(hessian, PreparedHessian):
+        check_hessian(weight, hessian, where)
+        hessian = prepare_hessian(hessian, settings, where)
+    check_hessian(weight, hessian.inverse_factor, where)
     return hessian
 
 
@@ -208,9 +211,7 @@ def gptq_quantize(
 ) -> dict[str, torch.Tensor]:
     """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of an
     integer `scheme` (group-wise or int8 per channel); `hessian` may come prepared (`prepare_hessian`)."""
-    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(
-        _checked(weight, hessian, where), settings, where)
-    check_hessian(weight, prepared.inverse_factor, where)
+    prepared = _prepared(weight, hessian, settings, where)
     w = weight.to(torch.float32)
     dead = prepared.dead
     scales, zeros = rtn_scales(torch.where(dead.to(w.device), 0.0, w), scheme, settings.clip_search)

@@ -4,9 +4,9 @@ checkpoint into place.
 
 A method needing calibration sees its block through the walk (`_BlockWalk`): the block runs on the quantized
 model's hidden states, and each group of linears sharing an input goes to the method with the statistics of
-its inputs (accumulated batch by batch, the inputs never held) before the block uses them. A method needing none gets the same groups from the stored weights. Either way the
-writer stores what the method returned; the tables (embedding, LM head), which no walk reaches, are rounded to
-nearest.
+its inputs (accumulated batch by batch, the inputs never held) before the block uses them. A method needing
+none gets the same groups from the stored weights. Either way the writer stores what the method returned; the
+tables (embedding, LM head), which no walk reaches, are rounded to nearest.
 """
 
 from __future__ import annotations
