@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,6 +81,14 @@ def rpc_dir(state_dir: Path) -> Path:
         return inside
     digest = hashlib.sha1(os.fsencode(str(inside))).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"nanoq-rpc-{digest}"
+
+
+def release_rpc_dir(state_dir: Path) -> None:
+    """Remove the socket folder of a stopped server when it lies outside `state_dir` (one in the system temp
+    dir would otherwise outlive every server)."""
+    sockets = rpc_dir(state_dir)
+    if sockets != Path(state_dir).resolve() / "rpc":
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def server_env(state_dir: Path, kv_cache_gib: float = 1, tensor_parallel: int = 1) -> dict:
@@ -256,6 +265,7 @@ def vllm_server(model: Path, state_dir: Path, *extra: str, config: Path | None =
     finally:
         stop_process_group(process)
         memory.stop()
+        release_rpc_dir(state_dir)
 
 
 def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, str]:
@@ -265,4 +275,5 @@ def run_to_exit(model: Path, state_dir: Path, *extra: str, timeout: float = 300)
         output, _ = process.communicate(timeout=timeout)
     finally:
         stop_process_group(process)
+        release_rpc_dir(state_dir)
     return process.returncode, output

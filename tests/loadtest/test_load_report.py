@@ -73,7 +73,7 @@ def test_a_baseline_without_a_completed_run_is_an_error():
 
 
 def test_socket_folder_fits_a_unix_socket_address_for_any_state_folder(tmp_path):
-    from nanoq_plugin.loadtest.vllm_process import IPC_NAME_LENGTH, IPC_PATH_MAX, rpc_dir, server_env
+    from nanoq_plugin.loadtest.vllm_process import IPC_NAME_LENGTH, IPC_PATH_MAX, release_rpc_dir, rpc_dir, server_env
 
     assert rpc_dir(Path("/tmp/state")) == Path("/tmp/state/rpc")  # short enough: kept inside the state folder
     short = tmp_path / "s"
@@ -85,6 +85,10 @@ def test_socket_folder_fits_a_unix_socket_address_for_any_state_folder(tmp_path)
         env = server_env(state)
         assert env["VLLM_RPC_BASE_PATH"] == str(sockets) and sockets.is_dir()
     assert rpc_dir(deep) != deep / "rpc" and rpc_dir(deep) != rpc_dir(tmp_path / ("e" * 60) / "state")
+    release_rpc_dir(deep)  # a stopped server's socket folder outside its state folder is removed
+    assert not rpc_dir(deep).exists()
+    release_rpc_dir(short)  # one inside the state folder goes with the state folder
+    assert rpc_dir(short).is_dir()
 
 
 def test_memory_peak_of_a_window_shorter_than_the_sampling_period_is_measured():
