@@ -29,6 +29,14 @@ FAMILY_SETTINGS = {
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
+def family_settings(arch: str, num_layers: int) -> dict:
+    """FAMILY_SETTINGS of `arch` for a model of `num_layers` blocks: its per-layer list repeated to that length."""
+    settings = dict(FAMILY_SETTINGS.get(arch, {}))
+    if "layer_types" in settings:
+        settings["layer_types"] = (settings["layer_types"] * num_layers)[:num_layers]
+    return settings
+
+
 def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torch.bfloat16, seed: int = 0,
                      tie_word_embeddings: bool = False, vocab_size: int = 320, perturb_norms: bool = True,
                      fused_experts: bool = False) -> Path:
@@ -38,9 +46,7 @@ def build_tiny_model(arch: str, directory: Path, num_layers: int = 2, dtype=torc
     it in memory (`mlp.experts.gate_up_proj [E, 2I, H]`, every tensor under its in-memory name)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(FAMILY_SETTINGS.get(arch, {}))
-    if "layer_types" in settings:
-        settings["layer_types"] = (settings["layer_types"] * num_layers)[:num_layers]
+    settings = family_settings(arch, num_layers)
     settings.setdefault("intermediate_size", 256)
     config = AutoConfig.for_model(
         arch, hidden_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
