@@ -128,28 +128,56 @@ class PreparedHessian(NamedTuple):
     inverse_factor: torch.Tensor
 
 
+# Rows (or columns) moved per step of an in-place permutation: its temporary is 256 x K float32.
+PERMUTE_CHUNK = 256
+
+
+def permute_columns_(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`x [N, K]` overwritten by `x[:, order]` (returned), through a temporary of `PERMUTE_CHUNK` rows: a
+    column permutation acts within each row."""
+    for start in range(0, x.shape[0], PERMUTE_CHUNK):
+        x[start:start + PERMUTE_CHUNK] = x[start:start + PERMUTE_CHUNK, order]
+    return x
+
+
+def permute_symmetric_(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`h [K, K]` overwritten by `h[order][:, order]` (returned) with no K x K temporary."""
+    permute_columns_(h.mT, order)  # the rows of h
+    return permute_columns_(h, order)
+
+
+def inverse_factor_(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor `U` of `h⁻¹` (`h⁻¹ = Uᵀ U`) for a symmetric positive definite float32
+    `h [K, K]`, computed in h's memory and returned as a column-major view of it (h is destroyed).
+
+    Why the view: LAPACK works on column-major matrices, and torch writes an `out=` tensor that has that layout
+    in place; a row-major one it would factor in a K x K temporary (0.8 GB for an 8B model's down_proj). h is
+    symmetric, so its column-major view is the same matrix. Raises torch.linalg.LinAlgError if h is not
+    positive definite."""
+    factor = h.mT
+    torch.linalg.cholesky(factor, out=factor)  # lower L, h = L Lᵀ
+    torch.cholesky_inverse(factor, out=factor)  # h⁻¹
+    torch.linalg.cholesky(factor, upper=True, out=factor)
+    return factor
+
+
 def prepare_hessian(hessian: torch.Tensor, settings: GptqSettings = GptqSettings(), where: str = "linear",
                     in_place: bool = False) -> PreparedHessian:
-    """`hessian [K, K]` ready for the GPTQ loop. With `in_place` the caller gives `hessian` away and it is
-    overwritten: at most two `[K, K]` float32 tensors are alive at once (an 8B down_proj's are 0.8 GB each)."""
-    h = hessian if in_place else hessian.clone()
+    """`hessian [K, K]` ready for the GPTQ loop. With `in_place` the caller gives a float32 `hessian` away and
+    it becomes the inverse factor: no other `[K, K]` tensor is made (an 8B down_proj's is 0.8 GB); without,
+    one copy."""
+    h = hessian if in_place and hessian.dtype == torch.float32 else hessian.to(torch.float32, copy=True)
     del hessian
-    h = h.to(torch.float32)
     k = h.shape[0]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     order = torch.argsort(torch.diag(h), descending=True) if settings.act_order else torch.arange(k, device=h.device)
-    if settings.act_order:  # one index at a time: the permuted copy replaces the original before the next
-        h = h.index_select(0, order)
-        h = h.index_select(1, order)
+    if settings.act_order:
+        permute_symmetric_(h, order)
     h.diagonal().add_(settings.damp * torch.mean(torch.diag(h)))
     with flush_denormals():  # tiny inverse-Hessian entries (e.g. after AWQ scaling) are 100x slower as denormals
         try:
-            factor = torch.linalg.cholesky(h)
-            del h
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            inverse_factor = torch.linalg.cholesky(inverse, upper=True)
+            inverse_factor = inverse_factor_(h)
         except torch.linalg.LinAlgError:
             raise NanoqError(f"{where}: the Hessian is not positive definite even with damping {settings.damp} "
                              "(raise it, or use more calibration data)") from None
@@ -163,17 +191,13 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, fa
     linears of a group); returns the quantized weight `[N, K]` float32 (every column on its grid). Inputs with a
     zero Hessian diagonal get weight 0."""
     prepared = _prepared(weight, hessian, settings, where)
-    w = weight.to(torch.float32).clone()
+    order = prepared.order.to(weight.device)
+    w = weight.to(torch.float32, copy=True)  # the one working copy: permuted, quantized and restored in place
     w[:, prepared.dead.to(w.device)] = 0.0
-    order = prepared.order.to(w.device)
-    w = w[:, order]
-    quantized = torch.zeros_like(w)
+    permute_columns_(w, order)
     with flush_denormals():
-        _gptq_loop(w, prepared.inverse_factor.to(w.device), quantized, order.tolist(), fake_quantize,
-                   settings.block_size)
-    restored = torch.empty_like(quantized)
-    restored[:, order] = quantized
-    return restored
+        _gptq_loop(w, prepared.inverse_factor.to(w.device), order.tolist(), fake_quantize, settings.block_size)
+    return permute_columns_(w, torch.argsort(order))
 
 
 def _prepared(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, settings: GptqSettings,
@@ -186,9 +210,11 @@ def _prepared(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, set
     return hessian
 
 
-def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, quantized: torch.Tensor, original_index: list[int],
-               fake_quantize: ColumnQuantizer, block_size: int) -> None:
-    """The column loop of GPTQ with lazy block updates (section 3.2 of the paper); fills `quantized` [N, K]."""
+def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, original_index: list[int], fake_quantize: ColumnQuantizer,
+               block_size: int) -> None:
+    """The column loop of GPTQ with lazy block updates (section 3.2 of the paper), in place: each block of
+    columns of `w [N, K]` is replaced by its quantized values once the block is done (the later columns have
+    taken its error by then, and nothing reads the block again)."""
     k = w.shape[1]
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
@@ -196,12 +222,13 @@ def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, quantized: torch.Tensor, or
         errors = torch.zeros_like(block)
         h_block = h_inv[start:end, start:end]
         for i in range(end - start):
-            column = block[:, i]
+            column = block[:, i].clone()
             q = fake_quantize(column, original_index[start + i])
-            quantized[:, start + i] = q
+            block[:, i] = q
             error = (column - q) / h_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+            block[:, i + 1:] -= error.unsqueeze(1) * h_block[i, i + 1:].unsqueeze(0)
             errors[:, i] = error
+        w[:, start:end] = block
         w[:, end:] -= errors @ h_inv[start:end, end:]
 
 

@@ -101,3 +101,62 @@ def test_calib_self_samples_windows_from_the_model(tiny_llama_with_tokenizer, tm
     out = quantize_checkpoint(tiny_llama_with_tokenizer, tmp_path / "self", load_recipe("w4g128").with_method("gptq"),
                               calibration="self", progress=False, calib_windows=2, calib_seq_len=16)
     assert out.manifest["provenance"]["calibration"]["self_generated"]
+
+
+def test_hessian_preparation_in_place_equals_the_textbook_one():
+    """The permutation and the inverse factor are made in the Hessian's own memory; they equal
+    `h[order][:, order]` and `cholesky(cholesky_inverse(cholesky(h)), upper=True)` computed with copies."""
+    from nanoq_plugin.quantizers.gptq import PERMUTE_CHUNK, inverse_factor_, permute_symmetric_, prepare_hessian
+
+    k = 2 * PERMUTE_CHUNK + 40  # several chunks, the last one partial
+    x = correlated_inputs(4 * k, k, seed=3)
+    h = x.t() @ x / x.shape[0]
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(4))
+    permuted = h.clone()
+    assert permute_symmetric_(permuted, order).data_ptr() == permuted.data_ptr()
+    assert torch.equal(permuted, h[order][:, order])
+
+    damped = h + 0.01 * torch.mean(torch.diag(h)) * torch.eye(k)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    memory = damped.clone()
+    factor = inverse_factor_(memory)
+    assert factor.data_ptr() == memory.data_ptr()
+    torch.testing.assert_close(factor, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    settings = GptqSettings(act_order=True)
+    given = h.clone()
+    prepared = prepare_hessian(given, settings, in_place=True)
+    assert prepared.inverse_factor.data_ptr() == given.data_ptr()  # the Hessian's memory was reused
+    fresh = prepare_hessian(h, settings)
+    assert prepared.inverse_factor.data_ptr() != h.data_ptr() and torch.equal(h, x.t() @ x / x.shape[0])
+    torch.testing.assert_close(prepared.inverse_factor, fresh.inverse_factor)
+
+
+def test_hessian_preparation_in_place_allocates_no_square_matrix():
+    """Peak memory of `prepare_hessian(in_place=True)` at K = 3072 (36 MiB float32) stays well below one more
+    K x K matrix (Linux's peak-RSS counter, reset before the call, in a fresh process)."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from nanoq_plugin.quantizers.gptq import prepare_hessian
+from nanoq_plugin.quantizers.settings import GptqSettings
+
+def field(name):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(name))
+
+k = 3072
+x = torch.randn(k, 512)
+h = x @ x.t() / 512
+del x
+prepare_hessian(h.clone(), GptqSettings(act_order=True))  # warm up LAPACK and the allocator
+open("/proc/self/clear_refs", "w").write("5")
+start = field("VmRSS")
+prepare_hessian(h, GptqSettings(act_order=True), in_place=True)
+print((field("VmHWM") - start) / (k * k * 4))
+"""
+    if not __import__("os").path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak-RSS counter")
+    extra = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert extra < 0.5, f"prepare_hessian(in_place=True) peaked {extra:.2f} K x K matrices above its input"
