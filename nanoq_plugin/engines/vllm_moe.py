@@ -27,8 +27,12 @@ CPU/Triton kernels a dense linear of that scheme uses (`kernels.ops.prepare_line
 Computation (`apply`): vLLM's router has already chosen each token's experts (`topk_ids [T, k]`, weights
 `topk_weights [T, k]`); for each expert that received tokens, its rows of `x` go through `w13`, the model's gated
 activation (vLLM's `apply_moe_activation`), `w2`, are scaled by their routing weight and summed into the output
-in float32; vLLM's runner adds shared experts and all-reduces across tensor-parallel ranks. The loop runs inside
-one custom op (`nano::moe_experts`), so torch.compile sees one opaque node.
+in float32; vLLM's runner adds shared experts and all-reduces across tensor-parallel ranks. On the CPU the rows
+are sorted by expert and each projection runs all its experts in one parallel region over the experts
+(`kernels.ops.apply_grouped`), the activation once over all rows, and the weighted sum in one pass
+(`kernels.cpu_grouped.weighted_row_sum`): at decode each expert has a few rows, and a parallel region per expert
+and step was the cost (benchmarks/moe_cpu_layer.py). The numerics are those of one expert at a time. It all runs
+inside one custom op (`nano::moe_experts`), so torch.compile sees one opaque node.
 
 On CUDA the stored `[E, ...]` tensors are kept as they are (no per-expert repack) and the same op runs the Triton
 grouped dequantize-GEMM over the tokens sorted by expert (`kernels.triton_moe.fused_moe_nano`: w13, vLLM's gated
@@ -46,6 +50,7 @@ supported.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -59,7 +64,10 @@ from ..errors import NanoqError
 from ..format.layout import Sharding, TensorSpec
 from ..format.quant_config import NanoQuantConfig
 from ..format.schemes import Scheme, SchemeKind
-from ..kernels.ops import PreparedLinear, PreparedParts, apply_linear, prepare_linear
+from ..kernels.cpu_grouped import load_extension as load_grouped_extension
+from ..kernels.cpu_grouped import weighted_row_sum
+from ..kernels.dispatch import kernel_logger
+from ..kernels.ops import PreparedLinear, PreparedParts, apply_grouped, prepare_linear
 from .common import layer_params
 from .expert_schemes import DOWN, GATE_UP, role_scheme
 
@@ -199,6 +207,10 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
             for name in layer.nano_stored[role]:
                 delattr(layer, f"{role}_{name}")
             layer.nano_experts[role] = prepared
+        if layer.nano_experts:  # built here, at load, not in the first forward (which vLLM may be tracing)
+            reason = load_grouped_extension()
+            if reason:
+                _warn_ungrouped(reason)
 
     def _stack_for_triton(self, layer: RoutedExperts, role: str, scheme: Scheme, out_features: int,
                           in_features: int) -> None:
@@ -238,39 +250,36 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
 
     def run_experts(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
-        """The experts' computation (module docstring), one expert at a time on the rows routed to it; on CUDA all
-        experts at once in the Triton grouped kernel (`_run_triton`)."""
+        """The experts' computation (module docstring) on the CPU: the rows routed to this rank's experts, sorted by
+        expert, go through w13 (`_grouped`: one parallel region over the experts where their kernel allows it),
+        vLLM's gated activation once for all rows, w2, and are summed into their tokens times their routing weights
+        in float32 (`cpu_grouped.weighted_row_sum`: rows in expert order, so each token's sum is added up as an
+        expert-by-expert loop adds it). On CUDA all experts at once in the Triton grouped kernel (`_run_triton`)."""
         if x.is_cuda:
             return self._run_triton(layer, x, topk_weights, topk_ids)
         tokens, top_k = topk_ids.shape
         ids = topk_ids.reshape(-1).long()
         if layer.expert_map is not None:  # expert parallelism: global -> local expert, -1 where another rank's
             ids = layer.expert_map[ids].long()
-        weights = topk_weights.reshape(-1).float()
-        order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids + 1, minlength=layer.local_num_experts + 1).tolist()
+        order = torch.argsort(ids, stable=True)[counts[0]:]  # rows for experts on other ranks sort first
+        if not order.numel():
+            return torch.zeros_like(x)
+        experts = [(expert, count) for expert, count in enumerate(counts[1:]) if count]
+        weights = topk_weights.reshape(-1)[order].float()  # [R]
+        token_rows = order // top_k
+        if layer.apply_router_weight_on_input:
+            gate_up = self._grouped(layer, "w13", experts, x[token_rows] * weights[:, None].to(x.dtype))
+        else:
+            gate_up = self._grouped(layer, "w13", experts, x, gather=token_rows)
+        width = gate_up.shape[-1] // 2 if self.moe.is_act_and_mul else gate_up.shape[-1]
+        activated = torch.empty(gate_up.shape[0], width, dtype=gate_up.dtype, device=x.device)
         activation_config = ApplyMoEActivationConfig.from_configs(self.moe, self.moe_quant_config
                                                                   or self.get_fused_moe_quant_config(layer))
-        out = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        start = counts[0]  # rows for experts on other ranks sort first
-        for expert, count in enumerate(counts[1:]):
-            if not count:
-                continue
-            rows = order[start:start + count]
-            start += count
-            token_rows = rows // top_k
-            hidden = x[token_rows]
-            if layer.apply_router_weight_on_input:
-                hidden = hidden * weights[rows, None].to(hidden.dtype)
-            gate_up = self._linear(layer, "w13", expert, hidden)
-            width = gate_up.shape[-1] // 2 if self.moe.is_act_and_mul else gate_up.shape[-1]
-            activated = torch.empty(count, width, dtype=gate_up.dtype, device=x.device)
-            apply_moe_activation(layer.activation, activated, gate_up, activation_config=activation_config)
-            down = self._linear(layer, "w2", expert, activated).float()
-            if not layer.apply_router_weight_on_input:
-                down = down * weights[rows, None]
-            out.index_add_(0, token_rows, down)
-        return out.to(x.dtype)
+        apply_moe_activation(layer.activation, activated, gate_up, activation_config=activation_config)
+        down = self._grouped(layer, "w2", experts, activated)
+        return weighted_row_sum(down, None if layer.apply_router_weight_on_input else weights, token_rows, tokens,
+                                x.dtype)
 
     def _run_triton(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
@@ -292,11 +301,19 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
         return fused_moe_nano(x, layer.nano_stacked["w13"], layer.nano_stacked["w2"], topk_weights, ids, activation,
                               layer.apply_router_weight_on_input)
 
-    def _linear(self, layer: RoutedExperts, role: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, layer: RoutedExperts, role: str, experts: list[tuple[int, int]], x: torch.Tensor,
+                 gather: torch.Tensor | None = None) -> torch.Tensor:
+        """Input rows `x [R, K]`, or `x[gather]` (int64 `[R]`) when given: `count` consecutive rows for each
+        `(expert, count)` of `experts` -> `[R, N]` through each expert's `role` projection
+        (`kernels.ops.apply_grouped`; a role kept float: `F.linear` per expert)."""
         prepared: list[PreparedLinear | PreparedParts] | None = layer.nano_experts.get(role)
-        if prepared is None:  # a role kept float
-            return torch.nn.functional.linear(x, getattr(layer, f"{role}_weight")[expert])
-        return apply_linear(x, prepared[expert])
+        counts = [count for _, count in experts]
+        if prepared is not None:
+            return apply_grouped(x, counts, [prepared[expert] for expert, _ in experts], gather)
+        rows = x if gather is None else x[gather]
+        weight = getattr(layer, f"{role}_weight")
+        return torch.cat([torch.nn.functional.linear(part, weight[expert])
+                          for (expert, _), part in zip(experts, rows.split(counts))])
 
 
 @torch.library.custom_op("nano::moe_experts", mutates_args=())
@@ -310,6 +327,13 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 @moe_experts.register_fake
 def _(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@functools.cache
+def _warn_ungrouped(reason: str) -> None:
+    """Once per process: the experts' linears cannot share one parallel region (kernels.cpu_grouped), and why."""
+    kernel_logger().warning(f"the MoE experts' linears run one parallel region each, which is slower at decode: "
+                            f"{reason}")
 
 
 def _counting(loader: Callable, loaded: set) -> Callable:

@@ -2,7 +2,9 @@
 
 A kernel says whether it can run a layer (`can_implement`, with the reason when it cannot), repacks the
 stored tensors once after loading (`prepare`), and computes `x @ W.T` from the repacked tensors
-(`apply`). `dispatch.select_kernel` walks a priority list per device and picks the first that fits.
+(`apply`). `dispatch.select_kernel` walks a priority list per device and picks the first that fits. A CPU kernel
+whose `apply` is one op may also say which (`row_op`, see cpu_grouped): a MoE layer's experts then share one
+parallel region.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ..format.reference import symmetric_zero
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_dense import INT4_DENSE_MIN_ROWS, chunked_matmul, scratch
+from .cpu_grouped import RowOp
 
 # 16-bit activations only: measured here, their float32 path is 20-80x slower than MKL's float32 GEMM on the
 # dequantized weight at prefill sizes (the reference kernel), so float32 models use the reference.
@@ -105,8 +106,7 @@ class CpuInt4GroupKernel:
         if scale_zeros.dtype != x.dtype:
             scale_zeros = scale_zeros.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if (flat.shape[0] >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0
-                and blocked64_layout()):
+        if self._dense(flat.shape[0], config):
             out = chunked_matmul(flat, config.out_features,
                                  lambda n0, n1, buffer: self._expand(prepared["packed"], scale_zeros, config, n0, n1,
                                                                      buffer),
@@ -115,6 +115,19 @@ class CpuInt4GroupKernel:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, prepared["packed"], config.scheme.group_size,
                                                              scale_zeros)
         return out.view(*x.shape[:-1], config.out_features)
+
+    def row_op(self, prepared: dict[str, torch.Tensor], config: LinearConfig, x_dtype: torch.dtype,
+               rows: int) -> RowOp | None:
+        """The one op `apply` runs for `rows` rows of `x_dtype` (cpu_grouped); None where it expands the weight."""
+        if self._dense(rows, config) or prepared["scale_zeros"].dtype != x_dtype:
+            return None
+        return RowOp("aten::_weight_int4pack_mm_for_cpu", (prepared["packed"], prepared["scale_zeros"]),
+                     (config.scheme.group_size,))
+
+    @staticmethod
+    def _dense(rows: int, config: LinearConfig) -> bool:
+        """`rows` activation rows go through the expanded weight and oneDNN's GEMM (module docstring)."""
+        return rows >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0 and blocked64_layout()
 
     @staticmethod
     def _expand(packed: torch.Tensor, scale_zeros: torch.Tensor, config: LinearConfig, n0: int, n1: int,

