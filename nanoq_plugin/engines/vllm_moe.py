@@ -68,6 +68,7 @@ from ..kernels.cpu_grouped import load_extension as load_grouped_extension
 from ..kernels.cpu_grouped import weighted_row_sum
 from ..kernels.dispatch import kernel_logger
 from ..kernels.ops import PreparedLinear, PreparedParts, apply_grouped, prepare_linear
+from ..memory import release_freed_memory
 from .common import layer_params
 from .expert_schemes import DOWN, GATE_UP, role_scheme
 
@@ -207,6 +208,9 @@ class NanoFusedMoEMethod(FusedMoEMethodBase):
             for name in layer.nano_stored[role]:
                 delattr(layer, f"{role}_{name}")
             layer.nano_experts[role] = prepared
+        # each expert's repack made int32 temporaries of its weight between the packed tensors kept: glibc keeps
+        # the freed pages between them unless asked, and they would count in the server's RSS from here on
+        release_freed_memory()
         if layer.nano_experts:  # built here, at load, not in the first forward (which vLLM may be tracing)
             reason = load_grouped_extension()
             if reason:

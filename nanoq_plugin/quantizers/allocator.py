@@ -41,7 +41,7 @@ from .calibration import calibration_windows
 from .codebook import fake_quantize_codebook
 from .input_statistics import InputStatistics
 from .loss_weights import head_loss_gradient, residual_fisher
-from .memory import release_freed_memory
+from ..memory import release_freed_memory
 from .recipe import Plan, PlannedModule, Recipe, fit_group_size
 from .rtn import fake_quantize_rtn
 

@@ -35,7 +35,7 @@ from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
 from .input_statistics import InputStatistics
-from .memory import peak_rss_bytes, release_freed_memory
+from ..memory import peak_rss_bytes, release_freed_memory
 from .methods import LinearGroup, QuantMethod, calibrated_method_names, get_method, method_names
 from .model_tuning import tune_checkpoint
 from .provenance import provenance

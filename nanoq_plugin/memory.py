@@ -1,4 +1,5 @@
-"""The process's memory while quantizing: its peak, and handing freed heap back to the OS between blocks."""
+"""The process's memory: its peak, and handing freed heap back to the OS (between a quantizer's blocks, after an
+engine repacks a layer)."""
 
 from __future__ import annotations
 
