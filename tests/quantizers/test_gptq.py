@@ -135,6 +135,7 @@ def test_hessian_preparation_in_place_equals_the_textbook_one():
 def test_hessian_preparation_in_place_allocates_no_square_matrix():
     """Peak memory of `prepare_hessian(in_place=True)` at K = 3072 (36 MiB float32) stays well below one more
     K x K matrix (Linux's peak-RSS counter, reset before the call, in a fresh process)."""
+    import os
     import subprocess
     import sys
 
@@ -156,7 +157,7 @@ start = field("VmRSS")
 prepare_hessian(h, GptqSettings(act_order=True), in_place=True)
 print((field("VmHWM") - start) / (k * k * 4))
 """
-    if not __import__("os").path.exists("/proc/self/clear_refs"):
+    if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak-RSS counter")
     extra = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert extra < 0.5, f"prepare_hessian(in_place=True) peaked {extra:.2f} K x K matrices above its input"
