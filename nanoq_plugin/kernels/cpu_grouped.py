@@ -10,10 +10,13 @@ too, where PyTorch's cast, multiply and `index_add_` would each open a region.
 
 A kernel takes part by `row_op(prepared, config, x_dtype, rows) -> RowOp | None`: the single op (and its
 arguments after the input) that its `apply` runs for `rows` activation rows of `x_dtype`; None where `apply`
-does more than that one op at that size (e.g. expands the weight for a dense GEMM).
+does more than that one op at that size (e.g. expands the weight for a dense GEMM). The op may depend on `rows`
+(the int4 kernel runs PyTorch's op at decode and its bfloat16 panel from a few rows on): `ops.apply_grouped`
+groups the weights by op.
 
     op (RowOp.op)                            arguments after x (RowOp.tensors, RowOp.ints, in schema order)
     aten::_weight_int4pack_mm_for_cpu        packed uint8 [N, K/2], group_size, scale_zeros [K/G, N, 2]
+    nano_cpu::int4pack_linear_avx512bf16     packed uint8 [N, K/2], scale_zeros bf16 [K/G, N, 2], group_size
     nano_cpu::int4_linear_avx2               packed uint8 [N/16, K, 8], scales, offsets f32 [K/G, N], group_size
     nano_cpu::int8_weight_only_linear_avx2   packed int8 [N/16, K, 16], scales f32 [N]
     nano_cpu::int8_weight_only_linear,       packed int8 [N/16, K/depth, 16, depth], (weight_sums int32 [N],

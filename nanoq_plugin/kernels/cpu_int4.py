@@ -10,15 +10,27 @@ which keeps `z = 0` for every symmetric scheme (2**(b-1) + shift = 8), so no pre
 Codes of fewer than 4 bits are held in 4 bits after the repack (0.5 byte per weight instead of b/8).
 The kernel needs N a multiple of 16.
 
-From `cpu_dense.INT4_DENSE_MIN_ROWS` activation rows on, when N is a multiple of 64, the packed rows are
-expanded into the activation dtype and multiplied by oneDNN's GEMM (`cpu_dense`). That reads PyTorch's
-packed layout, which depends on the CPU: with AVX-512 every block of 64 rows `[64, K]` is stored as bytes
-`[K, 32]` whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the block. The layout is checked
-once per process on a probe (`blocked64_layout`); where it differs the per-row kernel runs at every size.
+PyTorch's kernel decodes the weight once per activation row, so its time grows almost linearly with rows. Which
+op `apply` (and `row_op`, for a MoE layer's grouped experts) runs is chosen by rows (`op_for`):
+
+    Int4Path  rows                          where
+    ATEN      below PANEL_MIN_ROWS          always (decode: the fastest up to three rows)
+    PANEL     PANEL_MIN_ROWS and more       bfloat16 activations, AVX-512 BF16, N a multiple of 64, the packing
+                                            below: `nano_cpu::int4pack_linear_avx512bf16` decodes each K-chunk of
+                                            64 outputs once into a bfloat16 panel for all rows, `vdpbf16ps`
+    DENSE     INT4_DENSE_MIN_ROWS and more  where the panel does not run, N a multiple of 64 and the packing
+                                            below: the packed rows are expanded into the activation dtype and
+                                            multiplied by oneDNN's GEMM (`cpu_dense`)
+
+The panel and the dense path read PyTorch's packed layout, which depends on the CPU: with AVX-512 every block of
+64 rows `[64, K]` is stored as bytes `[K, 32]` whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the
+block. The layout is checked once per process on a probe (`blocked64_layout`); where it differs PyTorch's kernel
+runs at every size.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 
 import torch
@@ -28,6 +40,7 @@ from ..format.reference import symmetric_zero
 from ..format.schemes import SchemeKind
 from .base import LinearConfig
 from .cpu_dense import INT4_DENSE_MIN_ROWS, chunked_matmul, scratch
+from .cpu_extension import build_cpu_extension, missing_isa
 from .cpu_grouped import RowOp
 
 # 16-bit activations only: measured here, their float32 path is 20-80x slower than MKL's float32 GEMM on the
@@ -35,6 +48,35 @@ from .cpu_grouped import RowOp
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_ROWS = 64
+# Rows from which the bfloat16 panel beats PyTorch's kernel (benchmarks/int4_rows_cpu.py measures both).
+PANEL_MIN_ROWS = 4
+
+
+class Int4Path(enum.Enum):
+    """What `CpuInt4GroupKernel.apply` runs for some rows (module docstring); a single op's name as its value."""
+
+    ATEN = "aten::_weight_int4pack_mm_for_cpu"
+    PANEL = "nano_cpu::int4pack_linear_avx512bf16"
+    DENSE = "expand + oneDNN GEMM"
+
+
+def load_panel_extension() -> str:
+    """Build (once per machine) and load `nano_cpu::int4pack_linear_avx512bf16`; '' on success, else why not."""
+    return build_cpu_extension("nanoq_cpu_int4pack_avx512bf16", "int4pack_avx512bf16.cpp", "avx512",
+                               flags=("-mavx512bf16",), fakes={
+                                   "int4pack_linear_avx512bf16": lambda x, packed, scale_zeros, group_size:
+                                       x.new_empty((x.shape[0], packed.shape[0]))})
+
+
+def panel_missing(config: LinearConfig, x_dtype: torch.dtype) -> str:
+    """'' if the bfloat16 panel op runs `config`'s weight for activations of `x_dtype` here, else why not."""
+    if x_dtype != torch.bfloat16:
+        return f"needs bfloat16 activations (got {x_dtype})"
+    if config.out_features % BLOCK_ROWS:
+        return f"output features ({config.out_features}) must be a multiple of {BLOCK_ROWS}"
+    if not blocked64_layout():
+        return "this torch's int4 packing is not the AVX-512 blocked layout"
+    return missing_isa("avx512_bf16") or load_panel_extension()
 
 
 def unpack_blocked64(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -84,7 +126,9 @@ class CpuInt4GroupKernel:
 
     def prepare(self, tensors: dict[str, torch.Tensor], config: LinearConfig) -> dict[str, torch.Tensor]:
         """Stored qweight/scales/zeros -> `packed` uint8 `[N, K/2]` and `scale_zeros [K/G, N, 2]` (activation dtype)."""
-        blocked64_layout()  # probed (and cached) here, at load: `apply` may run inside a graph torch.compile traces
+        # probed (and built, cached) here, at load: `apply` may run inside a graph torch.compile traces
+        blocked64_layout()
+        panel_missing(config, config.act_dtype)
         scheme = config.scheme
         groups, g = config.in_features // scheme.group_size, scheme.group_size
         scales = tensors["scales"].to(torch.float32)
@@ -106,11 +150,15 @@ class CpuInt4GroupKernel:
         if scale_zeros.dtype != x.dtype:
             scale_zeros = scale_zeros.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if self._dense(flat.shape[0], config):
+        path = self.path_for(flat.shape[0], config, x.dtype)
+        if path is Int4Path.DENSE:
             out = chunked_matmul(flat, config.out_features,
                                  lambda n0, n1, buffer: self._expand(prepared["packed"], scale_zeros, config, n0, n1,
                                                                      buffer),
                                  row_multiple=BLOCK_ROWS)
+        elif path is Int4Path.PANEL:
+            out = torch.ops.nano_cpu.int4pack_linear_avx512bf16(flat, prepared["packed"], scale_zeros,
+                                                                config.scheme.group_size)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, prepared["packed"], config.scheme.group_size,
                                                              scale_zeros)
@@ -119,15 +167,19 @@ class CpuInt4GroupKernel:
     def row_op(self, prepared: dict[str, torch.Tensor], config: LinearConfig, x_dtype: torch.dtype,
                rows: int) -> RowOp | None:
         """The one op `apply` runs for `rows` rows of `x_dtype` (cpu_grouped); None where it expands the weight."""
-        if self._dense(rows, config) or prepared["scale_zeros"].dtype != x_dtype:
+        path = self.path_for(rows, config, x_dtype)
+        if path is Int4Path.DENSE or prepared["scale_zeros"].dtype != x_dtype:
             return None
-        return RowOp("aten::_weight_int4pack_mm_for_cpu", (prepared["packed"], prepared["scale_zeros"]),
-                     (config.scheme.group_size,))
+        return RowOp(path.value, (prepared["packed"], prepared["scale_zeros"]), (config.scheme.group_size,))
 
     @staticmethod
-    def _dense(rows: int, config: LinearConfig) -> bool:
-        """`rows` activation rows go through the expanded weight and oneDNN's GEMM (module docstring)."""
-        return rows >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0 and blocked64_layout()
+    def path_for(rows: int, config: LinearConfig, x_dtype: torch.dtype) -> Int4Path:
+        """What runs `rows` activation rows of `x_dtype` (module docstring)."""
+        if rows >= PANEL_MIN_ROWS and not panel_missing(config, x_dtype):
+            return Int4Path.PANEL
+        if rows >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0 and blocked64_layout():
+            return Int4Path.DENSE
+        return Int4Path.ATEN
 
     @staticmethod
     def _expand(packed: torch.Tensor, scale_zeros: torch.Tensor, config: LinearConfig, n0: int, n1: int,

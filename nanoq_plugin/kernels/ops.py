@@ -132,23 +132,29 @@ def apply_grouped(x: torch.Tensor, counts: Sequence[int], prepared: Sequence[Pre
                   gather: torch.Tensor | None = None) -> torch.Tensor:
     """Several linears of equal output width on consecutive input rows (a MoE layer's experts): the input is
     `x [R, K]`, or its rows `gather [R]` (int64) when given, with `counts[i] > 0` rows for `prepared[i]` (summing to
-    R) -> `[R, N]` in x.dtype, each row range exactly as `apply_linear` computes it. On the CPU, where at least as
-    many weights as threads (and two) have a single-op kernel (`cpu_grouped`), those run in one parallel region
-    over the weights, gathering their rows there; the others one by one."""
+    R) -> `[R, N]` in x.dtype, each row range exactly as `apply_linear` computes it. On the CPU, the weights whose
+    kernel runs a single op for their row count (`cpu_grouped`; a kernel may choose its op by rows) are grouped by
+    that op, and each group of at least as many weights as threads (and two) runs in one parallel region over its
+    weights, gathering their rows there; the others one by one."""
     x = x.contiguous()
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
     single = [_row_op(p, x.dtype, count) for p, count in zip(prepared, counts)]
-    op_name = next((op.op for op in single if op is not None), None)
-    grouped = [i for i, op in enumerate(single) if op is not None and op.op == op_name]
-    if len(grouped) < max(2, torch.get_num_threads()) or cpu_grouped.load_extension():
-        grouped = []
+    by_op: dict[str, list[int]] = {}
+    for i, op in enumerate(single):
+        if op is not None:
+            by_op.setdefault(op.op, []).append(i)
+    groups = [group for group in by_op.values() if len(group) >= max(2, torch.get_num_threads())]
+    if groups and cpu_grouped.load_extension():
+        groups = []
     out = torch.empty(starts[-1], _out_features(prepared[0]), dtype=x.dtype, device=x.device)
-    if grouped:
-        cpu_grouped.grouped_rows(out, x, [(starts[i], counts[i]) for i in grouped], [single[i] for i in grouped],
-                                 gather)
-    for i in sorted(set(range(len(prepared))) - set(grouped)):
+    for group in groups:
+        cpu_grouped.grouped_rows(out, x, [(starts[i], counts[i]) for i in group], [single[i] for i in group], gather)
+    grouped = {i for group in groups for i in group}
+    for i in range(len(prepared)):
+        if i in grouped:
+            continue
         rows = x[starts[i]:starts[i + 1]] if gather is None else x[gather[starts[i]:starts[i + 1]]]
         out[starts[i]:starts[i + 1]] = apply_linear(rows, prepared[i])
     return out

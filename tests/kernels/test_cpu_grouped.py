@@ -2,13 +2,15 @@
 `ops.apply_grouped`): every weight's rows must equal `apply_linear` on them bit for bit, for each kernel with a
 single op (PyTorch's int4 kernel, our int8 ones; the AVX2 int4 and int8 kernels, chosen here under
 NANOQ_CPU_ISA=avx2 as on an AVX2 machine), and the grouped op must really have run. Row counts straddle the int4
-kernel's dense threshold, where that kernel's weights leave the group and run one by one."""
+kernel's thresholds (cpu_int4): from PANEL_MIN_ROWS rows its weights run the bfloat16 panel op where the CPU has
+it, a group of their own; else from INT4_DENSE_MIN_ROWS they leave the group and run one by one."""
 
 import pytest
 import torch
 
 from nanoq_plugin.kernels import cpu_grouped, ops
 from nanoq_plugin.kernels.cpu_dense import INT4_DENSE_MIN_ROWS
+from nanoq_plugin.kernels.cpu_int4 import PANEL_MIN_ROWS, panel_missing
 
 from cpu_expectations import prepare_with_kernel
 from schemes_under_test import stored_and_reference
@@ -64,8 +66,22 @@ def test_grouped_rows_equal_each_weight_alone(cpu_cap, grouped_calls, kernel_nam
         gather = torch.randint(0, 5, (sum(counts),), generator=generator)
         assert torch.equal(ops.apply_grouped(source, counts, prepared, gather),
                            ops.apply_grouped(source[gather], counts, prepared)), counts
-    dense_leaves = kernel_name == "cpu_int4pack"  # two weights above the threshold run one by one
-    assert grouped_calls == ([7, 7, 7, 5, 5, 5] if dense_leaves else [7] * 6), grouped_calls
+    assert grouped_calls == [7] * 3 + expected_groups(kernel_name, prepared[0].config, dtype) * 3, grouped_calls
+
+
+def expected_groups(kernel_name, config, dtype) -> list[int]:
+    """The grouped calls (weights in each) of one `apply_grouped` on the rows [2, 64, 1, 5, 71, 1, 3] of the test
+    above: one group for a kernel with one op; the int4 kernel's weights of PANEL_MIN_ROWS (4) rows and more in a
+    group of their own where its panel runs, else its two weights of INT4_DENSE_MIN_ROWS (64) rows and more one by
+    one; a group of fewer weights than threads runs one by one too."""
+    if kernel_name != "cpu_int4pack":
+        groups = [7]
+    elif not panel_missing(config, dtype):
+        assert PANEL_MIN_ROWS <= 5 < INT4_DENSE_MIN_ROWS
+        groups = [4, 3]
+    else:
+        groups = [5]
+    return [size for size in groups if size >= max(2, torch.get_num_threads())]
 
 
 def test_fewer_weights_than_threads_run_one_by_one(cpu_cap, grouped_calls):
