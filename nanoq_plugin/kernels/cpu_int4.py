@@ -1,6 +1,7 @@
-"""Group-wise int2/int3/int4 on the CPU through PyTorch's weight-only kernel `aten._weight_int4pack_mm_for_cpu`.
+"""Group-wise int2/int3/int4 on the CPU on PyTorch's int4 packing: its weight-only kernel
+`aten._weight_int4pack_mm_for_cpu`, or on CPUs with AVX-512 BF16 our panel kernel on the same tensors.
 
-That kernel computes `W[n, k] = (q[n, k] - 8) * s[k // G, n] + z[k // G, n]` with 4-bit codes `q` packed by
+PyTorch's kernel computes `W[n, k] = (q[n, k] - 8) * s[k // G, n] + z[k // G, n]` with 4-bit codes `q` packed by
 `aten._convert_weight_to_int4pack_for_cpu` and `scale_zeros [K/G, N, 2]` (s, z) in the activation dtype.
 Our codes satisfy `W = (c - zero) * scale` (docs/FORMAT.md), so the repack once after loading is
 
@@ -10,17 +11,22 @@ which keeps `z = 0` for every symmetric scheme (2**(b-1) + shift = 8), so no pre
 Codes of fewer than 4 bits are held in 4 bits after the repack (0.5 byte per weight instead of b/8).
 The kernel needs N a multiple of 16.
 
-PyTorch's kernel decodes the weight once per activation row, so its time grows almost linearly with rows. Which
-op `apply` (and `row_op`, for a MoE layer's grouped experts) runs is chosen by rows (`op_for`):
+PyTorch's kernel decodes the weight once per activation row, so its time grows almost linearly with rows. What
+`apply` (and `row_op`, for a MoE layer's grouped experts) runs is chosen in one place (`path_for`):
 
-    Int4Path  rows                          where
-    ATEN      below PANEL_MIN_ROWS          always (decode: the fastest up to three rows)
-    PANEL     PANEL_MIN_ROWS and more       bfloat16 activations, AVX-512 BF16, N a multiple of 64, the packing
-                                            below: `nano_cpu::int4pack_linear_avx512bf16` decodes each K-chunk of
-                                            64 outputs once into a bfloat16 panel for all rows, `vdpbf16ps`
-    DENSE     INT4_DENSE_MIN_ROWS and more  where the panel does not run, N a multiple of 64 and the packing
-                                            below: the packed rows are expanded into the activation dtype and
-                                            multiplied by oneDNN's GEMM (`cpu_dense`)
+    Int4Path  where                                                          rows
+    PANEL     bfloat16 activations, AVX-512 BF16, N a multiple of 64, the    all
+              packing below: `nano_cpu::int4pack_linear_avx512bf16` decodes
+              each chunk of 64 outputs once for all rows into a panel of
+              q - 8 in bfloat16 (a table lookup), `vdpbf16ps`, the scales
+              applied to the sums
+    DENSE     elsewhere, N a multiple of 64 and the packing below: the       INT4_DENSE_MIN_ROWS and more
+              packed rows expanded into the activation dtype, oneDNN's
+              GEMM (`cpu_dense`)
+    ATEN      elsewhere                                                      the rest
+
+The panel is faster than PyTorch's kernel from one row on, and its lead grows with the rows (it overtakes a bf16
+GEMM on the dequantized weight as well): benchmarks/int4_rows_cpu.py times them side by side.
 
 The panel and the dense path read PyTorch's packed layout, which depends on the CPU: with AVX-512 every block of
 64 rows `[64, K]` is stored as bytes `[K, 32]` whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the
@@ -48,8 +54,6 @@ from .cpu_grouped import RowOp
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_ROWS = 64
-# Rows from which the bfloat16 panel beats PyTorch's kernel (benchmarks/int4_rows_cpu.py measures both).
-PANEL_MIN_ROWS = 4
 
 
 class Int4Path(enum.Enum):
@@ -175,7 +179,7 @@ class CpuInt4GroupKernel:
     @staticmethod
     def path_for(rows: int, config: LinearConfig, x_dtype: torch.dtype) -> Int4Path:
         """What runs `rows` activation rows of `x_dtype` (module docstring)."""
-        if rows >= PANEL_MIN_ROWS and not panel_missing(config, x_dtype):
+        if not panel_missing(config, x_dtype):
             return Int4Path.PANEL
         if rows >= INT4_DENSE_MIN_ROWS and config.out_features % BLOCK_ROWS == 0 and blocked64_layout():
             return Int4Path.DENSE

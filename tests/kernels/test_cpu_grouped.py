@@ -2,15 +2,17 @@
 `ops.apply_grouped`): every weight's rows must equal `apply_linear` on them bit for bit, for each kernel with a
 single op (PyTorch's int4 kernel, our int8 ones; the AVX2 int4 and int8 kernels, chosen here under
 NANOQ_CPU_ISA=avx2 as on an AVX2 machine), and the grouped op must really have run. Row counts straddle the int4
-kernel's thresholds (cpu_int4): from PANEL_MIN_ROWS rows its weights run the bfloat16 panel op where the CPU has
-it, a group of their own; else from INT4_DENSE_MIN_ROWS they leave the group and run one by one."""
+kernel's dense threshold (cpu_int4): where its panel op does not run, weights of INT4_DENSE_MIN_ROWS rows and more
+leave the group and run one by one."""
+
+import re
 
 import pytest
 import torch
 
 from nanoq_plugin.kernels import cpu_grouped, ops
 from nanoq_plugin.kernels.cpu_dense import INT4_DENSE_MIN_ROWS
-from nanoq_plugin.kernels.cpu_int4 import PANEL_MIN_ROWS, panel_missing
+from nanoq_plugin.kernels.cpu_int4 import panel_missing
 
 from cpu_expectations import prepare_with_kernel
 from schemes_under_test import stored_and_reference
@@ -66,22 +68,8 @@ def test_grouped_rows_equal_each_weight_alone(cpu_cap, grouped_calls, kernel_nam
         gather = torch.randint(0, 5, (sum(counts),), generator=generator)
         assert torch.equal(ops.apply_grouped(source, counts, prepared, gather),
                            ops.apply_grouped(source[gather], counts, prepared)), counts
-    assert grouped_calls == [7] * 3 + expected_groups(kernel_name, prepared[0].config, dtype) * 3, grouped_calls
-
-
-def expected_groups(kernel_name, config, dtype) -> list[int]:
-    """The grouped calls (weights in each) of one `apply_grouped` on the rows [2, 64, 1, 5, 71, 1, 3] of the test
-    above: one group for a kernel with one op; the int4 kernel's weights of PANEL_MIN_ROWS (4) rows and more in a
-    group of their own where its panel runs, else its two weights of INT4_DENSE_MIN_ROWS (64) rows and more one by
-    one; a group of fewer weights than threads runs one by one too."""
-    if kernel_name != "cpu_int4pack":
-        groups = [7]
-    elif not panel_missing(config, dtype):
-        assert PANEL_MIN_ROWS <= 5 < INT4_DENSE_MIN_ROWS
-        groups = [4, 3]
-    else:
-        groups = [5]
-    return [size for size in groups if size >= max(2, torch.get_num_threads())]
+    dense_leaves = kernel_name == "cpu_int4pack" and panel_missing(prepared[0].config, dtype)
+    assert grouped_calls == ([7, 7, 7, 5, 5, 5] if dense_leaves else [7] * 6), grouped_calls
 
 
 def test_fewer_weights_than_threads_run_one_by_one(cpu_cap, grouped_calls):
@@ -93,6 +81,26 @@ def test_fewer_weights_than_threads_run_one_by_one(cpu_cap, grouped_calls):
     assert grouped_calls == []
 
 
+def test_weights_of_two_ops_run_in_one_group_per_op(cpu_cap, grouped_calls):
+    """A kernel may choose its op by rows, and a layer's weights may have different kernels: `apply_grouped` groups
+    the weights by op (here the AVX2 int4 kernel's, and PyTorch's int4 kernel or our panel), each weight's rows bit
+    for bit `apply_linear` on them."""
+    n, k = 128, 256
+    avx2 = experts("cpu_int4_avx2", "int4g128", 3, n, k, torch.bfloat16, cpu_cap)
+    int4pack = experts("cpu_int4pack", "int4g64", 4, n, k, torch.bfloat16, cpu_cap)
+    if cpu_grouped.load_extension():
+        pytest.skip(f"the grouped op did not build here: {cpu_grouped.load_extension()}")
+    prepared = [int4pack[0], avx2[0], int4pack[1], avx2[1], int4pack[2], avx2[2], int4pack[3]]
+    counts = [1, 3, 2, 5, 1, 2, 4]
+    x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    out = ops.apply_grouped(x, counts, prepared)
+    start = 0
+    for count, weight in zip(counts, prepared):
+        assert torch.equal(out[start:start + count], ops.apply_linear(x[start:start + count], weight)), count
+        start += count
+    assert grouped_calls == [size for size in (4, 3) if size >= max(2, torch.get_num_threads())], grouped_calls
+
+
 def test_grouped_op_refuses_arguments_that_do_not_fit_its_op(cpu_cap):
     prepared = experts("cpu_int4pack", "int4g128", 2, 128, 256, torch.bfloat16, cpu_cap)
     if cpu_grouped.load_extension():
@@ -102,8 +110,7 @@ def test_grouped_op_refuses_arguments_that_do_not_fit_its_op(cpu_cap):
     row_ops = [ops._row_op(p, x.dtype, 1) for p in prepared]
     op = row_ops[0].op
     tensors = [t for r in row_ops for t in r.tensors]
-    with pytest.raises(RuntimeError, match=r"3 tensors for 2 weights of aten::_weight_int4pack_mm_for_cpu, "
-                                           r"expected 4"):
+    with pytest.raises(RuntimeError, match=rf"3 tensors for 2 weights of {re.escape(op)}, expected 4"):
         torch.ops.nano_cpu.grouped_rows_(out, x, None, [0, 1, 1, 3], op, tensors[:3], [128, 128])
     with pytest.raises(RuntimeError, match=r"rows \[1, 4\) of weight 1 are not a non-empty range of the 3 rows"):
         torch.ops.nano_cpu.grouped_rows_(out, x, None, [0, 1, 1, 4], op, tensors, [128, 128])

@@ -1,9 +1,9 @@
-"""The group-wise int4 kernel's op by rows (kernels/cpu_int4.py): PyTorch's per-row kernel at decode, our bfloat16
-panel (`nano_cpu::int4pack_linear_avx512bf16`, on PyTorch's packing) from PANEL_MIN_ROWS rows on where the CPU has
-AVX-512 BF16, else the expanded dense GEMM from INT4_DENSE_MIN_ROWS rows on — each against the reference
-dequantize-matmul. The panel runs where the hardware has AVX-512 BF16 and no cap removes it; under
-NANOQ_CPU_ISA=none the same kernel must choose PyTorch's kernel and the dense path, as a CPU without AVX-512 BF16
-does, so every choice is tested on every CPU (the panel's own tests skip, with the reason, where it cannot run)."""
+"""What the group-wise int4 kernel runs (kernels/cpu_int4.py): our panel op (`nano_cpu::int4pack_linear_avx512bf16`,
+on PyTorch's packing) at every row count where the CPU has AVX-512 BF16, else PyTorch's per-row kernel and, from
+INT4_DENSE_MIN_ROWS rows on, the expanded dense GEMM — each against the reference dequantize-matmul. The panel runs
+where the hardware has AVX-512 BF16 and no cap removes it; under NANOQ_CPU_ISA=none the same kernel must choose
+PyTorch's kernel and the dense path, as a CPU without AVX-512 BF16 does, so every choice is tested on every CPU (the
+panel's own tests skip, with the reason, where it cannot run)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import torch
 from nanoq_plugin.kernels import ops
 from nanoq_plugin.kernels.base import LinearConfig
 from nanoq_plugin.kernels.cpu_dense import INT4_DENSE_MIN_ROWS
-from nanoq_plugin.kernels.cpu_int4 import PANEL_MIN_ROWS, Int4Path, blocked64_layout, panel_missing
+from nanoq_plugin.kernels.cpu_int4 import Int4Path, blocked64_layout, panel_missing
 from nanoq_plugin.kernels.dispatch import KERNELS
 
 from cpu_expectations import prepare_with_kernel
@@ -52,6 +52,28 @@ def test_panel_op_matches_the_reference(uncapped, name, n, k):
         close_to(out, x.float() @ weight.t(), rows)
 
 
+@pytest.mark.parametrize("group_size, k", [(256, 768), (96, 192), (32, 64)])
+def test_panel_op_computes_pytorchs_format(uncapped, group_size, k):
+    """The op on tensors made by hand in PyTorch's format, `W = (q - 8) * s + z` with random q, s and z: a group
+    larger than one 128-input chunk (256: two chunks share its scale and zero), one that 128 does not divide (96),
+    and one chunk in all (32)."""
+    n = 128
+    generator = torch.Generator().manual_seed(group_size)
+    q = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.int32)
+    scale_zeros = (torch.randn(k // group_size, n, 2, generator=generator) * 0.1).to(torch.bfloat16)
+    config = LinearConfig(stored_and_reference("int4g128", n, 128, 0)[0], n, k, torch.bfloat16, "cpu")
+    why = panel_missing(config, torch.bfloat16)
+    if why:
+        pytest.skip(f"the int4 bfloat16 panel does not run here: {why}")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    s, z = (scale_zeros[..., i].float().t().repeat_interleave(group_size, dim=1) for i in (0, 1))  # [n, k]
+    weight = (q - 8).float() * s + z
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        out = torch.ops.nano_cpu.int4pack_linear_avx512bf16(x, packed, scale_zeros, group_size)
+        close_to(out, x.float() @ weight.t(), (group_size, rows))
+
+
 def test_panel_op_on_no_rows_and_a_row_of_zeros(uncapped):
     scheme, prepared, _ = prepared_or_skip("int4g128", 64, 256)
     args = (prepared["packed"], prepared["scale_zeros"], scheme.group_size)
@@ -86,7 +108,7 @@ def test_panel_op_passes_opcheck(uncapped):
 
 def expected_path(rows: int, panel_runs: bool, n: int) -> Int4Path:
     """The module docstring's table of cpu_int4: what runs `rows` rows."""
-    if panel_runs and rows >= PANEL_MIN_ROWS:
+    if panel_runs:
         return Int4Path.PANEL
     if rows >= INT4_DENSE_MIN_ROWS and n % 64 == 0 and blocked64_layout():
         return Int4Path.DENSE
@@ -97,7 +119,7 @@ def expected_path(rows: int, panel_runs: bool, n: int) -> Int4Path:
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 192), (torch.float16, 192), (torch.bfloat16, 208)],
                          ids=["bf16", "fp16", "bf16-n208"])
 def test_apply_chooses_its_op_by_rows_and_matches_the_reference(cpu_cap, cap, dtype, n):
-    """Every row count straddling both thresholds, through `apply_linear` (what dense layers run) and `row_op`
+    """Row counts from decode to past the dense threshold, through `apply_linear` (what dense layers run) and `row_op`
     (what the grouped MoE path runs): the op chosen is the table's, and the output the reference's."""
     k = 256
     scheme, tensors, weight = stored_and_reference("int4g128", n, k, 2)
@@ -108,8 +130,7 @@ def test_apply_chooses_its_op_by_rows_and_matches_the_reference(cpu_cap, cap, dt
         assert not panel_runs, "the panel needs AVX-512 BF16, bfloat16 activations and whole 64-output blocks"
     kernel = KERNELS["cpu_int4pack"]
     generator = torch.Generator().manual_seed(4)
-    for rows in sorted({1, PANEL_MIN_ROWS - 1, PANEL_MIN_ROWS, PANEL_MIN_ROWS + 1, INT4_DENSE_MIN_ROWS - 1,
-                        INT4_DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS + 1}):
+    for rows in (1, 2, 3, 4, 5, INT4_DENSE_MIN_ROWS - 1, INT4_DENSE_MIN_ROWS, INT4_DENSE_MIN_ROWS + 1):
         want = expected_path(rows, panel_runs, n)
         assert kernel.path_for(rows, prepared.config, dtype) is want, rows
         row_op = kernel.row_op(prepared.tensors, prepared.config, dtype, rows)

@@ -3,23 +3,28 @@
 //
 // Why: `aten._weight_int4pack_mm_for_cpu` decodes the weight once per activation row (its time grows almost
 // linearly with rows), so from a few rows on it is slower than a bf16 GEMM that reads 4x the bytes. Here each
-// K-chunk of 64 outputs is decoded once into a bfloat16 panel that stays in L1, and every row tile runs `vdpbf16ps`
-// (32 multiply-adds a register, float32 sums) over it: the decode is paid once per weight whatever the rows.
-// It reads the tensors `cpu_int4.CpuInt4GroupKernel.prepare` made for PyTorch's kernel, so the two share one copy
-// of the weights and the kernel picks either per call.
+// chunk of a group's inputs for 64 outputs is decoded once into a panel that stays in L1, and every row tile runs
+// `vdpbf16ps` (32 multiply-adds a register, float32 sums) over it: the decode is paid once whatever the rows. It
+// reads the tensors `cpu_int4.CpuInt4GroupKernel.prepare` made for PyTorch's kernel, so the two share one copy of
+// the weights and the kernel picks either per call.
 //
 //   tensor       dtype   shape                meaning
 //   x            bf16    [M, K]               activations (contiguous)
 //   packed       uint8   [N, K/2]             PyTorch's AVX-512 packing, read as [N/64, K, 32]: byte [b, k, i] =
 //                                             q[64b + i, k] | q[64b + 32 + i, k] << 4 (codes 0..15)
-//   scale_zeros  bf16    [K/G, N, 2]          (s, z): W[n, k] = (q - 8) * s + z, in float32 (one fma), then
-//                                             rounded to bfloat16 for the dot products
+//   scale_zeros  bf16    [K/G, N, 2]          (s, z): W[n, k] = (q - 8) * s + z
 //   out          bf16    [M, N]               float32 sums rounded to nearest even
 //
-// Driver: parallel over blocks of 64 outputs; per block, K in chunks of 128 (the panel: 4 registers of 16 outputs
-// x 64 pairs of inputs, 16 KiB, each float32 lane holding the bf16 weights of inputs k and k+1, the operand of
-// `vdpbf16ps`); row tiles of up to 6 rows x 4 registers (24 accumulators) pass over the panel; their sums wait in
-// a per-thread [M, 64] buffer between chunks.
+// The scale and zero are applied per group to the sums, not to the weights:
+//   sum_k x[k] W[n, k] = sum_g ( s[g, n] * sum_{k in g} x[k] (q[n, k] - 8)  +  z[g, n] * sum_{k in g} x[k] )
+// so the panel holds q - 8 itself (exact in bfloat16; one table lookup `vpermw` per 32 codes, no float math), the
+// dot products of a group are exact products summed in float32, and the row sums of x come once per call.
+//
+// Driver: parallel over blocks of 64 outputs; per block, K in chunks (a group, or 128 inputs of a larger one):
+// the panel is 4 registers of 16 outputs x chunk/2 pairs of inputs, each float32 lane holding the bf16 values
+// of inputs k and k+1 (the operand of `vdpbf16ps`); row tiles of up to 6 rows x 4 registers (24 accumulators)
+// pass over it, then add s * sums + z * row sums into a per-thread [M, 64] buffer, rounded into out after the
+// last chunk.
 
 #include <algorithm>
 #include <cstring>
@@ -35,59 +40,40 @@ namespace {
 constexpr int64_t kLanes = 16;               // outputs per register
 constexpr int64_t kRegs = 4;                 // registers of outputs per block
 constexpr int64_t kBlockN = kRegs * kLanes;  // outputs per block: PyTorch's packing unit
-constexpr int64_t kChunk = 128;              // inputs per panel
-constexpr int64_t kPairs = kChunk / 2;       // float32 lanes of bf16 pairs per output per panel
+constexpr int64_t kMaxChunk = 128;           // inputs per panel at most (16 KiB)
 constexpr int64_t kMaxMR = 6;                // activation rows per tile (6 x 4 = 24 accumulators)
 
-// Lane l of `scale_zeros` row (s, z pairs of bf16) as float32: s in the low half of each 32-bit lane, z in the
-// high half; a bf16 is the high half of its float32.
-inline void load_scale_zero(const at::BFloat16* sz, __m512* s, __m512* z) {
-  const __m512i pairs = _mm512_loadu_si512(sz);
-  *s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-  *z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-}
+// Inputs per panel: the group, or 128 of a larger group that 128 divides; a chunk never straddles two groups.
+inline int64_t chunk_for(int64_t G) { return G > kMaxChunk && G % kMaxChunk == 0 ? kMaxChunk : G; }
 
-// Two inputs' float32 weights of 16 outputs -> 16 lanes of (bf16 w_k, bf16 w_k1), w_k in the low half.
-inline __m512i interleave_bf16(__m512 w_k, __m512 w_k1) {
-  const __m512i index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(index, (__m512i)_mm512_cvtne2ps_pbh(w_k1, w_k));
-}
-
-struct Weights {
-  const uint8_t* packed;           // [N/64, K, 32]
-  const at::BFloat16* scale_zeros; // [K/G, N, 2]
-  int64_t N, K, G;
-
-  // Block b's inputs k0..k1-1 (k0, k1 even, both inside K) -> panel[r][(k - k0) / 2][16 lanes] for the 4
-  // registers r of 16 outputs.
-  void decode(int32_t* panel, int64_t b, int64_t k0, int64_t k1) const {
-    const __m512 minus8_to_7 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 s[kRegs], z[kRegs];
-    for (int64_t k = k0; k < k1; k += 2) {
-      if (k == k0 || k % G == 0) {  // a group starts (G is even: inputs k and k + 1 share it)
-        const at::BFloat16* sz = scale_zeros + ((k / G) * N + b * kBlockN) * 2;
-        for (int r = 0; r < kRegs; ++r) load_scale_zero(sz + r * kLanes * 2, &s[r], &z[r]);
-      }
-      const uint8_t* src = packed + (b * K + k) * (kBlockN / 2);
-      __m512 w[2][kRegs];
-      for (int i = 0; i < 2; ++i) {  // inputs k and k + 1
-        for (int half = 0; half < 2; ++half) {  // bytes 0-15 and 16-31: outputs 0-15 / 32-47, 16-31 / 48-63
-          const __m512i bytes = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * (kBlockN / 2) + half * kLanes)));
-          // vpermps reads the low 4 bits of each index: the low nibble as it is, the high one after a shift
-          const int low = half, high = 2 + half;
-          w[i][low] = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, minus8_to_7), s[low], z[low]);
-          w[i][high] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), minus8_to_7), s[high],
-                                       z[high]);
-        }
-      }
-      for (int r = 0; r < kRegs; ++r) {
-        _mm512_storeu_si512(panel + (r * kPairs + (k - k0) / 2) * kLanes, interleave_bf16(w[0][r], w[1][r]));
-      }
+// Block b's codes of inputs k0..k1-1 (k0 even, k1 - k0 even) as bf16 (q - 8) into panel[r][(k - k0) / 2][16
+// lanes] for the 4 registers r of 16 outputs: lane l of pair p holds inputs k0 + 2p (low half) and k0 + 2p + 1.
+void decode(const uint8_t* packed, int64_t K, int32_t* panel, int64_t b, int64_t k0, int64_t k1) {
+  // vpermw reads the low 5 bits of each index: entries i and i + 16 are both bf16(i - 8)
+  const __m512i minus8_to_7 = _mm512_set_epi16(
+      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, static_cast<int16_t>(0xBF80),
+      static_cast<int16_t>(0xC000), static_cast<int16_t>(0xC040), static_cast<int16_t>(0xC080),
+      static_cast<int16_t>(0xC0A0), static_cast<int16_t>(0xC0C0), static_cast<int16_t>(0xC0E0),
+      static_cast<int16_t>(0xC100), 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,
+      static_cast<int16_t>(0xBF80), static_cast<int16_t>(0xC000), static_cast<int16_t>(0xC040),
+      static_cast<int16_t>(0xC080), static_cast<int16_t>(0xC0A0), static_cast<int16_t>(0xC0C0),
+      static_cast<int16_t>(0xC0E0), static_cast<int16_t>(0xC100));
+  const int64_t pairs = (k1 - k0) / 2;
+  const uint8_t* src = packed + (b * K + k0) * (kBlockN / 2);
+  for (int64_t p = 0; p < pairs; ++p, src += kBlockN) {  // 32 bytes of input k, then 32 of input k + 1
+    for (int half = 0; half < 2; ++half) {  // bytes 0-15: outputs 0-15 and 32-47; bytes 16-31: 16-31 and 48-63
+      const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + half * kLanes));
+      const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kBlockN / 2 + half * kLanes));
+      // 16-bit lanes 2l, 2l + 1: the bytes of output l for inputs k, k + 1
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_unpacklo_epi8(first, second)), _mm_unpackhi_epi8(first, second), 1));
+      const __m512i low = _mm512_permutexvar_epi16(words, minus8_to_7);
+      const __m512i high = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), minus8_to_7);
+      _mm512_storeu_si512(panel + (half * pairs + p) * kLanes, low);
+      _mm512_storeu_si512(panel + ((2 + half) * pairs + p) * kLanes, high);
     }
   }
-};
+}
 
 inline __m512i broadcast_pair(const at::BFloat16* p) {
   int32_t pair;
@@ -104,18 +90,17 @@ inline void store16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
 }
 
+// What a chunk's epilogue adds to the dot products of its rows: s * dot + z * (the row's sum of x over the chunk).
+struct Group {
+  const float* scale;  // [64]: s of this group for the block's outputs, float32
+  const float* zero;   // [64]: z
+  const float* row_sums;  // [M] this chunk's sum of x over its inputs, per row (float32), stride `chunks`
+  int64_t chunks;
+};
+
 // The accumulators are named variables: GCC keeps an array of them in memory and stores every update.
-#define NANO_ACC(i)                                                                                  \
-  __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;    \
-  if constexpr (MR > i) {                                                                            \
-    if (k0 > 0) {                                                                                    \
-      const float* row = partial + (m0 + i) * kBlockN;                                               \
-      c##i##0 = _mm512_loadu_ps(row);                                                                \
-      c##i##1 = _mm512_loadu_ps(row + kLanes);                                                       \
-      c##i##2 = _mm512_loadu_ps(row + 2 * kLanes);                                                   \
-      c##i##3 = _mm512_loadu_ps(row + 3 * kLanes);                                                   \
-    }                                                                                                \
-  }
+#define NANO_ACC(i) \
+  __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
 #define NANO_DOT(i)                                                                                  \
   if constexpr (MR > i) {                                                                            \
     const __m512bh xv = (__m512bh)broadcast_pair(x + (m0 + i) * K + k0 + 2 * p);                     \
@@ -124,58 +109,82 @@ inline void store16(at::BFloat16* p, __m512 v) {
     c##i##2 = _mm512_dpbf16_ps(c##i##2, xv, w2);                                                     \
     c##i##3 = _mm512_dpbf16_ps(c##i##3, xv, w3);                                                     \
   }
-#define NANO_KEEP(i)                                                                                 \
+#define NANO_FINISH(i)                                                                               \
   if constexpr (MR > i) {                                                                            \
+    const __m512 rs = _mm512_set1_ps(group.row_sums[(m0 + i) * group.chunks]);                       \
     float* row = partial + (m0 + i) * kBlockN;                                                       \
-    _mm512_storeu_ps(row, c##i##0);                                                                  \
-    _mm512_storeu_ps(row + kLanes, c##i##1);                                                         \
-    _mm512_storeu_ps(row + 2 * kLanes, c##i##2);                                                     \
-    _mm512_storeu_ps(row + 3 * kLanes, c##i##3);                                                     \
-  }
-#define NANO_STORE(i)                                                                                \
-  if constexpr (MR > i) {                                                                            \
-    at::BFloat16* row = out + (m0 + i) * N + n0;                                                     \
-    store16(row, c##i##0);                                                                           \
-    store16(row + kLanes, c##i##1);                                                                  \
-    store16(row + 2 * kLanes, c##i##2);                                                              \
-    store16(row + 3 * kLanes, c##i##3);                                                              \
+    finish(c##i##0, rs, group, row, 0, first, last, out + (m0 + i) * N + n0);                        \
+    finish(c##i##1, rs, group, row, 1, first, last, out + (m0 + i) * N + n0);                        \
+    finish(c##i##2, rs, group, row, 2, first, last, out + (m0 + i) * N + n0);                        \
+    finish(c##i##3, rs, group, row, 3, first, last, out + (m0 + i) * N + n0);                        \
   }
 
-// Rows m0..m0+MR-1 of x [M, K] x the panel of inputs k0..k1-1 of outputs n0..n0+63: the sums start from
-// `partial [M, 64]` unless k0 == 0 and go back there unless k1 == K, where they are rounded into out [M, N].
+// Register r of one row: acc = partial + s * dot + z * row sum, kept in partial, or rounded into out at the last.
+inline void finish(__m512 dot, __m512 row_sum, const Group& group, float* partial, int r, bool first, bool last,
+                   at::BFloat16* out) {
+  const __m512 before = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + r * kLanes);
+  const __m512 scaled = _mm512_fmadd_ps(dot, _mm512_loadu_ps(group.scale + r * kLanes), before);
+  const __m512 acc = _mm512_fmadd_ps(row_sum, _mm512_loadu_ps(group.zero + r * kLanes), scaled);
+  if (last) {
+    store16(out + r * kLanes, acc);
+  } else {
+    _mm512_storeu_ps(partial + r * kLanes, acc);
+  }
+}
+
+// Rows m0..m0+MR-1 of x [M, K] x the panel of inputs k0..k0+2*pairs-1 of outputs n0..n0+63, then the epilogue.
 template <int MR>
-void tile(const at::BFloat16* x, const int32_t* panel, float* partial, at::BFloat16* out, int64_t m0, int64_t n0,
-          int64_t N, int64_t K, int64_t k0, int64_t k1) {
+void tile(const at::BFloat16* x, const int32_t* panel, int64_t pairs, const Group& group, float* partial,
+          at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, bool first, bool last) {
   NANO_ACC(0) NANO_ACC(1) NANO_ACC(2) NANO_ACC(3) NANO_ACC(4) NANO_ACC(5)
-  const int64_t pairs = (k1 - k0) / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * kLanes);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (kPairs + p) * kLanes);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(panel + (2 * kPairs + p) * kLanes);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(panel + (3 * kPairs + p) * kLanes);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (pairs + p) * kLanes);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(panel + (2 * pairs + p) * kLanes);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(panel + (3 * pairs + p) * kLanes);
     NANO_DOT(0) NANO_DOT(1) NANO_DOT(2) NANO_DOT(3) NANO_DOT(4) NANO_DOT(5)
   }
-  if (k1 < K) {
-    NANO_KEEP(0) NANO_KEEP(1) NANO_KEEP(2) NANO_KEEP(3) NANO_KEEP(4) NANO_KEEP(5)
-  } else {
-    NANO_STORE(0) NANO_STORE(1) NANO_STORE(2) NANO_STORE(3) NANO_STORE(4) NANO_STORE(5)
-  }
+  NANO_FINISH(0) NANO_FINISH(1) NANO_FINISH(2) NANO_FINISH(3) NANO_FINISH(4) NANO_FINISH(5)
 }
 #undef NANO_ACC
 #undef NANO_DOT
-#undef NANO_KEEP
-#undef NANO_STORE
+#undef NANO_FINISH
 
-void row_tile(int64_t rows, const at::BFloat16* x, const int32_t* panel, float* partial, at::BFloat16* out,
-              int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, int64_t k1) {
+void row_tile(int64_t rows, const at::BFloat16* x, const int32_t* panel, int64_t pairs, const Group& group,
+              float* partial, at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, bool first,
+              bool last) {
   switch (rows) {
-    case 1: tile<1>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
-    case 2: tile<2>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
-    case 3: tile<3>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
-    case 4: tile<4>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
-    case 5: tile<5>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
-    default: tile<6>(x, panel, partial, out, m0, n0, N, K, k0, k1); break;
+    case 1: tile<1>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 2: tile<2>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 3: tile<3>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 4: tile<4>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 5: tile<5>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    default: tile<6>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
   }
+}
+
+// Block b's s and z of group g as float32 [64] each (a bf16 is the high half of its float32).
+void load_scale_zero(const at::BFloat16* scale_zeros, int64_t N, int64_t b, int64_t g, float* scale, float* zero) {
+  const at::BFloat16* sz = scale_zeros + (g * N + b * kBlockN) * 2;
+  for (int r = 0; r < kRegs; ++r) {
+    const __m512i pairs = _mm512_loadu_si512(sz + r * kLanes * 2);  // lane l: s in the low half, z in the high
+    _mm512_storeu_ps(scale + r * kLanes, _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
+    _mm512_storeu_ps(zero + r * kLanes, _mm512_castsi512_ps(
+        _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)))));
+  }
+}
+
+// [M, K/chunk]: each row's sum of x over each chunk's inputs, in float32 in input order.
+std::vector<float> chunk_row_sums(const at::BFloat16* x, int64_t M, int64_t K, int64_t chunk) {
+  std::vector<float> sums(M * (K / chunk));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < K / chunk; ++c) {
+      float sum = 0.0f;
+      for (int64_t k = c * chunk; k < (c + 1) * chunk; ++k) sum += static_cast<float>(x[m * K + k]);
+      sums[m * (K / chunk) + c] = sum;
+    }
+  }
+  return sums;
 }
 
 at::Tensor int4pack_linear_avx512bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zeros,
@@ -187,29 +196,35 @@ at::Tensor int4pack_linear_avx512bf16(const at::Tensor& x, const at::Tensor& pac
                   packed.size(0) % kBlockN == 0 && packed.size(1) * 2 == K,
               "packed must be contiguous uint8 [N, K/2] with N a multiple of ", kBlockN, " and K = ", K, ", got ",
               packed.sizes());
-  const int64_t N = packed.size(0);
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "K (", K,
-              ") must be a multiple of the group size (", group_size, "), which must be even");
+  const int64_t N = packed.size(0), G = group_size;
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "K (", K, ") must be a multiple of the group size (", G,
+              "), which must be even");
   TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous() && scale_zeros.dim() == 3 &&
-                  scale_zeros.size(0) == K / group_size && scale_zeros.size(1) == N && scale_zeros.size(2) == 2,
-              "scale_zeros must be contiguous bfloat16 [K/G, N, 2] = [", K / group_size, ", ", N, ", 2], got ",
+                  scale_zeros.size(0) == K / G && scale_zeros.size(1) == N && scale_zeros.size(2) == 2,
+              "scale_zeros must be contiguous bfloat16 [K/G, N, 2] = [", K / G, ", ", N, ", 2], got ",
               scale_zeros.scalar_type(), " ", scale_zeros.sizes());
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) {
     return out;
   }
-  const Weights weights{packed.data_ptr<uint8_t>(), scale_zeros.data_ptr<at::BFloat16>(), N, K, group_size};
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const uint8_t* codes = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sz = scale_zeros.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t chunk = chunk_for(G);
+  const std::vector<float> row_sums = chunk_row_sums(xp, M, K, chunk);
   at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> panel(kRegs * kPairs * kLanes);
-    std::vector<float> partial(K > kChunk ? M * kBlockN : 0);
+    std::vector<int32_t> panel(kRegs * (chunk / 2) * kLanes);
+    std::vector<float> partial(K > chunk ? M * kBlockN : 0), scale(kBlockN), zero(kBlockN);
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        const int64_t k1 = std::min(K, k0 + kChunk);
-        weights.decode(panel.data(), b, k0, k1);
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t g = k0 / G, pairs = chunk / 2;
+        decode(codes, K, panel.data(), b, k0, k0 + chunk);
+        if (k0 % G == 0) load_scale_zero(sz, N, b, g, scale.data(), zero.data());
+        const Group group{scale.data(), zero.data(), row_sums.data() + k0 / chunk, K / chunk};
         for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
-          row_tile(std::min(kMaxMR, M - m0), xp, panel.data(), partial.data(), op, m0, b * kBlockN, N, K, k0, k1);
+          row_tile(std::min(kMaxMR, M - m0), xp, panel.data(), pairs, group, partial.data(), op, m0, b * kBlockN, N,
+                   K, k0, k0 == 0, k0 + chunk == K);
         }
       }
     }
