@@ -17,9 +17,9 @@ PyTorch's kernel decodes the weight once per activation row, so its time grows a
     Int4Path  where                                                          rows
     PANEL     bfloat16 activations, AVX-512 BF16, N a multiple of 64, the    all
               packing below: `nano_cpu::int4pack_linear_avx512bf16` decodes
-              each chunk of 64 outputs once for all rows into a panel of
-              q - 8 in bfloat16 (a table lookup), `vdpbf16ps`, the scales
-              applied to the sums
+              q - 8 to bfloat16 by a table lookup (once per 6-row tile up to
+              24 rows, beyond that once into a panel for all rows),
+              `vdpbf16ps`, the scales applied to the sums
     DENSE     elsewhere, N a multiple of 64 and the packing below: the       INT4_DENSE_MIN_ROWS and more
               packed rows expanded into the activation dtype, oneDNN's
               GEMM (`cpu_dense`)

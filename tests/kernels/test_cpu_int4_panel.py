@@ -20,7 +20,7 @@ from schemes_under_test import TOLERANCE, rel_error, stored_and_reference
 # (scheme, N, K): K = 640 is five chunks of 128 inputs, K = 96 less than one chunk; N = 192 is three 64-output blocks
 CASES = [("int4g128", 192, 640), ("int4g64-asym", 128, 384), ("int3g32", 64, 96), ("int2g64", 64, 320),
          ("int4g32-asym", 256, 512)]
-ROWS = (1, 2, 3, 5, 6, 7, 13, 64, 100)  # row tiles of 6: one, a remainder, several and a remainder
+ROWS = (1, 2, 3, 5, 6, 7, 13, 24, 25, 64, 100)  # row tiles of 6 (with a remainder), decoded per tile up to 24
 
 
 def prepared_or_skip(name: str, n: int, k: int, seed: int = 0):

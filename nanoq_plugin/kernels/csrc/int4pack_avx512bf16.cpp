@@ -24,7 +24,9 @@
 // the panel is 4 registers of 16 outputs x chunk/2 pairs of inputs, each float32 lane holding the bf16 values
 // of inputs k and k+1 (the operand of `vdpbf16ps`); row tiles of up to 6 rows x 4 registers (24 accumulators)
 // pass over it, then add s * sums + z * row sums into a per-thread [M, 64] buffer, rounded into out after the
-// last chunk.
+// last chunk. Up to kDirectMaxRows rows there is no panel: each row tile decodes each pair of inputs into
+// registers that go straight into its dot products (up to a few tiles, decoding again costs less than the panel's
+// stores and loads).
 
 #include <algorithm>
 #include <cstring>
@@ -42,15 +44,16 @@ constexpr int64_t kRegs = 4;                 // registers of outputs per block
 constexpr int64_t kBlockN = kRegs * kLanes;  // outputs per block: PyTorch's packing unit
 constexpr int64_t kMaxChunk = 128;           // inputs per panel at most (16 KiB)
 constexpr int64_t kMaxMR = 6;                // activation rows per tile (6 x 4 = 24 accumulators)
+// Up to here each row tile decodes the codes itself: measured faster than the panel at 16 rows, slower at 64.
+constexpr int64_t kDirectMaxRows = 24;
 
 // Inputs per panel: the group, or 128 of a larger group that 128 divides; a chunk never straddles two groups.
 inline int64_t chunk_for(int64_t G) { return G > kMaxChunk && G % kMaxChunk == 0 ? kMaxChunk : G; }
 
-// Block b's codes of inputs k0..k1-1 (k0 even, k1 - k0 even) as bf16 (q - 8) into panel[r][(k - k0) / 2][16
-// lanes] for the 4 registers r of 16 outputs: lane l of pair p holds inputs k0 + 2p (low half) and k0 + 2p + 1.
-void decode(const uint8_t* packed, int64_t K, int32_t* panel, int64_t b, int64_t k0, int64_t k1) {
-  // vpermw reads the low 5 bits of each index: entries i and i + 16 are both bf16(i - 8)
-  const __m512i minus8_to_7 = _mm512_set_epi16(
+// The table `vpermw` reads q - 8 from: it takes the low 5 bits of each index, so entries i and i + 16 are both
+// bf16(i - 8).
+inline __m512i minus8_to_7() {
+  return _mm512_set_epi16(
       0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, static_cast<int16_t>(0xBF80),
       static_cast<int16_t>(0xC000), static_cast<int16_t>(0xC040), static_cast<int16_t>(0xC080),
       static_cast<int16_t>(0xC0A0), static_cast<int16_t>(0xC0C0), static_cast<int16_t>(0xC0E0),
@@ -58,20 +61,34 @@ void decode(const uint8_t* packed, int64_t K, int32_t* panel, int64_t b, int64_t
       static_cast<int16_t>(0xBF80), static_cast<int16_t>(0xC000), static_cast<int16_t>(0xC040),
       static_cast<int16_t>(0xC080), static_cast<int16_t>(0xC0A0), static_cast<int16_t>(0xC0C0),
       static_cast<int16_t>(0xC0E0), static_cast<int16_t>(0xC100));
-  const int64_t pairs = (k1 - k0) / 2;
-  const uint8_t* src = packed + (b * K + k0) * (kBlockN / 2);
-  for (int64_t p = 0; p < pairs; ++p, src += kBlockN) {  // 32 bytes of input k, then 32 of input k + 1
-    for (int half = 0; half < 2; ++half) {  // bytes 0-15: outputs 0-15 and 32-47; bytes 16-31: 16-31 and 48-63
-      const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + half * kLanes));
-      const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kBlockN / 2 + half * kLanes));
-      // 16-bit lanes 2l, 2l + 1: the bytes of output l for inputs k, k + 1
-      const __m512i words = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_unpacklo_epi8(first, second)), _mm_unpackhi_epi8(first, second), 1));
-      const __m512i low = _mm512_permutexvar_epi16(words, minus8_to_7);
-      const __m512i high = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), minus8_to_7);
-      _mm512_storeu_si512(panel + (half * pairs + p) * kLanes, low);
-      _mm512_storeu_si512(panel + ((2 + half) * pairs + p) * kLanes, high);
-    }
+}
+
+// One pair of inputs k, k + 1 of a block (`src`: 32 bytes of input k, then 32 of input k + 1) as the 4 registers
+// w0..w3 of 16 outputs: lane l of register r holds bf16 (q - 8) of output 16r + l for input k (low half) and k + 1.
+inline void decode_pair(const uint8_t* src, __m512i table, __m512i& w0, __m512i& w1, __m512i& w2, __m512i& w3) {
+  __m512i* low[2] = {&w0, &w1};
+  __m512i* high[2] = {&w2, &w3};
+  for (int half = 0; half < 2; ++half) {  // bytes 0-15: outputs 0-15 and 32-47; bytes 16-31: 16-31 and 48-63
+    const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + half * kLanes));
+    const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kBlockN / 2 + half * kLanes));
+    // 16-bit lanes 2l, 2l + 1: the bytes of output l for inputs k, k + 1
+    const __m512i words = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_unpacklo_epi8(first, second)), _mm_unpackhi_epi8(first, second), 1));
+    *low[half] = _mm512_permutexvar_epi16(words, table);
+    *high[half] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+  }
+}
+
+// A chunk's `pairs` pairs of inputs of a block (`src`: its first byte) into panel[r][p][16 lanes], r = 0..3.
+void decode_panel(const uint8_t* src, int64_t pairs, int32_t* panel) {
+  const __m512i table = minus8_to_7();
+  for (int64_t p = 0; p < pairs; ++p, src += kBlockN) {
+    __m512i w0, w1, w2, w3;
+    decode_pair(src, table, w0, w1, w2, w3);
+    _mm512_storeu_si512(panel + p * kLanes, w0);
+    _mm512_storeu_si512(panel + (pairs + p) * kLanes, w1);
+    _mm512_storeu_si512(panel + (2 * pairs + p) * kLanes, w2);
+    _mm512_storeu_si512(panel + (3 * pairs + p) * kLanes, w3);
   }
 }
 
@@ -132,16 +149,26 @@ inline void finish(__m512 dot, __m512 row_sum, const Group& group, float* partia
   }
 }
 
-// Rows m0..m0+MR-1 of x [M, K] x the panel of inputs k0..k0+2*pairs-1 of outputs n0..n0+63, then the epilogue.
-template <int MR>
-void tile(const at::BFloat16* x, const int32_t* panel, int64_t pairs, const Group& group, float* partial,
-          at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, bool first, bool last) {
+// Rows m0..m0+MR-1 of x [M, K] x inputs k0..k0+2*pairs-1 of outputs n0..n0+63, then the epilogue. The weights
+// come from the chunk's panel, or (kDirect) are decoded from the chunk's codes `src` straight into the dot
+// products.
+template <int MR, bool kDirect>
+void tile(const at::BFloat16* x, const int32_t* panel, const uint8_t* src, int64_t pairs, const Group& group,
+          float* partial, at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, bool first,
+          bool last) {
   NANO_ACC(0) NANO_ACC(1) NANO_ACC(2) NANO_ACC(3) NANO_ACC(4) NANO_ACC(5)
+  const __m512i table = minus8_to_7();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * kLanes);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (pairs + p) * kLanes);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(panel + (2 * pairs + p) * kLanes);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(panel + (3 * pairs + p) * kLanes);
+    __m512i v0, v1, v2, v3;
+    if constexpr (kDirect) {
+      decode_pair(src + p * kBlockN, table, v0, v1, v2, v3);
+    } else {
+      v0 = _mm512_loadu_si512(panel + p * kLanes);
+      v1 = _mm512_loadu_si512(panel + (pairs + p) * kLanes);
+      v2 = _mm512_loadu_si512(panel + (2 * pairs + p) * kLanes);
+      v3 = _mm512_loadu_si512(panel + (3 * pairs + p) * kLanes);
+    }
+    const __m512bh w0 = (__m512bh)v0, w1 = (__m512bh)v1, w2 = (__m512bh)v2, w3 = (__m512bh)v3;
     NANO_DOT(0) NANO_DOT(1) NANO_DOT(2) NANO_DOT(3) NANO_DOT(4) NANO_DOT(5)
   }
   NANO_FINISH(0) NANO_FINISH(1) NANO_FINISH(2) NANO_FINISH(3) NANO_FINISH(4) NANO_FINISH(5)
@@ -150,16 +177,17 @@ void tile(const at::BFloat16* x, const int32_t* panel, int64_t pairs, const Grou
 #undef NANO_DOT
 #undef NANO_FINISH
 
-void row_tile(int64_t rows, const at::BFloat16* x, const int32_t* panel, int64_t pairs, const Group& group,
-              float* partial, at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K, int64_t k0, bool first,
-              bool last) {
+template <bool kDirect>
+void row_tile(int64_t rows, const at::BFloat16* x, const int32_t* panel, const uint8_t* src, int64_t pairs,
+              const Group& group, float* partial, at::BFloat16* out, int64_t m0, int64_t n0, int64_t N, int64_t K,
+              int64_t k0, bool first, bool last) {
   switch (rows) {
-    case 1: tile<1>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
-    case 2: tile<2>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
-    case 3: tile<3>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
-    case 4: tile<4>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
-    case 5: tile<5>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
-    default: tile<6>(x, panel, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 1: tile<1, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 2: tile<2, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 3: tile<3, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 4: tile<4, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    case 5: tile<5, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
+    default: tile<6, kDirect>(x, panel, src, pairs, group, partial, out, m0, n0, N, K, k0, first, last); break;
   }
 }
 
@@ -214,17 +242,25 @@ at::Tensor int4pack_linear_avx512bf16(const at::Tensor& x, const at::Tensor& pac
   const int64_t chunk = chunk_for(G);
   const std::vector<float> row_sums = chunk_row_sums(xp, M, K, chunk);
   at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> panel(kRegs * (chunk / 2) * kLanes);
+    std::vector<int32_t> panel(M > kDirectMaxRows ? kRegs * (chunk / 2) * kLanes : 0);
     std::vector<float> partial(K > chunk ? M * kBlockN : 0), scale(kBlockN), zero(kBlockN);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t g = k0 / G, pairs = chunk / 2;
-        decode(codes, K, panel.data(), b, k0, k0 + chunk);
+        const uint8_t* src = codes + (b * K + k0) * (kBlockN / 2);
         if (k0 % G == 0) load_scale_zero(sz, N, b, g, scale.data(), zero.data());
         const Group group{scale.data(), zero.data(), row_sums.data() + k0 / chunk, K / chunk};
+        if (M <= kDirectMaxRows) {
+          for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
+            row_tile<true>(std::min(kMaxMR, M - m0), xp, nullptr, src, pairs, group, partial.data(), op, m0,
+                           b * kBlockN, N, K, k0, k0 == 0, k0 + chunk == K);
+          }
+          continue;
+        }
+        decode_panel(src, pairs, panel.data());
         for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
-          row_tile(std::min(kMaxMR, M - m0), xp, panel.data(), pairs, group, partial.data(), op, m0, b * kBlockN, N,
-                   K, k0, k0 == 0, k0 + chunk == K);
+          row_tile<false>(std::min(kMaxMR, M - m0), xp, panel.data(), nullptr, pairs, group, partial.data(), op, m0,
+                          b * kBlockN, N, K, k0, k0 == 0, k0 + chunk == K);
         }
       }
     }
