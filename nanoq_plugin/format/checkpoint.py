@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import NanoqError
 from ..messages import user_logger
+from .safetensors_stream import SafetensorsStream
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -428,9 +428,10 @@ class SourceCheckpoint:
 
 
 class CheckpointWriter:
-    """Streams tensors into safetensors shards in a temp dir beside `destination`; `commit()` renames it.
+    """Streams tensors into safetensors shards of at most `max_shard_bytes` (a tensor larger than that has a
+    shard to itself) in a temp dir beside `destination`; `commit()` renames it.
 
-    Memory held is bounded by `max_shard_bytes` (one shard's worth of tensors), whatever the model size.
+    Holds no tensor: each is written to its shard's file as it is added (`SafetensorsStream`).
     Use as a context manager: leaving the block without `commit()` removes the temp dir. A float tensor with a
     NaN or an infinity (e.g. a float16 scale of a weight beyond float16's range) is refused, not written.
     """
@@ -439,53 +440,56 @@ class CheckpointWriter:
         self.destination = Path(destination).resolve()
         self.staging = make_staging_dir(self.destination)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._open: SafetensorsStream | None = None  # the shard being filled
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def __enter__(self) -> "CheckpointWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._open is not None:
+            self._open.discard()
         discard_staging(self.staging)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a shard is flushed before a tensor that would overflow it and as soon as it is full."""
-        if name in self._pending or any(name in names for _, names in self._shards):
+        """Write one tensor; a shard is finished before a tensor that would overflow it and as soon as it is full."""
+        if name in self._names:
             raise NanoqError(f"tensor '{name}' written twice")
-        tensor = tensor.detach().to("cpu").contiguous()
-        if any(tensor.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
-               for held in self._pending.values()):
-            tensor = tensor.clone()  # e.g. one NVFP4 global scale shared by fused parts: safetensors stores copies
+        tensor = tensor.detach().to("cpu")
         found = first_non_finite(tensor)
         if found is not None:
             raise NanoqError(f"{self.destination}: tensor '{name}' would be stored with a non-finite value "
                              f"({found[1]}) at index {found[0]}: its source values exceed what "
                              f"{str(tensor.dtype).removeprefix('torch.')} holds; nothing written")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
-        self.total_bytes += size
-        if self._pending_bytes >= self.max_shard_bytes:
-            self._flush()  # now, not at the next add: a full shard is not held while the next tensor loads
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        path = self.staging / f"shard-{len(self._shards):05d}.tmp"
+        if self._open is not None and self._open.bytes and self._open.bytes + size > self.max_shard_bytes:
+            self._finish_shard()
+        if self._open is None:
+            self._open = SafetensorsStream(self.staging / f"shard-{len(self._shards):05d}.tmp")
         try:
-            save_file(self._pending, str(path), metadata={"format": "pt"})
-        except (SafetensorError, OSError) as err:  # e.g. the disk is full
-            raise NanoqError(f"{path}: cannot write ({str(err).strip().splitlines()[0]})") from None
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+            self._open.add(name, tensor)
+        except OSError as err:  # e.g. the disk is full
+            raise NanoqError(f"{self._open.path}: cannot write ({err.strerror or err})") from None
+        self._names.add(name)
+        self.total_bytes += size
+        if self._open.bytes >= self.max_shard_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._open is None:
+            return
+        shard, self._open = self._open, None
+        try:
+            shard.finish(metadata={"format": "pt"})
+        except OSError as err:
+            raise NanoqError(f"{shard.path}: cannot write ({err.strerror or err})") from None
+        self._shards.append((shard.path, shard.names))
 
     def commit(self, json_files: dict[str, dict], copy_files: list[Path] = ()) -> Path:
         """Write the last shard, the index, `json_files` (name -> object) and copies; rename into place."""
-        self._flush()
+        self._finish_shard()
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         for number, (path, names) in enumerate(self._shards, start=1):

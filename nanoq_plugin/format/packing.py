@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NanoqError
+from .tensor_spec import row_steps
 
 PACK_BLOCK = 32  # input rows per packing block; every K must be a multiple of it
 
@@ -51,35 +52,53 @@ def _unpack_uniform(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes uint8/int `[K, N]` with values in `[0, 2**bits)` into int32 `[K*bits//32, N]`."""
+    """Pack codes uint8/int `[K, N]` with values in `[0, 2**bits)` into int32 `[K*bits//32, N]`, a few packing
+    blocks at a time (`row_steps`: each block of 32 code rows is its own `bits` word rows)."""
     if codes.dim() != 2:
         raise NanoqError(f"codes must be 2-D [K, N], got shape {tuple(codes.shape)}")
     k, n = codes.shape
     packed_rows(k, bits)
-    if bits in (1, 2, 4, 8):
+    if bits not in (1, 2, 3, 4, 8):
+        raise NanoqError(f"cannot pack {bits}-bit codes (supported: 1, 2, 3, 4, 8)")
+    out = torch.empty((k * bits // 32, n), dtype=torch.int32, device=codes.device)
+    for start, end in row_steps(k, n, PACK_BLOCK):
+        out[start * bits // 32:end * bits // 32] = _pack_blocks(codes[start:end], bits)
+    return out
+
+
+def _pack_blocks(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` of whole packing blocks `codes [32 b, N]`."""
+    if bits != 3:
         return _pack_uniform(codes, bits)
-    if bits == 3:
-        blocks = k // PACK_BLOCK
-        codes = codes.to(torch.int64)
-        low = _pack_uniform(codes & 3, 2).view(blocks, 2, n)
-        high = _pack_uniform(codes >> 2, 1).view(blocks, 1, n)
-        return torch.cat([low, high], dim=1).view(blocks * 3, n)
-    raise NanoqError(f"cannot pack {bits}-bit codes (supported: 1, 2, 3, 4, 8)")
+    blocks, n = codes.shape[0] // PACK_BLOCK, codes.shape[1]
+    codes = codes.to(torch.int64)
+    low = _pack_uniform(codes & 3, 2).view(blocks, 2, n)
+    high = _pack_uniform(codes >> 2, 1).view(blocks, 1, n)
+    return torch.cat([low, high], dim=1).view(blocks * 3, n)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: int32 `[K*bits//32, N]` -> uint8 `[K, N]`."""
+    """Inverse of `pack_codes`: int32 `[K*bits//32, N]` -> uint8 `[K, N]`, a few packing blocks at a time."""
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise NanoqError(f"packed codes must be int32 [rows, N], got {packed.dtype} {tuple(packed.shape)}")
     rows, n = packed.shape
-    if bits in (1, 2, 4, 8):
+    if bits not in (1, 2, 3, 4, 8):
+        raise NanoqError(f"cannot unpack {bits}-bit codes (supported: 1, 2, 3, 4, 8)")
+    if bits == 3 and rows % 3:
+        raise NanoqError(f"3-bit packed rows ({rows}) must be a multiple of 3")
+    k = rows * 32 // bits
+    out = torch.empty((k, n), dtype=torch.uint8, device=packed.device)
+    for start, end in row_steps(k, n, PACK_BLOCK):
+        out[start:end] = _unpack_blocks(packed[start * bits // 32:end * bits // 32], bits)
+    return out
+
+
+def _unpack_blocks(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`unpack_codes` of whole packing blocks `packed [bits b, N]`."""
+    if bits != 3:
         return _unpack_uniform(packed, bits)
-    if bits == 3:
-        if rows % 3:
-            raise NanoqError(f"3-bit packed rows ({rows}) must be a multiple of 3")
-        blocks = rows // 3
-        grouped = packed.view(blocks, 3, n)
-        low = _unpack_uniform(grouped[:, :2].reshape(blocks * 2, n), 2).view(blocks, PACK_BLOCK, n)
-        high = _unpack_uniform(grouped[:, 2].contiguous(), 1).view(blocks, PACK_BLOCK, n)
-        return (low | (high << 2)).view(blocks * PACK_BLOCK, n)
-    raise NanoqError(f"cannot unpack {bits}-bit codes (supported: 1, 2, 3, 4, 8)")
+    blocks, n = packed.shape[0] // 3, packed.shape[1]
+    grouped = packed.view(blocks, 3, n)
+    low = _unpack_uniform(grouped[:, :2].reshape(blocks * 2, n), 2).view(blocks, PACK_BLOCK, n)
+    high = _unpack_uniform(grouped[:, 2].contiguous(), 1).view(blocks, PACK_BLOCK, n)
+    return (low | (high << 2)).view(blocks * PACK_BLOCK, n)

@@ -62,3 +62,16 @@ def stored_bytes(specs: dict[str, TensorSpec]) -> int:
 def expand_groups(per_group: "torch.Tensor", group_size: int) -> "torch.Tensor":
     """`[K/G, N]` -> `[K, N]` by repeating each group row G times."""
     return per_group.repeat_interleave(group_size, dim=0)
+
+
+# elements of one step of a [rows, width] computation done in row steps: its temporaries (4 MiB in float32)
+# stay few and small whatever the matrix (an 8B down_proj's whole [K, N] is 235 MB per float32 temporary, and
+# its encoding makes four), and below glibc's mmap threshold, so that each is not a fresh zero-filled mapping
+STEP_ELEMENTS = 2**20
+
+
+def row_steps(rows: int, width: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """`[start, end)` ranges covering `rows` rows of `width` elements, about STEP_ELEMENTS elements each, every
+    start a multiple of `multiple` (a group, a packing block)."""
+    step = max(multiple, STEP_ELEMENTS // max(width, 1) // multiple * multiple)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]

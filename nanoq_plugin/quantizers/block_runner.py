@@ -11,6 +11,7 @@ first block receives from the embedding (Gemma's √hidden, Granite's multiplier
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+HALF = (torch.bfloat16, torch.float16)  # the 16-bit dtypes a block may hold its linears' weights in
+
+
+def states_dtype_for(stored: torch.dtype) -> torch.dtype:
+    """The dtype calibration hidden states are held in between blocks, for a checkpoint stored in `stored`:
+    a 16-bit model's in bfloat16 (what the served model's residual stream holds, at half of float32's memory: an
+    8B model's 128 x 512 calibration tokens are 0.5 GB; float16's range would overflow on outlier channels),
+    others' in float32."""
+    return torch.bfloat16 if stored in HALF else torch.float32
+
+
 MAX_BATCH = 8  # windows per batch at most
 ACTIVATION_BYTES = 64 * 2**20  # one float32 activation of a batch at most (when the batch is not set)
 
@@ -58,8 +70,11 @@ class BlockRunner:
     """Builds block `i` from its stored tensors and runs hidden states `[B, L, H]` through it."""
 
     def __init__(self, config: dict, device: torch.device, batch_size: int | None = None,
-                 arch: Architecture | None = None) -> None:
+                 arch: Architecture | None = None, states_dtype: torch.dtype = torch.float32) -> None:
         self.config = transformers_config(config)
+        # the dtype hidden states are held in between blocks (`embed`, `forward`, `walk`); a block computes in
+        # float32 whatever it is
+        self.states_dtype = states_dtype
         self.config._attn_implementation = "sdpa"  # causal without an explicit mask where the layer type allows
         # an MoE block's experts run their own per-expert loop, which the quantizer hooks (grouped kernels need bf16)
         self.config._experts_implementation = "eager"
@@ -90,19 +105,32 @@ class BlockRunner:
         types = getattr(self.config, "layer_types", None)
         return types[index] if types else None
 
-    def build(self, index: int, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
-        """Block `index` in float32 on the device; `tensors` are its stored tensors named `{prefix}.{index}.*`."""
-        block = self.layer_cls(self.config, layer_idx=index).to(device=self.device, dtype=torch.float32).eval()
-        block.nano_index = index
+    def build(self, index: int, tensors: dict[str, torch.Tensor], prefix: str,
+              stored_linears: bool = False) -> nn.Module:
+        """Block `index` on the device, computing in float32; `tensors` are its stored tensors named
+        `{prefix}.{index}.*`. Its parameters are float32 copies, except with `stored_linears` the weights of its
+        linears stored in a 16-bit dtype: those are the stored tensors themselves (on the CPU, no copy) and each
+        such linear casts its weight to float32 per call (`_computes_in_float32`), so that the block holds half
+        of what it would (an 8B block's linears are 436 MB in bfloat16, 872 MB in float32)."""
+        with torch.device("meta"):  # nothing allocated or initialised that the stored tensors then replace
+            block = self.layer_cls(self.config, layer_idx=index)
+        if any(True for _ in block.buffers()):  # a buffer made at construction has no stored value: make them all
+            block = self.layer_cls(self.config, layer_idx=index).to(device=self.device, dtype=torch.float32)
+        block.eval().nano_index = index
         head = f"{prefix}.{index}."
-        # in the stored dtype: loading copies each tensor into the float32 block, without a float32 copy of all
         state = {name[len(head):]: t for name, t in tensors.items() if name.startswith(head)}
         if self.arch.experts is not None:  # saved per-expert weights -> the layer's fused expert parameters
             state = memory_state(self.arch.experts, index, state)
-        missing, unexpected = block.load_state_dict(state, strict=False)
+        missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise NanoqError(f"block {index}: tensors do not match {self.layer_cls.__name__} "
                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        for module in block.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                kept = stored_linears and isinstance(module, nn.Linear) and name == "weight" and parameter.dtype in HALF
+                parameter.data = parameter.data.to(device=self.device, dtype=parameter.dtype if kept else torch.float32)
+            if isinstance(module, nn.Linear) and module.weight.dtype != torch.float32:
+                module.forward = functools.partial(_computes_in_float32, module)
         return block
 
     def final_norm(self, weight: torch.Tensor) -> nn.Module:
@@ -169,7 +197,7 @@ class BlockRunner:
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        """`ids [B, L]` -> the first block's input `[B, L, H]` float32, as the model computes it from its
+        """`ids [B, L]` -> the first block's input `[B, L, H]` in `states_dtype`, as the model computes it from its
         embedding table `embedding_weight [V, H]` (with any scale its embedding or forward applies)."""
         shell = self._shell(self.layer_type(0))
         table = shell.get_input_embeddings()
@@ -180,25 +208,30 @@ class BlockRunner:
         finally:
             table.weight.data = unit
         ids = ids.to(embedding_weight.device)
-        rows = torch.empty((*ids.shape, self.config.hidden_size), device=self.device)
+        rows = torch.empty((*ids.shape, self.config.hidden_size), device=self.device, dtype=self.states_dtype)
         for start in range(0, ids.shape[0], MAX_BATCH):  # no second full-size copy in the table's dtype
             rows[start:start + MAX_BATCH] = embedding_weight[ids[start:start + MAX_BATCH]].to(self.device) * scale
         args, kwargs = self._capture(shell, inputs_embeds=rows)
-        return (args[0] if args else kwargs["hidden_states"]).to(torch.float32)
+        return (args[0] if args else kwargs["hidden_states"]).to(self.states_dtype)
 
     # -- running it -------------------------------------------------------------------------------------
     def call(self, block: nn.Module, hidden: torch.Tensor,
              overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """`hidden [b, L, H]` float32 -> the block's output `[b, L, H]` in one call (autograd as the caller
-        has it); `overrides` maps parameter names to tensors used instead of the block's own."""
+        """`hidden [b, L, H]` (any float dtype) -> the block's output `[b, L, H]` float32 in one call (autograd as
+        the caller has it); `overrides` maps parameter names to tensors used instead of the block's own."""
         kwargs = self._call_kwargs(getattr(block, "nano_index", 0), hidden.shape[0], hidden.shape[1])
+        hidden = hidden.to(torch.float32)
         out = functional_call(block, overrides, (hidden,), kwargs) if overrides else block(hidden, **kwargs)
         return _block_output(out)
 
     @torch.no_grad()
     def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden [B, L, H]` float32 -> the block's output `[B, L, H]`, in batches (`batch`)."""
-        return torch.cat([self.call(block, chunk) for chunk in hidden.split(self.batch(hidden.shape[1]))])
+        """`hidden [B, L, H]` -> the block's output `[B, L, H]` in hidden's dtype, in batches (`batch`)."""
+        out = torch.empty_like(hidden)
+        batch = self.batch(hidden.shape[1])
+        for chunk, target in zip(hidden.split(batch), out.split(batch)):
+            target.copy_(self.call(block, chunk))
+        return out
 
     def _forward_until(self, block: nn.Module, chunks: list[torch.Tensor], module: str, record, missing: str) -> None:
         """Run each chunk through `block` until `module` (a relative name) is called, handing its call's
@@ -253,11 +286,11 @@ class BlockRunner:
     @torch.no_grad()
     def walk(self, block: nn.Module, hidden: torch.Tensor, visit: Visit,
              visit_experts: VisitExperts | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Run `hidden [B, L, H]` float32 through the block, calling `visit` on each input group of the
+        """Run `hidden [B, L, H]` through the block, calling `visit` on each input group of the
         architecture, in the order the block uses them, with the statistics of that group's inputs computed by
         the block with every earlier group already changed (true sequential); returns the block's output
-        `[B, L, H]` as changed, written into `out` when given (which may be `hidden` itself: each batch's output
-        replaces its input, so that an 8B model's 1 GB of calibration states is not held twice).
+        `[B, L, H]` as changed (in hidden's dtype), written into `out` when given (which may be `hidden` itself:
+        each batch's output replaces its input, so that an 8B model's calibration states are not held twice).
 
         Each group's inputs come from a forward that stops at its first linear, so a block costs about one
         forward per group up to that point (about two and a half forwards for a Llama block). Memory: the block,
@@ -272,7 +305,13 @@ class BlockRunner:
             # the experts read what the router reads, after every group before them (attention) is quantized
             visit_experts(*self._expert_inputs(block, chunks))
         if out is None:
-            return torch.cat([self.call(block, chunk) for chunk in chunks])
+            out = torch.empty_like(hidden)
         for chunk, target in zip(chunks, out.split(batch)):
             target.copy_(self.call(block, chunk))
         return out
+
+
+def _computes_in_float32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear`'s forward on float32 `x [..., K]` with its weight (held in a 16-bit dtype) cast to float32 for
+    this call only: the block's arithmetic is float32 whatever its weights are held in."""
+    return nn.functional.linear(x, linear.weight.to(x.dtype), linear.bias)

@@ -185,14 +185,17 @@ def prepare_hessian(hessian: torch.Tensor, settings: GptqSettings = GptqSettings
 
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, fake_quantize: ColumnQuantizer,
-               settings: GptqSettings = GptqSettings(), where: str = "linear") -> torch.Tensor:
+               settings: GptqSettings = GptqSettings(), where: str = "linear", in_place: bool = False) -> torch.Tensor:
     """The GPTQ loop: quantize `weight [N, K]` column by column with `fake_quantize`, spreading each column's
     error over the later columns through the inverse of `hessian [K, K]` (or its `prepare_hessian`, shared by the
     linears of a group); returns the quantized weight `[N, K]` float32 (every column on its grid). Inputs with a
-    zero Hessian diagonal get weight 0."""
+    zero Hessian diagonal get weight 0. With `in_place` the caller gives a float32 `weight` away and it becomes
+    the result; without, one copy."""
     prepared = _prepared(weight, hessian, settings, where)
     order = prepared.order.to(weight.device)
-    w = weight.to(torch.float32, copy=True)  # the one working copy: permuted, quantized and restored in place
+    # the one working copy: permuted, quantized and restored in place
+    w = weight if in_place and weight.dtype == torch.float32 else weight.to(torch.float32, copy=True)
+    del weight
     w[:, prepared.dead.to(w.device)] = 0.0
     permute_columns_(w, order)
     with flush_denormals():
@@ -229,7 +232,8 @@ def _gptq_loop(w: torch.Tensor, h_inv: torch.Tensor, original_index: list[int], 
             block[:, i + 1:] -= error.unsqueeze(1) * h_block[i, i + 1:].unsqueeze(0)
             errors[:, i] = error
         w[:, start:end] = block
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+        # in place: the product alone would be an [N, K] float32 temporary (235 MB for an 8B down_proj)
+        w[:, end:].addmm_(errors, h_inv[start:end, end:], alpha=-1.0)
 
 
 def gptq_quantize(
@@ -239,10 +243,11 @@ def gptq_quantize(
     """GPTQ-quantize `weight [N, K]` with the input Hessian `hessian [K, K]` into the stored tensors of an
     integer `scheme` (group-wise or int8 per channel); `hessian` may come prepared (`prepare_hessian`)."""
     prepared = _prepared(weight, hessian, settings, where)
-    w = weight.to(torch.float32)
-    dead = prepared.dead
-    scales, zeros = rtn_scales(torch.where(dead.to(w.device), 0.0, w), scheme, settings.clip_search)
+    w = weight.to(torch.float32, copy=True)  # the working copy gptq_solve is given
+    # a dead input's weights are not quantized (they get 0): they must not widen their group's range
+    w[:, prepared.dead.to(w.device)] = 0.0
+    scales, zeros = rtn_scales(w, scheme, settings.clip_search)
     column_params = _column_quant_params(scales, zeros, scheme)
     restored = gptq_solve(w, prepared, lambda column, k: _fake_quantize(column, *column_params(k), scheme),
-                          settings, where)
+                          settings, where, in_place=True)
     return compress(restored, scheme, scales, zeros)

@@ -30,7 +30,7 @@ from ..format.reference import dequantize
 from ..format.schemes import Scheme
 from .allocator import AllocationRequest, allocate_plan
 from .architectures import Architecture, open_float_source
-from .block_runner import BlockRunner, resolve_device
+from .block_runner import BlockRunner, resolve_device, states_dtype_for
 from .block_tuning import TUNABLE_KINDS, TunableLinear, norm_weights, tune_block
 from .calibration import SELF, calibration_windows
 from .gptq import flush_denormals
@@ -137,12 +137,15 @@ class _BlockWalk:
         self.runner, self.plan, self.tensors, self.method = runner, plan, tensors, method
         self.settings, self.nvfp4_alpha, self.tune = settings, nvfp4_alpha, tune
         self.arch, self.prefix = arch, f"{arch.block_prefix}.{index}"
-        self.block = runner.build(index, tensors, arch.block_prefix)
-        self.results: Quantized = {}
-        self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
         # read again after a linear is held only by a later fold of an input scale into it, or by tuning; else
         # each would keep its float32 source weight beside the dequantization the block runs on (0.9 GB at 8B)
         self.keeps_references = method.folds_scales or tune.enabled
+        # where no float weight is changed or read again, the block's linears are held as stored (16-bit) and
+        # their results as their dequantization rounded to that dtype — what a W4A16 GPU kernel multiplies with;
+        # folding scales and tuning change float weights, which rounding would disturb
+        self.block = runner.build(index, tensors, arch.block_prefix, stored_linears=not self.keeps_references)
+        self.results: Quantized = {}
+        self.references: dict[str, torch.Tensor] = {}  # module -> the float weight its stored tensors encode
         self.notes: dict[str, dict[str, float]] = {}  # the method's notes for the calibration provenance
         self.tuning: dict | None = None
         self.index = index
@@ -288,7 +291,7 @@ class _BlockWalk:
         restored = dequantize(stored, scheme, *linear.weight.shape).to(linear.weight.device)
         self.results[module] = (stored, module_record(self.references[module], source_dtype, stored, scheme,
                                                       requested, restored))
-        linear.weight.data = restored
+        linear.weight.data = restored.to(linear.weight.dtype)
         self._release_stored_weight(module)
 
     def _release_stored_weight(self, module: str) -> None:
@@ -459,7 +462,8 @@ def quantize_checkpoint(
             calib_info = {"windows": calib_windows, "seq_len": calib_seq_len, "seed": 0, "damp": gptq.damp,
                           "act_order": gptq.act_order, "clip_search": gptq.clip_search, "static_groups": True,
                           "true_sequential": True}
-            runner = BlockRunner(source.config, torch_device, arch=arch)
+            runner = BlockRunner(source.config, torch_device, arch=arch,
+                                 states_dtype=states_dtype_for(source.dtype(f"{arch.embedding}.weight")))
         # one tensor at a time: at 8B the embedding and the untied head are 1 GB each, and holding both at once
         # was the run's peak; and before the calibration states exist (1 GB at 8B), which rounding the head beside
         # would hold as well

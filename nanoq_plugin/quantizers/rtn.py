@@ -12,6 +12,7 @@ import torch
 from ..format.layout import SCALE_DTYPE
 from ..format.reference import compress, symmetric_zero
 from ..format.schemes import Scheme, SchemeKind
+from ..format.tensor_spec import row_steps
 
 MIN_SCALE = 2.0**-24  # the smallest positive float16: a scale never rounds to 0 when stored
 CLIP_GRID = torch.linspace(1.0, 0.55, 16).tolist()  # range shrink factors tried by the clip search
@@ -65,13 +66,25 @@ def fake_quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 
 
 def rtn_scales(weight: torch.Tensor, scheme: Scheme, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zeros) for `weight [N, K]`.
+    """Scales (and zeros) for `weight [N, K]`, some rows at a time (`row_steps`: the clip search's temporaries
+    are a few copies of the rows it works on).
 
     int_group symmetric: `s = max|w| / ((2**b - 1) / 2)` per group, float32 `[K/G, N]`, zeros None.
     int_group asymmetric: `s = (max - min) / (2**b - 1)` with the range widened to include 0,
     zeros uint8 `[K/G, N]` = round(-min / s). int8: `s = max|w| / 127` float32 `[N]`.
     With `clip_search` each group's range is first multiplied by the factor of CLIP_GRID with the least error.
     """
+    n, k = weight.shape
+    steps = [_row_scales(weight[start:end], scheme, clip_search) for start, end in row_steps(n, k)]
+    scales = torch.cat([step_scales for step_scales, _ in steps])
+    zeros = None if steps[0][1] is None else torch.cat([step_zeros for _, step_zeros in steps])
+    if scheme.kind is SchemeKind.INT8_CHANNEL:
+        return scales.view(-1), None
+    return scales.t().contiguous(), None if zeros is None else zeros.t().to(torch.uint8).contiguous()
+
+
+def _row_scales(weight: torch.Tensor, scheme: Scheme, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`rtn_scales` of rows `weight [n, K]`: scales and zeros (None when symmetric) float32 `[n, K/G]`."""
     groups = _grouped(weight, scheme)
     low, high = groups.amin(dim=2).clamp_max(0), groups.amax(dim=2).clamp_min(0)
     scales, zeros = _range_params(low, high, scheme)
@@ -85,9 +98,7 @@ def rtn_scales(weight: torch.Tensor, scheme: Scheme, clip_search: bool = False) 
             scales = torch.where(better, candidate_scales, scales)
             if zeros is not None:
                 zeros = torch.where(better, candidate_zeros, zeros)
-    if scheme.kind is SchemeKind.INT8_CHANNEL:
-        return scales.view(-1), None
-    return scales.t().contiguous(), None if zeros is None else zeros.t().to(torch.uint8).contiguous()
+    return scales, zeros
 
 
 def quantize_rtn(weight: torch.Tensor, scheme: Scheme, clip_search: bool = False) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..tensor_spec import Sharding, TensorSpec
+from ..tensor_spec import Sharding, TensorSpec, row_steps
 from .base import Scheme, SchemeKind, register_kind
 
 if TYPE_CHECKING:
@@ -51,12 +51,17 @@ class Int8ChannelKind(SchemeKind):
                 "scales": TensorSpec((out_features,), torch.float16, Sharding.OUTPUT)}
 
     def encode(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor) -> torch.Tensor:
-        """Codes int8 `[K, N]` of `weight [N, K]` rounded with `scales [N]` as stored (float16)."""
+        """Codes int8 `[K, N]` of `weight [N, K]` rounded with `scales [N]` as stored (float16), some inputs at
+        a time (`row_steps`)."""
         import torch
 
-        s = scales.to(torch.float16).to(torch.float32)
+        n, k = weight.shape
+        s = scales.to(torch.float16).to(torch.float32).view(1, -1)
         s = torch.where(s == 0, torch.ones_like(s), s)
-        return torch.clamp(torch.round(weight.t().to(torch.float32) / s.view(1, -1)), -127, 127).to(torch.int8)
+        codes = torch.empty((k, n), dtype=torch.int8, device=weight.device)
+        for start, end in row_steps(k, n):
+            codes[start:end] = torch.clamp(torch.round(weight[:, start:end].t().to(torch.float32) / s), -127, 127)
+        return codes
 
     def compress(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
                  zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -70,7 +75,11 @@ class Int8ChannelKind(SchemeKind):
                    in_features: int) -> torch.Tensor:
         import torch
 
-        return (tensors["qweight"].to(torch.float32) * tensors["scales"].to(torch.float32).view(1, -1)).t()
+        codes, scales = tensors["qweight"], tensors["scales"].to(torch.float32).view(1, -1)
+        out = torch.empty((in_features, out_features), dtype=torch.float32, device=codes.device)
+        for start, end in row_steps(in_features, out_features):  # some inputs at a time
+            out[start:end] = codes[start:end].to(torch.float32) * scales
+        return out.t()
 
 
 INT8_CHANNEL_KIND = register_kind(Int8ChannelKind())

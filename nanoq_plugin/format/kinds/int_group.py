@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ...errors import NanoqError
-from ..tensor_spec import TensorSpec, expand_groups
+from ..tensor_spec import TensorSpec, expand_groups, row_steps
 from .base import Scheme, register_kind
 
 if TYPE_CHECKING:
@@ -69,14 +69,21 @@ class IntGroupKind(GroupedKind):
     def encode(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
                zeros: torch.Tensor | None = None) -> torch.Tensor:
         """Codes uint8 `[K, N]` of `weight [N, K]` rounded with `scales [K/G, N]` as stored (float16) and
-        `zeros` uint8 `[K/G, N]` (None when symmetric)."""
+        `zeros` uint8 `[K/G, N]` (None when symmetric), a few groups of inputs at a time (`row_steps`)."""
         import torch
 
+        n, k = weight.shape
+        g = scheme.group_size
         s = scales.to(torch.float16).to(torch.float32)
         s = torch.where(s == 0, torch.ones_like(s), s)
-        z = symmetric_zero(scheme.bits) if zeros is None else expand_groups(zeros.to(torch.float32), scheme.group_size)
-        q = torch.round(weight.t().to(torch.float32) / expand_groups(s, scheme.group_size)) + z
-        return torch.clamp(q, 0, (1 << scheme.bits) - 1).to(torch.uint8)
+        codes = torch.empty((k, n), dtype=torch.uint8, device=weight.device)
+        for start, end in row_steps(k, n, g):
+            groups = slice(start // g, end // g)
+            z = (symmetric_zero(scheme.bits) if zeros is None
+                 else expand_groups(zeros[groups].to(torch.float32), g))
+            q = torch.round(weight[:, start:end].t().to(torch.float32) / expand_groups(s[groups], g)) + z
+            codes[start:end] = torch.clamp(q, 0, (1 << scheme.bits) - 1)
+        return codes
 
     def compress(self, weight: torch.Tensor, scheme: Scheme, scales: torch.Tensor,
                  zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -98,14 +105,19 @@ class IntGroupKind(GroupedKind):
 
         from ..packing import unpack_codes
 
-        groups, g = in_features // scheme.group_size, scheme.group_size
-        codes = unpack_codes(tensors["qweight"], scheme.bits).view(groups, g, out_features).to(torch.float32)
-        if scheme.symmetric:
-            centered = codes - float(symmetric_zero(scheme.bits))
-        else:
-            centered = codes - tensors["zeros"].to(torch.float32).view(groups, 1, out_features)
-        scales = tensors["scales"].to(torch.float32)
-        return (centered * scales.view(groups, 1, out_features)).view(in_features, out_features).t()
+        g = scheme.group_size
+        codes = unpack_codes(tensors["qweight"], scheme.bits)
+        scales = tensors["scales"]
+        out = torch.empty((in_features, out_features), dtype=torch.float32, device=codes.device)
+        for start, end in row_steps(in_features, out_features, g):  # a few groups of inputs at a time
+            groups = slice(start // g, end // g)
+            step = codes[start:end].view(-1, g, out_features).to(torch.float32)
+            if scheme.symmetric:
+                centered = step - float(symmetric_zero(scheme.bits))
+            else:
+                centered = step - tensors["zeros"][groups].to(torch.float32).unsqueeze(1)
+            out[start:end] = (centered * scales[groups].to(torch.float32).unsqueeze(1)).view(end - start, out_features)
+        return out.t()
 
 
 INT_GROUP_KIND = register_kind(IntGroupKind())

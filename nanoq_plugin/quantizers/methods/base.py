@@ -32,8 +32,9 @@ class LinearGroup:
 
     `modules`: full module names (`model.layers.3.mlp.gate_proj`) in the order the block uses them.
     `planned`: those to quantize, with their schemes (the others stay float).
-    `weights`: every module's float32 weight `[N, K]` on the device as the block holds it now; read-only
-    (a method returns new tensors).
+    `weights`: every module's weight `[N, K]` on the device as the block holds it now: float32, or the 16-bit
+    dtype it is stored in where the walk holds linears as stored (a method computes in float32); read-only (a
+    method returns new tensors).
     `statistics`: the statistics of the group's calibration inputs (their Hessian and mean magnitude per input
     channel, accumulated while the block ran: the inputs themselves are not kept), or None without calibration.
     `producer`: the op whose output channels produce those inputs (a norm or a linear), which can absorb a
