@@ -111,8 +111,8 @@ inline void store16(at::BFloat16* p, __m512 v) {
 struct Group {
   const float* scale;  // [64]: s of this group for the block's outputs, float32
   const float* zero;   // [64]: z
-  const float* row_sums;  // [M] this chunk's sum of x over its inputs, per row (float32), stride `chunks`
-  int64_t chunks;
+  const float* row_sums;  // row m's sum of x over this chunk's inputs (float32) at row_sums[m * chunks]
+  int64_t chunks;         // chunks per row of K
 };
 
 // The accumulators are named variables: GCC keeps an array of them in memory and stores every update.
