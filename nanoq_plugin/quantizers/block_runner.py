@@ -116,7 +116,8 @@ class BlockRunner:
             block = self.layer_cls(self.config, layer_idx=index)
         if any(True for _ in block.buffers()):  # a buffer made at construction has no stored value: make them all
             block = self.layer_cls(self.config, layer_idx=index).to(device=self.device, dtype=torch.float32)
-        block.eval().nano_index = index
+        block.eval()
+        block.nano_index = index
         head = f"{prefix}.{index}."
         state = {name[len(head):]: t for name, t in tensors.items() if name.startswith(head)}
         if self.arch.experts is not None:  # saved per-expert weights -> the layer's fused expert parameters

@@ -16,7 +16,10 @@ DATA_FREE_QUANTIZERS = {SchemeKind.INT_GROUP: quantize_rtn, SchemeKind.INT8_CHAN
 
 
 def quantize_data_free(weight: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
-    """Stored tensors (format.layout names) of `weight [N, K]` float32: the nearest level for codebooks, NVFP4
-    with the tensor's own global scale, round-to-nearest for integer schemes, the kind's own quantizer else."""
+    """Stored tensors (format.layout names) of `weight [N, K]` (any float dtype: the built-in quantizers compute
+    in float32): the nearest level for codebooks, NVFP4 with the tensor's own global scale, round-to-nearest for
+    integer schemes, the kind's own quantizer else (given float32)."""
     quantizer = DATA_FREE_QUANTIZERS.get(scheme.kind)
-    return quantizer(weight, scheme) if quantizer is not None else scheme.kind.quantize(weight, scheme)
+    if quantizer is None:
+        return scheme.kind.quantize(weight.to(torch.float32), scheme)
+    return quantizer(weight, scheme)

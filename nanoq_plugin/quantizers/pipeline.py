@@ -115,7 +115,9 @@ def _quantize_from_weights(method: QuantMethod, tensors: dict[str, torch.Tensor]
             planned[module] = entry
     done: Quantized = {}
     for modules in _fused_groups(list(planned), arch):
-        weights = {m: tensors[f"{m}.weight"].to(device=device, dtype=torch.float32) for m in modules}
+        # as stored: the data-free quantizers compute in float32 a few rows at a time, and a float32 copy of an 8B
+        # embedding table is 2.1 GB
+        weights = {m: tensors[f"{m}.weight"].to(device=device) for m in modules}
         group = LinearGroup(modules, {m: planned[m] for m in modules}, weights, gptq=gptq, nvfp4_alpha=nvfp4_alpha)
         result = method.quantize_group(group)
         if result.input_scale is not None:
@@ -177,6 +179,7 @@ class _BlockWalk:
             weights={self._saved(name): self.block.get_submodule(name).weight.data for name in group},
             statistics=statistics, producer=None if producer is None else self._saved(producer),
             gptq=self.settings, nvfp4_alpha=self.nvfp4_alpha)
+        release_freed_memory()  # the forwards' freed heap, before the group's largest allocations (its Hessian's)
         result = self.method.quantize_group(linears)
         for section, values in result.notes.items():
             self.notes.setdefault(section, {}).update(values)

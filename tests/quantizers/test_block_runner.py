@@ -61,3 +61,38 @@ def test_a_group_sees_the_inputs_the_changed_block_gives_it(tmp_path, make_tiny_
     assert seen[("self_attn.o_proj",)].hessian.abs().max() == 0  # attention over zero values
     assert seen[("self_attn.o_proj",)].abs_mean.abs().max() == 0
     assert seen[("mlp.down_proj",)].abs_mean.min() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3_moe"])
+def test_a_block_holding_its_linears_as_stored_computes_as_the_float32_one(family, tmp_path, make_tiny_model):
+    """`stored_linears`: a 16-bit linear's weight is the stored tensor itself (no copy) and is cast to float32 per
+    call, so the block's outputs equal the float32 block's bit for bit; every other parameter (norms, fused
+    experts) is float32. Hidden states held in bfloat16 between blocks go in and come out in bfloat16."""
+    source_dir = make_tiny_model(family, tmp_path / family, num_layers=1, dtype=torch.bfloat16)
+    source = SourceCheckpoint(source_dir)
+    architecture = architecture_for(source.config, "config.json")
+    tensors = dict(source.items([n for n in source.keys() if architecture.block_of(n) == 0]))
+    runner = BlockRunner(source.config, torch.device("cpu"), batch_size=2, states_dtype=torch.bfloat16)
+    stored = runner.build(0, tensors, architecture.block_prefix, stored_linears=True)
+    float32 = runner.build(0, tensors, architecture.block_prefix)
+    linears = 0
+    for name, parameter in stored.named_parameters():
+        module, _, kind = name.rpartition(".")
+        if isinstance(stored.get_submodule(module), torch.nn.Linear) and kind == "weight":
+            saved = tensors[f"{architecture.block_prefix}.0.{architecture.saved(module)}.weight"]
+            assert parameter.dtype == torch.bfloat16 and parameter.data_ptr() == saved.data_ptr(), name
+            linears += 1
+        else:
+            assert parameter.dtype == torch.float32, name
+    assert linears >= 4
+    assert all(p.dtype == torch.float32 for p in float32.parameters())
+
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(1))
+    hidden = runner.embed(ids, source.get(f"{architecture.embedding}.weight"))
+    assert hidden.dtype == torch.bfloat16
+    expected = runner.call(float32, hidden)
+    assert expected.dtype == torch.float32
+    torch.testing.assert_close(runner.call(stored, hidden), expected, rtol=0, atol=0)
+    walked = runner.walk(stored, hidden, lambda group, statistics: None, out=hidden)
+    assert walked.dtype == torch.bfloat16 and walked.data_ptr() == hidden.data_ptr()
+    torch.testing.assert_close(walked, expected.to(torch.bfloat16), rtol=0, atol=0)

@@ -3,6 +3,7 @@ line, and the pipeline calls it with each group of linears sharing an input (wit
 stores exactly what it returns, folding the input scales it asks for into the groups' producers."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from nanoq_plugin.cli import build_parser
 from nanoq_plugin.errors import NanoqError
 from nanoq_plugin.quantizers.architectures import architecture_for
+from nanoq_plugin.quantizers.block_runner import BlockRunner
 from nanoq_plugin.quantizers.methods import (GroupResult, LinearGroup, QuantMethod, calibrated_method_names,
                                              get_method, method_names, register_method, unregister_method)
 from nanoq_plugin.quantizers.pipeline import quantize_checkpoint
@@ -215,3 +217,26 @@ def test_a_method_that_returns_a_scale_must_say_it_folds_scales(registered, tiny
     finally:
         unregister_method(Undeclared.name)
     assert not (tmp_path / "undeclared").exists()
+
+
+@pytest.mark.parametrize("method, dtype, states, linears", [
+    ("gptq", torch.bfloat16, torch.bfloat16, torch.bfloat16),  # nothing float changed: linears held as stored
+    ("gptq", torch.float32, torch.float32, torch.float32),
+    ("awq", torch.bfloat16, torch.bfloat16, torch.float32),  # folds scales into float weights: float32 block
+])
+def test_the_walk_holds_states_and_linears_as_the_checkpoint_and_method_allow(method, dtype, states, linears, tmp_path,
+                                                                               make_tiny_model, smollm2_dir, wikitext,
+                                                                               monkeypatch):
+    source = make_tiny_model("llama", tmp_path / "model", dtype=dtype, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, source / name)
+    seen = []
+    walk = BlockRunner.walk
+
+    def spy(self, block, hidden, *args, **kwargs):
+        seen.append((hidden.dtype, {m.weight.dtype for m in block.modules() if isinstance(m, torch.nn.Linear)}))
+        return walk(self, block, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(BlockRunner, "walk", spy)
+    quantize(source, tmp_path / "out", method, wikitext)
+    assert seen == [(states, {linears})] * 2

@@ -93,8 +93,16 @@ class IntGroupKind(GroupedKind):
 
         from ..packing import pack_codes
 
-        out = {"qweight": pack_codes(self.encode(weight, scheme, scales, zeros), scheme.bits),
-               "scales": scales.to(torch.float16).contiguous()}
+        n, k = weight.shape
+        g, bits = scheme.group_size, scheme.bits
+        qweight = torch.empty((k * bits // 32, n), dtype=torch.int32, device=weight.device)
+        # encoded and packed a few groups of inputs at a time: the whole uint8 codes of an 8B embedding table
+        # would be 0.5 GB (group sizes are multiples of the 32-row packing block)
+        for start, end in row_steps(k, n, g):
+            groups = slice(start // g, end // g)
+            codes = self.encode(weight[:, start:end], scheme, scales[groups], None if zeros is None else zeros[groups])
+            qweight[start * bits // 32:end * bits // 32] = pack_codes(codes, bits)
+        out = {"qweight": qweight, "scales": scales.to(torch.float16).contiguous()}
         if zeros is not None:
             out["zeros"] = zeros.to(torch.uint8).contiguous()
         return out
