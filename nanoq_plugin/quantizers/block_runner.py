@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import NanoqError
+from ..format.tensor_spec import row_steps
 from .anatomy import meta_model, transformers_config
 from .architectures import Architecture, architecture_for
 from .experts import memory_state
@@ -313,6 +314,12 @@ class BlockRunner:
 
 
 def _computes_in_float32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`linear`'s forward on float32 `x [..., K]` with its weight (held in a 16-bit dtype) cast to float32 for
-    this call only: the block's arithmetic is float32 whatever its weights are held in."""
-    return nn.functional.linear(x, linear.weight.to(x.dtype), linear.bias)
+    """`linear`'s forward on float32 `x [..., K]` with its weight (held in a 16-bit dtype) cast to float32 a few
+    output rows at a time (`row_steps`): the block's arithmetic is float32 whatever its weights are held in, and
+    no float32 copy of a whole weight is made per call (an 8B gate_proj's is 235 MB)."""
+    weight, bias = linear.weight, linear.bias
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    for start, end in row_steps(*weight.shape, multiple=64):
+        out[..., start:end] = nn.functional.linear(x, weight[start:end].to(x.dtype),
+                                                   None if bias is None else bias[start:end])
+    return out
