@@ -80,3 +80,35 @@ def test_the_writer_holds_no_tensor_and_cuts_shards_at_the_limit(tmp_path):
         assert size <= limit or len(loaded) == 1, (shard, size)
         for name, value in loaded.items():
             assert torch.equal(value, tensors[name])
+
+
+def test_a_source_tensor_is_read_into_one_copy(tmp_path):
+    """`SourceCheckpoint.get` of a 64 MiB tensor peaks at about one copy above the process (Linux's peak-RSS
+    counter, reset before the read, in a fresh process): copying out of a memory map held the file's pages
+    resident beside the copy, two copies at the peak."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak-RSS counter")
+    save_file({"w": torch.ones(4096, 8192, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    script = f"""
+import torch
+from nanoq_plugin.format.checkpoint import SourceCheckpoint
+
+def field(name):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(name))
+
+source = SourceCheckpoint({str(tmp_path)!r})
+open("/proc/self/clear_refs", "w").write("5")
+start = field("VmRSS")
+tensor = source.get("w")
+peak = field("VmHWM") - start
+assert bool((tensor == 1).all())
+print(peak / (tensor.numel() * tensor.element_size()))
+"""
+    copies = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                  check=True).stdout)
+    assert copies < 1.5, f"reading one tensor peaked at {copies:.2f} copies of it"
