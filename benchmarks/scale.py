@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -125,19 +124,17 @@ def _values(name: str, shape: tuple[int, ...], seed: int):
 def write_streaming_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
     """Write bf16 `tensors` to `path` chunk by chunk (the header first: every size is known); returns the bytes
     of tensor data."""
+    import torch
+
+    from nanoq_plugin.format.safetensors_stream import header_bytes
+
     header, offset = {}, 0
     for name, shape in tensors:
         size = math.prod(shape) * BYTES_BF16
         header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    import torch
-
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
+        handle.write(header_bytes(header, {"format": "pt"}))
         for name, shape in tensors:
             for chunk in _values(name, shape, seed):
                 handle.write(chunk.contiguous().view(-1).view(torch.uint8).numpy().data)

@@ -28,6 +28,16 @@ DTYPE_NAMES = {
 COPY_CHUNK = 16 * 2**20  # bytes per read when the data is copied behind the header
 
 
+def header_bytes(entries: dict[str, dict], metadata: dict[str, str] | None = None) -> bytes:
+    """What a safetensors file holds before its data: the 8-byte little-endian length, then the JSON header of
+    `entries` (name -> dtype, shape, data_offsets) and `metadata`, padded with spaces so that the data starts
+    8-byte aligned, as safetensors writes it."""
+    header = {"__metadata__": metadata, **entries} if metadata else entries
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 class SafetensorsStream:
     """A safetensors file at `path`, made by `add` (each tensor written to `<path>.data` at once) and `finish`."""
 
@@ -57,12 +67,8 @@ class SafetensorsStream:
     def finish(self, metadata: dict[str, str] | None = None) -> Path:
         """Write the file (header, then the data) and remove the data file; returns `path`."""
         self._data.close()
-        header = {"__metadata__": metadata, **self._header} if metadata else self._header
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
+            out.write(header_bytes(self._header, metadata))
             shutil.copyfileobj(data, out, COPY_CHUNK)
         self._data_path.unlink()
         return self.path
