@@ -13,7 +13,7 @@ Q8_0: blocks of 32 along the input dimension, int8 codes and one f16 scale (absm
 weight. Q4_0: blocks of 32, 4-bit codes in [-8, 7] and one f16 scale, symmetric, 4.5 bits per weight.
 Quantization is gguf-py's (`gguf.quants.quantize`, numpy, the reference of llama.cpp's formats).
 
-The families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3), their hyperparameter keys and their
+The families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite), their hyperparameter keys and their
 tensor transforms (Llama's q/k row permutation to llama.cpp's interleaved rotary pairs, Gemma's `1 + w`
 norms) are `gguf_arch`'s, each as llama.cpp's convert_hf_to_gguf writes it. The tokenizer and chat template
 go in the metadata (`gguf_vocab`).

