@@ -15,8 +15,8 @@ Quantization is gguf-py's (`gguf.quants.quantize`, numpy, the reference of llama
 
 The families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite), their hyperparameter keys and their
 tensor transforms (Llama's q/k row permutation to llama.cpp's interleaved rotary pairs, Gemma's `1 + w`
-norms) are `gguf_arch`'s, each as llama.cpp's convert_hf_to_gguf writes it. The tokenizer and chat template
-go in the metadata (`gguf_vocab`).
+norms) are `gguf_arch`'s, each as llama.cpp's convert_hf_to_gguf writes it. The tokenizer (a SentencePiece
+model or a byte-level BPE) and chat template go in the metadata (`gguf_vocab`).
 
 Tensors are streamed: the tensor table is written from the headers, then each tensor is loaded, converted,
 written and dropped; the file is written beside OUT under a temp name and renamed when complete.
@@ -37,7 +37,7 @@ from ..errors import NanoqError
 from ..format.checkpoint import SourceCheckpoint, discard_staging, make_staging_file, publish_file
 from ..format.expected_tensors import check_float_tensors
 from .gguf_arch import Family, family_of
-from .gguf_vocab import read_vocab
+from .gguf_vocab import SENTENCEPIECE_FILE, read_sentencepiece_vocab, read_vocab
 
 TYPES = ("f16", "q8_0", "q4_0")
 DEFAULT_TYPE = "f16"
@@ -171,7 +171,10 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, tensor_
         raise NanoqError(f"{output}: already exists (remove it or choose another OUT)")
     if output.suffix != ".gguf":
         raise NanoqError(f"{output}: the output of `nanoq export gguf` is a file named *.gguf")
-    vocab = read_vocab(source.directory, config["vocab_size"])
+    if family.sentencepiece and (source.directory / SENTENCEPIECE_FILE).is_file():
+        vocab = read_sentencepiece_vocab(source.directory, config["vocab_size"], family.verbatim_added_tokens)
+    else:
+        vocab = read_vocab(source.directory, config["vocab_size"])
     planned = _plan(source, family, tensor_type)
 
     writer = gguf.GGUFWriter(path=None, arch=family.gguf_name)

@@ -36,13 +36,17 @@ from ..errors import NanoqError
 class Family:
     """How one Hugging Face model_type is written: `check(config, where)` refuses what the file cannot
     hold; `hyperparameters(writer, config)` writes the `{arch}.*` keys; `permute_qk` interleaves q/k rows
-    for llama.cpp's LLaMA rotary; `norm_offset` is added to every `*norm.weight`."""
+    for llama.cpp's LLaMA rotary; `norm_offset` is added to every `*norm.weight`; `sentencepiece`: llama.cpp's
+    converter writes the folder's `tokenizer.model` when it has one (else its byte-level `tokenizer.json`),
+    its added tokens read as `verbatim_added_tokens` says."""
 
     gguf_name: str
     check: Callable[[dict, str], None]
     hyperparameters: Callable[[object, dict], None]
     permute_qk: bool = False
     norm_offset: float = 0.0
+    sentencepiece: bool = True
+    verbatim_added_tokens: bool = False  # see gguf_vocab.read_sentencepiece_vocab
 
 
 def _head_dim(config: dict) -> int:
@@ -258,24 +262,17 @@ ARCHITECTURES: dict[str, Family] = {
     "qwen3": Family("qwen3", _check_qwen, _write_qwen3),
     "gemma2": Family("gemma2", _check_gemma2, _write_gemma2, norm_offset=1.0),
     "gemma3_text": Family("gemma3", _check_gemma3, _write_gemma3, norm_offset=1.0),
-    "phi3": Family("phi3", _check_phi3, _write_phi3),
-    "olmo2": Family("olmo2", _check_olmo2, _write_olmo2),
-    "granite": Family("granite", _check_granite, _write_granite, permute_qk=True),
+    "phi3": Family("phi3", _check_phi3, _write_phi3, verbatim_added_tokens=True),
+    # llama.cpp's converter writes these two from tokenizer.json only
+    "olmo2": Family("olmo2", _check_olmo2, _write_olmo2, sentencepiece=False),
+    "granite": Family("granite", _check_granite, _write_granite, permute_qk=True, sentencepiece=False),
 }
-
-# gguf-py names Gemma 1, but llama.cpp's converter reads its vocabulary only from a SentencePiece model and
-# transformers cannot load its GGUF: no test here can check a file of it
-UNCHECKABLE = {"gemma": "gemma"}
 
 
 def family_of(config: dict, where: str) -> Family:
     """The family of a config.json dict, after its checks; NanoqError naming `where` otherwise."""
     model_type = config.get("model_type")
     supported = ", ".join(ARCHITECTURES)
-    if model_type in UNCHECKABLE:
-        raise NanoqError(f"{where}: model_type {model_type!r} has no GGUF export: neither transformers nor llama.cpp's "
-                         f"converter with a byte-level tokenizer can check a {UNCHECKABLE[model_type]} file "
-                         f"(supported: {supported})")
     if model_type == "gemma3":
         raise NanoqError(f"{where}: model_type 'gemma3' is the multimodal Gemma 3; export its text model "
                          "(model_type gemma3_text)")

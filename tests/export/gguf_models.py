@@ -49,7 +49,7 @@ def tiny_model(arch: str, directory, tokenizer_dir, tied: bool, vocab_size: int 
         else:
             param.data.normal_(0, 0.05)
     model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, directory / name)
     return directory

@@ -265,8 +265,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_llama, capsys):
 
 
 REFUSED = [
-    ("gemma", {}, "model_type 'gemma' has no GGUF export: neither transformers nor llama.cpp's converter with a "
-                  "byte-level tokenizer can check a gemma file (supported: llama, mistral, qwen2, qwen3, gemma2, "
+    ("gemma", {}, "model_type 'gemma' has no GGUF export (supported: llama, mistral, qwen2, qwen3, gemma2, "
                   "gemma3_text, phi3, olmo2, granite)"),
     ("granite", {"head_dim": 32}, "head_dim 32 differs from hidden_size / num_attention_heads 24; llama.cpp's granite "
                                   "has no head_dim"),
@@ -310,15 +309,57 @@ def test_what_the_file_cannot_hold_is_refused_in_one_line(tmp_path, tiny_llama, 
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*nanoq-tmp*"))
 
 
-def test_a_sentencepiece_style_tokenizer_is_refused_in_one_line(tmp_path, small_tokenizer, capsys):
+def test_a_sentencepiece_style_tokenizer_without_its_model_is_refused_in_one_line(tmp_path, small_tokenizer, capsys):
     source = tiny_model("gemma2", tmp_path / "src", small_tokenizer, tied=True)
     data = json.loads((source / "tokenizer.json").read_text())
     data["model"]["byte_fallback"] = True
     (source / "tokenizer.json").write_text(json.dumps(data))
     status, err = run_cli(["export", "gguf", source, tmp_path / "x.gguf"], capsys)
     assert status == 2 and len(err.splitlines()) == 1
-    assert "tokenizer.json: a SentencePiece-style tokenizer (BPE with byte_fallback" in err
+    assert "tokenizer.json: a SentencePiece-style tokenizer (BPE with byte_fallback" in err and "no tokenizer.model" in err
     assert not (tmp_path / "x.gguf").exists()
+
+
+SENTENCEPIECE_CASES = [("llama", False), ("mistral", True), ("phi3", False), ("gemma2", True), ("gemma3_text", True)]
+
+
+@pytest.mark.parametrize("model_type, tied", SENTENCEPIECE_CASES, ids=[m for m, _ in SENTENCEPIECE_CASES])
+def test_a_sentencepiece_tokenizer_reloads_with_the_same_ids(tmp_path, sentencepiece_tokenizer,
+                                                             gemma_sentencepiece_tokenizer, model_type, tied):
+    """The folder's tokenizer.model is written as llama.cpp's "llama" tokenizer (scores, byte pieces, Gemma's
+    missing word marker as add_space_prefix false): transformers' tokenizer of the file gives the source
+    tokenizer's ids, chat template and special tokens included. transformers' GGUF reader ignores
+    add_bos_token, so the ids are compared without the added BOS and the flag against the source's."""
+    tokenizer = gemma_sentencepiece_tokenizer if model_type.startswith("gemma") else sentencepiece_tokenizer
+    source = tiny_model(model_type, tmp_path / "src", tokenizer, tied=tied, vocab_size=400)
+    export_gguf(source, tmp_path / "m.gguf", "f16", progress=False)
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert ("tokenizer.ggml.add_space_prefix" in fields) is model_type.startswith("gemma")
+    original, reloaded = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    prompt = original.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                          add_generation_prompt=True)
+    texts = ["Hello  world", "Über café naïve, 12345"]
+    # transformers' phi3 GGUF tokenizer prepends a word marker to every piece of text between special tokens
+    # (its Prepend normalizer), the source tokenizer only to the first: compared on plain text only
+    texts += [] if model_type == "phi3" else [SAMPLE, prompt]
+    for text in texts:
+        assert reloaded(text, add_special_tokens=False).input_ids == original(text, add_special_tokens=False).input_ids
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is (original("x").input_ids[0] == original.bos_token_id)
+    assert original("x").input_ids[0] == original.bos_token_id  # the fixtures add BOS: the flag's true case shows
+    assert reloaded.chat_template == original.chat_template
+
+
+def test_a_broken_sentencepiece_model_is_refused_in_one_line(tmp_path, sentencepiece_tokenizer, capsys):
+    source = tiny_model("llama", tmp_path / "src", sentencepiece_tokenizer, tied=False, vocab_size=400)
+    (source / "tokenizer.model").write_bytes(b"not a protobuf")
+    status, err = run_cli(["export", "gguf", source, tmp_path / "x.gguf"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "tokenizer.model: not a readable SentencePiece model" in err
+    small = tiny_model("llama", tmp_path / "small", sentencepiece_tokenizer, tied=False, vocab_size=320)
+    status, err = run_cli(["export", "gguf", small, tmp_path / "x.gguf"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "tokenizer.model: 400 pieces do not fit the model's vocab_size 320" in err
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*nanoq-tmp*"))
 
 
 def test_the_docs_list_the_exported_families():
@@ -378,8 +419,8 @@ def test_smollm2_q4_0_with_its_real_tokenizer(smollm2_dir, tmp_path):
 def test_gemma3_keys_and_norms_are_those_of_llama_cpps_own_file(gemma3_dir, tmp_path):
     """Gemma 3 270M's folder was made from llama.cpp's own GGUF of it (the example model's package): the export
     writes the same `gemma3.*` keys with the same values, the same tensor names, and the norms back as the
-    file's `1 + w` (up to the folder's bf16 rounding of w). The tokenizer is not compared: it is SentencePiece,
-    which the export refuses."""
+    file's `1 + w` (up to the folder's bf16 rounding of w). The tokenizer is not compared: the folder, made from
+    the GGUF, has no tokenizer.model, so the export refuses its SentencePiece-style tokenizer.json."""
     from nanoq_plugin.example_model import EXAMPLE_MODELS
     from nanoq_plugin.export.gguf import _plan, _tensor_data
     from nanoq_plugin.format.checkpoint import SourceCheckpoint

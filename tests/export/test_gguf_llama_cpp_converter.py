@@ -4,14 +4,14 @@ hyperparameters, tokenizer, tensor names, shapes, GGML types and bytes. This is 
 checkable (transformers cannot load their GGUF), and it catches a key or a transform llama.cpp reads but a
 transformers reload would not notice.
 
-The tiny models carry SmolLM2's real tokenizer: the converter names a byte-level BPE's pre-tokenizer from
-a hash of how it encodes a probe text, and knows no hash of a freshly trained one. Qwen2 (transformers
-re-splits any vocabulary in a qwen2 folder with Qwen2's own pattern, which no hash the converter knows
-matches), Gemma 2 and Phi-3 (the converter reads their vocabulary only from a SentencePiece model) are not
-converted here; the transformers reload tests check them.
+Two tokenizers: a SentencePiece model (`tokenizer.model`, trained here: what Llama 2, Mistral v0.x, Qwen2's
+converter path, Gemma and Phi-3 folders ship) and SmolLM2's real byte-level BPE (the converter names a
+byte-level pre-tokenizer from a hash of how it encodes a probe text, and knows no hash of a freshly trained
+one). OLMo 2 and Granite are converted from tokenizer.json only.
 """
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +25,17 @@ from nanoq_plugin.export.gguf_arch import ARCHITECTURES
 
 from gguf_models import tiny_model
 
-# model_type -> tied embeddings
-CONVERTED = {"llama": False, "mistral": False, "qwen3": True, "gemma3_text": True, "olmo2": False, "granite": False}
-NOT_CONVERTED = {"qwen2", "gemma2", "phi3"}
+# (model_type, tokenizer, tied embeddings)
+CASES = [("llama", "bpe", False), ("qwen3", "bpe", True), ("olmo2", "bpe", False), ("granite", "bpe", False),
+         ("llama", "sentencepiece", False), ("mistral", "sentencepiece", True), ("qwen2", "sentencepiece", False),
+         ("gemma2", "sentencepiece", True), ("gemma3_text", "sentencepiece", True), ("phi3", "sentencepiece", False)]
 
 # Keys one side writes and the other leaves out, each with its value and why it is harmless:
 ONLY_OURS = {
     # llama.cpp reads `{arch}.vocab_size` for every architecture when present; it equals the token list's length
-    "qwen3.vocab_size": 49152,
+    "qwen2.vocab_size": 400, "qwen3.vocab_size": 49152,
+    # the converter leaves Gemma 2's rotary base out (llama.cpp then uses 10000); the tiny model's is 20000
+    "gemma2.rope.freq_base": 20000.0,
 }
 ONLY_THEIRS = {
     # the converter writes Gemma 3's local rotary base; the export refuses any but llama.cpp's default, 10000
@@ -55,21 +58,27 @@ def fields_of(reader: gguf.GGUFReader, prefix: str) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
 
 
-@pytest.fixture(scope="module", params=list(CONVERTED))
-def pair(request, tmp_path_factory, smollm2_dir):
-    """(ours, theirs): the GGUF readers of nanoq's f16 export and of llama.cpp's converter's f16 file."""
-    model_type = request.param
-    directory = tmp_path_factory.mktemp(f"convert-{model_type}")
-    source = tiny_model(model_type, directory / "src", smollm2_dir, tied=CONVERTED[model_type], vocab_size=49152)
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{t}" for m, t, _ in CASES])
+def pair(request, tmp_path_factory, smollm2_dir, sentencepiece_tokenizer, gemma_sentencepiece_tokenizer):
+    """(ours, theirs, source): the GGUF readers of nanoq's f16 export and of llama.cpp's converter's f16 file,
+    and the checkpoint folder."""
+    model_type, tokenizer, tied = request.param
+    directory = tmp_path_factory.mktemp(f"convert-{model_type}-{tokenizer}")
+    if tokenizer == "bpe":
+        tokenizer_dir, vocab_size = smollm2_dir, 49152
+    else:  # llama.cpp's converter writes add_space_prefix false for every Gemma: a Gemma tokenizer here
+        tokenizer_dir = gemma_sentencepiece_tokenizer if model_type.startswith("gemma") else sentencepiece_tokenizer
+        vocab_size = 400
+    source = tiny_model(model_type, directory / "src", tokenizer_dir, tied=tied, vocab_size=vocab_size)
     export_gguf(source, directory / "ours.gguf", "f16", progress=False)
     run = subprocess.run([sys.executable, str(converter()), str(source), "--outfile", str(directory / "theirs.gguf"),
                           "--outtype", "f16"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    return gguf.GGUFReader(str(directory / "ours.gguf")), gguf.GGUFReader(str(directory / "theirs.gguf"))
+    return gguf.GGUFReader(str(directory / "ours.gguf")), gguf.GGUFReader(str(directory / "theirs.gguf")), source
 
 
 def test_hyperparameters_are_the_converters(pair):
-    ours, theirs = pair
+    ours, theirs, _ = pair
     arch = theirs.fields["general.architecture"].contents()
     assert ours.fields["general.architecture"].contents() == arch
     mine, its = fields_of(ours, f"{arch}."), fields_of(theirs, f"{arch}.")
@@ -79,24 +88,51 @@ def test_hyperparameters_are_the_converters(pair):
             == pytest.approx({k: v for k, v in its.items() if k not in ONLY_THEIRS}))
 
 
+# llama.cpp's vocabulary loader when a file leaves an add_*_token flag out: a "llama" (SentencePiece) vocabulary
+# adds BOS, nothing else is added
+LLAMA_CPP_ADDS = {"gpt2": {}, "llama": {"tokenizer.ggml.add_bos_token": True}}
+
+
 def test_tokenizer_is_the_converters(pair):
-    ours, theirs = pair
+    """Equal, but for what the export writes where the converter leaves llama.cpp to its defaults (the same
+    behaviour, stated) and for the special tokens only tokenizer.json lists (transformers 5 writes them nowhere
+    else, and the converter reads them only for Phi-3): the export keeps them whole (CONTROL), the converter's
+    file has them as plain pieces that llama.cpp would cut up."""
+    ours, theirs, source = pair
     mine, its = fields_of(ours, "tokenizer."), fields_of(theirs, "tokenizer.")
-    for flag in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
-        # the converter leaves a flag out when the tokenizer's config does not set it; llama.cpp then does not add
-        # the token for a "gpt2" vocabulary, which is what the export writes explicitly
-        assert mine[flag] == its.get(flag, False), flag
-    compared = set(its) - NOT_COMPARED - {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}
+    model = its["tokenizer.ggml.model"]
+    assert mine["tokenizer.ggml.model"] == model
+    flags = {key for key in {*mine, *its} if key.startswith("tokenizer.ggml.add_") and key.endswith("_token")}
+    for flag in flags:
+        default = LLAMA_CPP_ADDS[model].get(flag, False)
+        assert mine.get(flag, default) == its.get(flag, default), flag
+    compared = set(its) - NOT_COMPARED - flags
     assert compared <= set(mine)
+    kept_whole = {}
+    if model == "llama":
+        listed = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+        kept_whole = {t["id"]: t["special"] for t in listed if its["tokenizer.ggml.token_type"][t["id"]] == 1}
+        for index, special in kept_whole.items():  # CONTROL (always when special) or USER_DEFINED
+            assert mine["tokenizer.ggml.token_type"][index] in ((3,) if special else (3, 4))
+            assert mine["tokenizer.ggml.scores"][index] == -1000.0
     for key in sorted(compared):
-        assert mine[key] == its[key], key
-    assert len(mine["tokenizer.ggml.tokens"]) == 49152 and len(mine["tokenizer.ggml.merges"]) > 1000
+        if key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            assert [v for i, v in enumerate(mine[key]) if i not in kept_whole] == \
+                   [v for i, v in enumerate(its[key]) if i not in kept_whole], key
+        else:
+            assert mine[key] == its[key], key
+    if model == "gpt2":
+        assert len(mine["tokenizer.ggml.tokens"]) == 49152 and len(mine["tokenizer.ggml.merges"]) > 1000
+    else:
+        assert len(set(mine["tokenizer.ggml.scores"])) > 100
+        phi3 = json.loads((source / "config.json").read_text())["model_type"] == "phi3"
+        assert bool(kept_whole) is not phi3  # the fixture's <|im_start|> / <|im_end|>; Phi-3's converter reads them
 
 
 def test_tensors_are_the_converters_byte_for_byte(pair):
     """Names, shapes and types, and the bytes: llama's and granite's q/k rows permuted, Gemma's norms 1 + w,
     OLMo 2's whole-projection q/k norms, tied heads left out."""
-    ours, theirs = pair
+    ours, theirs, _ = pair
     mine, its = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
     assert sorted(mine) == sorted(its)
     for name, tensor in its.items():
@@ -104,8 +140,9 @@ def test_tensors_are_the_converters_byte_for_byte(pair):
         assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(tensor.data).view(np.uint8)), name
 
 
-def test_every_family_is_converted_or_said_why_not():
-    assert set(CONVERTED) | NOT_CONVERTED == set(ARCHITECTURES) and not set(CONVERTED) & NOT_CONVERTED
+def test_every_family_is_converted():
+    assert {model_type for model_type, _, _ in CASES} == set(ARCHITECTURES)
+    assert not {m for m, t, _ in CASES if t == "sentencepiece"} - {m for m, f in ARCHITECTURES.items() if f.sentencepiece}
 
 
 def test_tiny_granite_multipliers_are_off_their_defaults():
