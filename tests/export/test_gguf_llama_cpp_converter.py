@@ -26,7 +26,7 @@ from nanoq_plugin.export.gguf_arch import ARCHITECTURES
 from gguf_models import tiny_model
 
 # (model_type, tokenizer, tied embeddings)
-CASES = [("llama", "bpe", False), ("qwen3", "bpe", True), ("olmo2", "bpe", False), ("granite", "bpe", False),
+CASES = [("qwen3", "bpe", True), ("olmo2", "bpe", False), ("granite", "bpe", False),
          ("llama", "sentencepiece", False), ("mistral", "sentencepiece", True), ("qwen2", "sentencepiece", False),
          ("gemma2", "sentencepiece", True), ("gemma3_text", "sentencepiece", True), ("phi3", "sentencepiece", False)]
 
@@ -58,23 +58,51 @@ def fields_of(reader: gguf.GGUFReader, prefix: str) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
 
 
+# Runs the converter once per (checkpoint, output) pair of argv, in one process (torch's import is most of
+# one conversion's time); prints "ok" or the error per pair
+_DRIVER = """
+import os, runpy, sys, traceback
+converter, pairs = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(converter))  # where running the script would look for its `conversion` package
+for source, output in zip(pairs[::2], pairs[1::2]):
+    sys.argv = [converter, source, "--outfile", output, "--outtype", "f16"]
+    try:
+        runpy.run_path(converter, run_name="__main__")
+        print("ok", flush=True)
+    except BaseException:
+        print(repr(traceback.format_exc()[-2000:]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, smollm2_dir, sentencepiece_tokenizer, gemma_sentencepiece_tokenizer):
+    """case -> (source folder, nanoq's f16 export, the converter's f16 file, the converter's error or "ok")."""
+    made = {}
+    for model_type, tokenizer, tied in CASES:
+        directory = tmp_path_factory.mktemp(f"convert-{model_type}-{tokenizer}")
+        if tokenizer == "bpe":
+            tokenizer_dir, vocab_size = smollm2_dir, 49152
+        else:  # llama.cpp's converter writes add_space_prefix false for every Gemma: a Gemma tokenizer here
+            tokenizer_dir = gemma_sentencepiece_tokenizer if model_type.startswith("gemma") else sentencepiece_tokenizer
+            vocab_size = 400
+        source = tiny_model(model_type, directory / "src", tokenizer_dir, tied=tied, vocab_size=vocab_size)
+        export_gguf(source, directory / "ours.gguf", "f16", progress=False)
+        made[(model_type, tokenizer, tied)] = (source, directory / "ours.gguf", directory / "theirs.gguf")
+    argv = [str(path) for source, _, theirs in made.values() for path in (source, theirs)]
+    run = subprocess.run([sys.executable, "-c", _DRIVER, str(converter()), *argv], capture_output=True, text=True,
+                         timeout=600)
+    outcomes = [line for line in run.stdout.splitlines() if line == "ok" or line.startswith("'")]
+    assert run.returncode == 0 and len(outcomes) == len(made), run.stderr[-3000:]
+    return {case: (*paths, outcome) for (case, paths), outcome in zip(made.items(), outcomes)}
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{t}" for m, t, _ in CASES])
-def pair(request, tmp_path_factory, smollm2_dir, sentencepiece_tokenizer, gemma_sentencepiece_tokenizer):
+def pair(request, converted):
     """(ours, theirs, source): the GGUF readers of nanoq's f16 export and of llama.cpp's converter's f16 file,
     and the checkpoint folder."""
-    model_type, tokenizer, tied = request.param
-    directory = tmp_path_factory.mktemp(f"convert-{model_type}-{tokenizer}")
-    if tokenizer == "bpe":
-        tokenizer_dir, vocab_size = smollm2_dir, 49152
-    else:  # llama.cpp's converter writes add_space_prefix false for every Gemma: a Gemma tokenizer here
-        tokenizer_dir = gemma_sentencepiece_tokenizer if model_type.startswith("gemma") else sentencepiece_tokenizer
-        vocab_size = 400
-    source = tiny_model(model_type, directory / "src", tokenizer_dir, tied=tied, vocab_size=vocab_size)
-    export_gguf(source, directory / "ours.gguf", "f16", progress=False)
-    run = subprocess.run([sys.executable, str(converter()), str(source), "--outfile", str(directory / "theirs.gguf"),
-                          "--outtype", "f16"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return gguf.GGUFReader(str(directory / "ours.gguf")), gguf.GGUFReader(str(directory / "theirs.gguf")), source
+    source, ours, theirs, outcome = converted[request.param]
+    assert outcome == "ok", outcome
+    return gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs)), source
 
 
 def test_hyperparameters_are_the_converters(pair):
