@@ -9,7 +9,9 @@ SentencePiece (`read_sentencepiece_vocab`), as the converter's `_create_vocab_se
   CONTROL, UNUSED, BYTE).
 - Added tokens (`added_tokens.json`, `tokenizer_config.json`'s `added_tokens_decoder`) replace their ids:
   CONTROL when special or shaped like a control token (`<|...|>`, `<unused..>`, ...), otherwise
-  USER_DEFINED with SentencePiece's `▁` written as a space; score -1000.
+  USER_DEFINED with SentencePiece's `▁` written as a space; score -1000. So do those only `tokenizer.json`
+  lists where the SentencePiece model has a plain piece (transformers 5 writes its added tokens nowhere
+  else; the converter reads them only for Phi-3, whose added tokens are all taken from there as they are).
 - `tokenizer.ggml.add_space_prefix = false` when the SentencePiece model adds no word marker in front of the
   text (Gemma's; llama.cpp's default is to add one, as Llama's and Mistral's do). llama.cpp's converter
   writes false for every Gemma instead of asking the model.
@@ -222,18 +224,21 @@ def read_sentencepiece_vocab(model_dir: Path, vocab_size: int, verbatim_added_to
 
     added = {}  # id -> (text, special)
     if (model_dir / "added_tokens.json").is_file():
-        added.update({index: (text, False) for text, index in _read_json(model_dir / "added_tokens.json").items()})
+        listed = _read_json(model_dir / "added_tokens.json")
+        added.update(_added_tokens(((index, text, False) for text, index in listed.items()), "added_tokens.json"))
     if (model_dir / "tokenizer_config.json").is_file():
         decoder = _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
-        added.update({int(index): (data["content"], bool(data.get("special"))) for index, data in decoder.items()})
+        added.update(_added_tokens(((index, data["content"], data.get("special")) for index, data in decoder.items()),
+                                   "tokenizer_config.json"))
     fast = _read_json(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else {}
-    for data in fast.get("added_tokens", []):
-        index = int(data["id"])
+    listed = _added_tokens(((data["id"], data["content"], data.get("special")) for data in fast.get("added_tokens", [])),
+                           "tokenizer.json")
+    for index, token in listed.items():
         # transformers 5 lists added tokens only in tokenizer.json, which llama.cpp's converter (but Phi-3's) does
         # not read: without them a special token the SentencePiece model holds as a plain piece would be cut up
         if verbatim_added_tokens or (index not in added and (index >= processor.vocab_size()
                                                               or token_types[index] == TOKEN_NORMAL)):
-            added[index] = (data["content"], bool(data.get("special")))
+            added[index] = token
     for index, (text, special) in sorted(added.items()):
         if index >= vocab_size:
             raise NanoqError(f"{model_dir}: added token {text!r} has id {index}, past the model's vocab_size {vocab_size}")
@@ -251,6 +256,15 @@ def read_sentencepiece_vocab(model_dir: Path, vocab_size: int, verbatim_added_to
         add_space_prefix=None if processor.EncodeAsPieces("a")[0].startswith("\u2581") else False,
         chat_template=special.chat_template,
     )
+
+
+def _added_tokens(entries, where: str) -> dict[int, tuple[str, bool]]:
+    """{id: (text, special)} of `(id, text, special)` entries read lazily from the file named `where`; NanoqError
+    naming it when an entry lacks a field or has an id that is not an integer."""
+    try:
+        return {int(index): (str(text), bool(special)) for index, text, special in entries}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise NanoqError(f"{where}: an added token entry is malformed ({type(err).__name__}: {err})") from None
 
 
 def _read_json(path: Path) -> dict:

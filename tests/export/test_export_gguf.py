@@ -359,6 +359,12 @@ def test_a_broken_sentencepiece_model_is_refused_in_one_line(tmp_path, sentencep
     status, err = run_cli(["export", "gguf", small, tmp_path / "x.gguf"], capsys)
     assert status == 2 and len(err.splitlines()) == 1
     assert "tokenizer.model: 400 pieces do not fit the model's vocab_size 320" in err
+    malformed = tiny_model("llama", tmp_path / "malformed", sentencepiece_tokenizer, tied=False, vocab_size=400)
+    config = json.loads((malformed / "tokenizer_config.json").read_text())
+    (malformed / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": {"3": {"x": 1}}}))
+    status, err = run_cli(["export", "gguf", malformed, tmp_path / "x.gguf"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "tokenizer_config.json: an added token entry is malformed (KeyError" in err
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*nanoq-tmp*"))
 
 
