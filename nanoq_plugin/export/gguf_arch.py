@@ -146,8 +146,12 @@ def _check_phi3(config: dict, where: str) -> None:
     if partial != 1.0:
         raise NanoqError(f"{where}: partial_rotary_factor {partial}: transformers cannot load a partial-rotary phi3 "
                          "GGUF to check it")
+    _require_silu(config, where)
+
+
+def _require_silu(config: dict, where: str) -> None:
     if config.get("hidden_act", "silu") != "silu":
-        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's phi3 uses silu")
+        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's {config['model_type']} uses silu")
 
 
 def _write_common(writer, config: dict) -> None:
@@ -221,8 +225,7 @@ def _write_phi3(writer, config: dict) -> None:
 def _check_olmo2(config: dict, where: str) -> None:
     if config.get("attention_bias"):
         raise NanoqError(f"{where}: olmo2 with attention_bias is not exported (llama.cpp's olmo2 has no biases)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's olmo2 uses silu")
+    _require_silu(config, where)
 
 
 def _write_olmo2(writer, config: dict) -> None:
@@ -236,8 +239,7 @@ def _check_granite(config: dict, where: str) -> None:
     if config.get("head_dim") not in (None, heads_dim):
         raise NanoqError(f"{where}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads "
                          f"{heads_dim}; llama.cpp's granite has no head_dim")
-    if config.get("hidden_act", "silu") != "silu":
-        raise NanoqError(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's granite uses silu")
+    _require_silu(config, where)
 
 
 # Granite's config multiplier -> the gguf-py writer method of its llama.cpp key
@@ -247,9 +249,7 @@ GRANITE_SCALES = {"attention_multiplier": "add_attention_scale", "embedding_mult
 
 def _write_granite(writer, config: dict) -> None:
     # llama.cpp's GraniteModel is its LlamaModel without head_dim (refused above when it differs)
-    _write_common(writer, config)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    _write_llama(writer, {key: value for key, value in config.items() if key != "head_dim"})
     for key, method in GRANITE_SCALES.items():
         if config.get(key):  # transformers' defaults are 1.0; llama.cpp's converter leaves out a 0 or a missing one
             getattr(writer, method)(float(config[key]))

@@ -31,11 +31,11 @@ Byte-level BPE (`read_vocab`):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NanoqError
+from ..format.checkpoint import read_json
 
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -150,7 +150,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GgufVocab:
     if not path.is_file():
         raise NanoqError(f"{model_dir}: no tokenizer.json (the GGUF file carries the tokenizer: export from a "
                          "folder that has its fast tokenizer)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     model = data.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         raise NanoqError(f"{path}: a SentencePiece-style tokenizer (BPE with byte_fallback, as Gemma, Mistral v0.x and "
@@ -224,13 +224,13 @@ def read_sentencepiece_vocab(model_dir: Path, vocab_size: int, verbatim_added_to
 
     added = {}  # id -> (text, special)
     if (model_dir / "added_tokens.json").is_file():
-        listed = _read_json(model_dir / "added_tokens.json")
+        listed = read_json(model_dir / "added_tokens.json")
         added.update(_added_tokens(((index, text, False) for text, index in listed.items()), "added_tokens.json"))
     if (model_dir / "tokenizer_config.json").is_file():
-        decoder = _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
+        decoder = read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
         added.update(_added_tokens(((index, data["content"], data.get("special")) for index, data in decoder.items()),
                                    "tokenizer_config.json"))
-    fast = _read_json(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else {}
+    fast = read_json(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else {}
     listed = _added_tokens(((data["id"], data["content"], data.get("special")) for data in fast.get("added_tokens", [])),
                            "tokenizer.json")
     for index, token in listed.items():
@@ -266,9 +266,3 @@ def _added_tokens(entries, where: str) -> dict[int, tuple[str, bool]]:
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise NanoqError(f"{where}: an added token entry is malformed ({type(err).__name__}: {err})") from None
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise NanoqError(f"{path}: not readable JSON ({' '.join(str(err).split())[:160]})") from None
